@@ -1,0 +1,34 @@
+"""The datapipe error hierarchy.
+
+Every error names the file (and where it applies the array, chunk and episode range) and
+says how to fix the problem. Each class also subclasses the matching built-in, so callers
+can catch `ValueError` or `FileNotFoundError` without knowing ours.
+"""
+
+
+class DatapipeError(Exception):
+    """Base class of every error raised on purpose by datapipe."""
+
+
+class SourceError(DatapipeError, ValueError):
+    """A source file (an MT30 chunk) is missing, unreadable or not in the official layout."""
+
+
+class DestinationError(DatapipeError, FileExistsError):
+    """The build destination holds something other than this build's store."""
+
+
+class StoreNotFoundError(DatapipeError, FileNotFoundError):
+    """No store at the given path."""
+
+
+class IncompleteStoreError(DatapipeError, FileNotFoundError):
+    """The store was never finished (an interrupted or running build)."""
+
+
+class StoreVersionError(DatapipeError, ValueError):
+    """The store was written in a format version this code does not read."""
+
+
+class CorruptStoreError(DatapipeError, ValueError):
+    """Stored bytes fail their checksum or do not decode."""
