@@ -1,0 +1,293 @@
+"""`datapipe build`: MT30 chunks -> a Zarr (and optionally WebDataset) store, resumably.
+
+Reads top to bottom: scan and check the sources, derive the plan, prepare (or resume) the
+destination, run the missing work units on dask, then commit the store: index, manifest,
+config, and last `meta.json`, which marks it complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from datapipe import __version__
+from datapipe import format as fmt
+from datapipe.errors import DestinationError, SourceError
+from datapipe.source import Layout, SourceFile, scan_sources
+from datapipe.tasksets import TaskSet, get_task_set, match_task_set
+from datapipe.units import Piece, build_shard, hash_source, write_json_atomic
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    src: Path  # folder of chunk_K.pt files
+    dst: Path  # store folder to create, or to finish after an interruption
+    formats: tuple[str, ...] = ("zarr",)  # any of "zarr", "webdataset"
+    workers: int = 2  # local dask worker processes; 0 runs every unit in this process
+    scheduler: str | None = None  # address of a running dask.distributed scheduler
+    task_set: str = "auto"  # mt30, mt80, or auto: the known set matching the data's dims
+    progress: bool = True  # show a progress bar (rows/s, ETA)
+
+
+def resolve_task_set(name: str, layout: Layout, src: Path) -> TaskSet:
+    if name != "auto":
+        ts = get_task_set(name)
+    elif (ts := match_task_set(layout.obs_dim, layout.action_dim)) is None:
+        raise SourceError(
+            f"{src}: no known task set has obs dim {layout.obs_dim} and action dim "
+            f"{layout.action_dim}; pass --task-set (mt30 or mt80)."
+        )
+    if (ts.obs_dim, ts.action_dim) != (layout.obs_dim, layout.action_dim):
+        raise SourceError(
+            f"{src}: the data has obs dim {layout.obs_dim} and action dim {layout.action_dim}, "
+            f"task set {ts.name} needs {ts.obs_dim} and {ts.action_dim}: pick the right --task-set."
+        )
+    return ts
+
+
+def make_plan(sources: list[SourceFile], layout: Layout, ts: TaskSet, formats) -> dict:
+    """Everything that decides the store's bytes; equal plans give identical stores."""
+    return {
+        "format_version": fmt.FORMAT_VERSION,
+        "formats": sorted(formats),
+        "task_set": ts.name,
+        "layout": asdict(layout),
+        "n_episodes": sum(s.episodes for s in sources),
+        "sources": [{k: v for k, v in asdict(s).items() if k != "path"} for s in sources],
+    }
+
+
+def shard_pieces(sources: list[SourceFile], shard: int, n_episodes: int) -> list[Piece]:
+    """The source episode ranges that make up one shard."""
+    eps = fmt.shard_episodes(shard, n_episodes)
+    pieces = []
+    for s in sources:
+        lo, hi = max(eps.start, s.start), min(eps.stop, s.start + s.episodes)
+        if lo < hi:
+            pieces.append(Piece(s, lo - s.start, hi - s.start))
+    return pieces
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text())
+
+
+def _create_arrays(dst: Path, plan: dict) -> None:
+    """Create the empty Zarr group in a temp folder, then rename it into place."""
+    import zarr
+
+    final = dst / fmt.ZARR_DIR
+    if final.exists():
+        return
+    tmp = dst / f".{fmt.ZARR_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    group = zarr.open_group(tmp, mode="w", attributes={"format_version": fmt.FORMAT_VERSION})
+    lay = plan["layout"]
+    for name in fmt.ARRAYS:
+        shape = fmt.array_shape(
+            name, plan["n_episodes"], lay["rows"], lay["obs_dim"], lay["action_dim"]
+        )
+        group.create_array(**fmt.zarr_array_kwargs(name, shape))
+    os.replace(tmp, final)
+
+
+def prepare_destination(dst: Path, plan: dict, command: str) -> bool:
+    """Create, or check for resuming, the store at `dst`; False if it is already complete."""
+    identity = {k: v for k, v in plan.items() if k != "command"}
+    meta_path, plan_path = dst / fmt.META_FILE, dst / fmt.PLAN_FILE
+    if meta_path.exists():
+        if _read_json(meta_path).get("plan") != identity:
+            raise DestinationError(
+                f"{dst}: holds a complete store of a different dataset or build settings. "
+                f"Choose another --dst, or delete {dst} to rebuild."
+            )
+        shutil.rmtree(dst / fmt.BUILD_DIR, ignore_errors=True)
+        return False
+    if plan_path.exists():
+        old = _read_json(plan_path)
+        if {k: v for k, v in old.items() if k != "command"} != identity:
+            raise DestinationError(
+                f"{dst}: holds an unfinished build of a different dataset or settings (started "
+                f"by `{old.get('command')}`). Finish it with that command, or delete {dst}."
+            )
+    elif dst.exists() and any(dst.iterdir()):
+        raise DestinationError(
+            f"{dst}: exists, is not empty and is not a datapipe store: choose an empty or new --dst."
+        )
+    else:
+        write_json_atomic(plan_path, {**identity, "command": command})
+    _create_arrays(dst, plan)
+    if "webdataset" in plan["formats"]:
+        (dst / fmt.WDS_DIR).mkdir(exist_ok=True)
+    return True
+
+
+def _run(jobs: list[tuple], cfg: BuildConfig, total_rows: int, done_rows: int) -> None:
+    """Run (fn, args, rows) jobs on dask (or in-process with workers=0), with progress."""
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=total_rows,
+        initial=done_rows,
+        unit="rows",
+        unit_scale=True,
+        desc="build",
+        disable=not cfg.progress,
+        smoothing=0.1,
+    )
+    if cfg.workers == 0 and cfg.scheduler is None:
+        for fn, args, rows in jobs:
+            fn(*args)
+            bar.update(rows)
+        bar.close()
+        return
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    if cfg.scheduler is not None:
+        client, cluster = Client(cfg.scheduler), None
+    else:
+        cluster = LocalCluster(
+            n_workers=cfg.workers, threads_per_worker=1, processes=True, dashboard_address=None
+        )
+        client = Client(cluster)
+    futures = {client.submit(fn, *args, pure=False): rows for fn, args, rows in jobs}
+    try:
+        for future in as_completed(futures):
+            future.result()  # re-raises the unit's own error (e.g. a SourceError)
+            bar.update(futures[future])
+    finally:
+        bar.close()
+        client.cancel(list(futures))
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _index(records: list[dict], ts: TaskSet, rows: int) -> dict:
+    """task name -> episode ranges, counts, rows; merged from the units' task runs."""
+    runs: dict[int, list[list[int]]] = {t: [] for t in range(ts.n_tasks)}
+    for rec in sorted(records, key=lambda r: r["shard"]):
+        for task, start, stop in rec["task_runs"]:
+            ranges = runs[task]
+            if ranges and ranges[-1][1] == start:
+                ranges[-1][1] = stop
+            else:
+                ranges.append([start, stop])
+    tasks = []
+    for t in range(ts.n_tasks):
+        n = sum(b - a for a, b in runs[t])
+        tasks.append(
+            {"id": t, "name": ts.names[t], "episodes": n, "rows": n * rows, "ranges": runs[t]}
+        )
+    return {"format_version": fmt.FORMAT_VERSION, "tasks": tasks}
+
+
+def _commit(
+    dst: Path, cfg: BuildConfig, plan: dict, sources: list[SourceFile], ts: TaskSet
+) -> None:
+    """Write index, manifest, config, then meta.json (the completeness mark); drop _build."""
+    n_shards = fmt.n_shards(plan["n_episodes"])
+    records = [_read_json(dst / fmt.unit_record_file(k)) for k in range(n_shards)]
+    hashes = [_read_json(dst / fmt.source_record_file(i))["sha256"] for i in range(len(sources))]
+    rows = plan["layout"]["rows"]
+    index = _index(records, ts, rows)
+    files = {rel: info for rec in records for rel, info in rec["files"].items()}
+    write_json_atomic(dst / fmt.INDEX_FILE, index)
+    write_json_atomic(dst / fmt.MANIFEST_FILE, {"files": dict(sorted(files.items()))})
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
+    write_json_atomic(dst / fmt.CONFIG_FILE, config)
+    lay = plan["layout"]
+    arrays = {}
+    for name in fmt.ARRAYS:
+        shape = fmt.array_shape(name, plan["n_episodes"], rows, lay["obs_dim"], lay["action_dim"])
+        kw = fmt.zarr_array_kwargs(name, shape)
+        arrays[name] = {
+            "shape": list(shape),
+            "dtype": kw["dtype"],
+            "chunks": list(kw["chunks"]),
+            "shards": list(kw["shards"]),
+            "codec": f"blosc {fmt.BLOSC} + crc32c",
+            "transposed": bool(kw["filters"]),
+        }
+    meta = {
+        "format_version": fmt.FORMAT_VERSION,
+        "complete": True,
+        "created_by": f"mt30-datapipe {__version__}",
+        "dataset": {
+            "task_set": ts.name,
+            "n_tasks": ts.n_tasks,
+            "task_names": list(ts.names),
+            "obs_dims": list(ts.obs_dims),
+            "action_dims": list(ts.action_dims),
+            "obs_dim": lay["obs_dim"],
+            "action_dim": lay["action_dim"],
+            "rows_per_episode": rows,
+            "n_episodes": plan["n_episodes"],
+            "n_rows": plan["n_episodes"] * rows,
+        },
+        "formats": plan["formats"],
+        "episodes_per_shard": fmt.EPISODES_PER_SHARD,
+        "n_shards": n_shards,
+        "arrays": arrays,
+        "wds_members": {
+            "obs": "obs.npy.gz",
+            "action": "action.npy.gz",
+            "reward": "reward.npy.gz",
+            "task": "task.cls",
+        },
+        "sources": [
+            {
+                "name": s.name,
+                "size": s.size,
+                "sha256": h,
+                "episodes": s.episodes,
+                "store_episodes": [s.start, s.start + s.episodes],
+            }
+            for s, h in zip(sources, hashes, strict=True)
+        ],
+        "plan": plan,
+    }
+    write_json_atomic(dst / fmt.META_FILE, meta)
+    shutil.rmtree(dst / fmt.BUILD_DIR, ignore_errors=True)
+
+
+def build(cfg: BuildConfig, command: str = "datapipe build") -> Path:
+    """Build (or finish building) the store `cfg.dst` from `cfg.src`; returns its path."""
+    unknown = set(cfg.formats) - set(fmt.FORMATS)
+    if unknown or not cfg.formats:
+        raise ValueError(f"formats must be a non-empty subset of {fmt.FORMATS}, got {cfg.formats}")
+    sources, layout = scan_sources(cfg.src)
+    ts = resolve_task_set(cfg.task_set, layout, cfg.src)
+    plan = make_plan(sources, layout, ts, cfg.formats)
+    dst = Path(cfg.dst)
+    if not prepare_destination(dst, plan, command):
+        print(f"{dst}: already complete; nothing to do.")
+        return dst
+    n = plan["n_episodes"]
+    jobs, done_rows = [], 0
+    for i, s in enumerate(sources):
+        if not (dst / fmt.source_record_file(i)).exists():
+            jobs.append((hash_source, (str(dst), i, s.path), 0))
+    for k in range(fmt.n_shards(n)):
+        rows = len(fmt.shard_episodes(k, n)) * layout.rows
+        if (dst / fmt.unit_record_file(k)).exists():
+            done_rows += rows
+            continue
+        jobs.append(
+            (
+                build_shard,
+                (str(dst), k, shard_pieces(sources, k, n), ts.name, plan["formats"]),
+                rows,
+            )
+        )
+    t0 = time.perf_counter()
+    _run(jobs, cfg, n * layout.rows, done_rows)
+    _commit(dst, cfg, plan, sources, ts)
+    if cfg.progress:
+        dt = time.perf_counter() - t0
+        print(f"{dst}: complete ({n} episodes, {n * layout.rows} rows, {dt:.1f} s this run)")
+    return dst

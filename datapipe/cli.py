@@ -1,0 +1,61 @@
+"""The `datapipe` command: thin click wrappers over build and info."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+from datapipe.build import BuildConfig, build
+from datapipe.errors import DatapipeError
+from datapipe.info import summary
+
+
+@click.group()
+def main() -> None:
+    """Convert MT30-format chunks into verified, compressed stores and inspect them."""
+
+
+@main.command("build")
+@click.option(
+    "--src", type=click.Path(path_type=Path), required=True, help="Folder of chunk_K.pt files."
+)
+@click.option(
+    "--dst", type=click.Path(path_type=Path), required=True, help="Store folder to write or finish."
+)
+@click.option("--format", "fmt", type=click.Choice(["zarr", "webdataset", "both"]), default="zarr",
+              show_default=True, help="Which store formats to write.")  # fmt: skip
+@click.option("--workers", type=int, default=2, show_default=True,
+              help="Local dask worker processes (0: run in this process, no dask).")  # fmt: skip
+@click.option("--scheduler", default=None, help="Address of a running dask.distributed scheduler.")
+@click.option(
+    "--task-set", default="auto", show_default=True, help="mt30, mt80 or auto (from the dims)."
+)
+@click.option("--no-progress", is_flag=True, help="Do not draw a progress bar.")
+def build_cmd(src, dst, fmt, workers, scheduler, task_set, no_progress) -> None:
+    """Build the store DST from the chunks in SRC; re-run the same command to resume."""
+    formats = ("zarr", "webdataset") if fmt == "both" else (fmt,)
+    cfg = BuildConfig(src=src, dst=dst, formats=formats, workers=workers, scheduler=scheduler,
+                      task_set=task_set, progress=not no_progress)  # fmt: skip
+    command = shlex.join(["datapipe", *sys.argv[1:]]) if sys.argv[1:2] == ["build"] else None
+    _run(lambda: build(cfg, command=command or f"datapipe build --src {src} --dst {dst}"))
+
+
+@main.command("info")
+@click.argument("store", type=click.Path(path_type=Path))
+def info_cmd(store) -> None:
+    """Summarise STORE: counts per task, sizes, compression, version, completeness."""
+    _run(lambda: click.echo(summary(store)))
+
+
+def _run(fn) -> None:
+    try:
+        fn()
+    except DatapipeError as e:
+        raise click.ClickException(str(e)) from e
+
+
+if __name__ == "__main__":
+    main()

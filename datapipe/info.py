@@ -1,0 +1,75 @@
+"""`datapipe info`: a readable summary of a store (complete or not)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from datapipe import format as fmt
+from datapipe.errors import IncompleteStoreError
+from datapipe.store import open_store
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    raise AssertionError
+
+
+def _incomplete_summary(root: Path, err: IncompleteStoreError) -> str:
+    plan = json.loads((root / fmt.PLAN_FILE).read_text())
+    total = fmt.n_shards(plan["n_episodes"])
+    done = len(list((root / fmt.BUILD_DIR / "units").glob("*.json")))
+    return (
+        f"store: {root}\nstatus: INCOMPLETE, {done} of {total} shards built\n"
+        f"episodes: {plan['n_episodes']} planned\n{err}"
+    )
+
+
+def summary(path: str | Path) -> str:
+    """The text `datapipe info` prints for the store at `path`."""
+    root = Path(path)
+    try:
+        store = open_store(root)
+    except IncompleteStoreError as e:
+        if (root / fmt.PLAN_FILE).exists():
+            return _incomplete_summary(root, e)
+        raise
+    meta, ds = store.meta, store.meta["dataset"]
+    lines = [
+        f"store: {root}",
+        f"status: complete, format version {meta['format_version']} ({meta['created_by']})",
+        f"dataset: task set {ds['task_set']}, {ds['n_tasks']} tasks, {ds['n_episodes']} "
+        f"episodes x {ds['rows_per_episode']} rows = {ds['n_rows']} rows; obs {ds['obs_dim']}, "
+        f"action {ds['action_dim']}",
+        f"formats: {', '.join(meta['formats'])}; {meta['n_shards']} shards of "
+        f"{meta['episodes_per_shard']} episodes",
+        "",
+        f"{'array':8} {'dtype':8} {'shape':22} {'raw':>10} {'on disk':>10} {'ratio':>6}",
+    ]
+    for name, arr in meta["arrays"].items():
+        if "zarr" not in meta["formats"]:
+            break
+        raw = math.prod(arr["shape"]) * 4
+        disk = _dir_bytes(root / fmt.ZARR_DIR / name)
+        ratio = raw / disk if disk else float("nan")
+        shape = "x".join(map(str, arr["shape"]))
+        lines.append(
+            f"{name:8} {arr['dtype']:8} {shape:22} {_human(raw):>10} {_human(disk):>10} {ratio:6.2f}"
+        )
+    if "webdataset" in meta["formats"]:
+        lines.append(f"webdataset shards: {_human(_dir_bytes(root / fmt.WDS_DIR))}")
+    lines += ["", f"{'id':>3} {'task':28} {'episodes':>9} {'rows':>11}"]
+    for t in store.index["tasks"]:
+        lines.append(f"{t['id']:>3} {t['name']:28} {t['episodes']:>9} {t['rows']:>11}")
+    lines.append(
+        "sources: " + ", ".join(f"{s['name']} ({_human(s['size'])})" for s in meta["sources"])
+    )
+    return "\n".join(lines)

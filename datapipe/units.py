@@ -1,0 +1,138 @@
+"""One build work unit: source episodes -> one shard of every array, then a commit record.
+
+A unit reads its episodes (memory-mapped, one chunk file at a time), checks them, writes
+the Zarr shard of each array and the WebDataset tar of the same number, and last writes its
+record (written atomically). A unit without a record is redone from scratch on the next
+run, so a crash at any point loses at most the units in flight.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from datapipe import format as fmt
+from datapipe.source import SourceFile, read_episodes, validate_episodes
+from datapipe.tasksets import get_task_set
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Episodes [lo, hi) of one source file."""
+
+    file: SourceFile
+    lo: int
+    hi: int
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write `obj` as JSON to a temp file beside `path`, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _task_runs(ids: np.ndarray, first: int) -> list[list[int]]:
+    """[[task, start, stop], ...] runs of equal task ids, in store episode numbers."""
+    cuts = np.flatnonzero(np.diff(ids)) + 1
+    starts = np.concatenate([[0], cuts])
+    stops = np.concatenate([cuts, [len(ids)]])
+    return [
+        [int(ids[a]), first + int(a), first + int(b)] for a, b in zip(starts, stops, strict=True)
+    ]
+
+
+def _write_zarr(root: Path, shard: int, first: int, arrays: dict) -> dict:
+    import zarr
+
+    files = {}
+    group = zarr.open_group(root / fmt.ZARR_DIR, mode="r+")
+    for name in fmt.ARRAYS:
+        data = arrays[name][:, 0] if name == "task" else arrays[name]
+        rel = fmt.zarr_shard_file(name, shard)
+        Path(root / rel).unlink(missing_ok=True)  # a partial file from an interrupted run
+        group[name][first : first + len(data)] = data
+        blob = (root / rel).read_bytes()
+        files[rel] = {"size": len(blob), "sha256": _sha256(blob)}
+    return files
+
+
+def _npy_gz(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, array, allow_pickle=False)
+    return gzip.compress(buf.getvalue(), compresslevel=fmt.WDS_GZIP_LEVEL, mtime=0)
+
+
+def _write_webdataset(root: Path, shard: int, first: int, arrays: dict) -> dict:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(len(arrays["task"])):
+            key = fmt.wds_key(first + i)
+            members = {
+                "obs.npy.gz": _npy_gz(arrays["obs"][i]),
+                "action.npy.gz": _npy_gz(arrays["action"][i]),
+                "reward.npy.gz": _npy_gz(arrays["reward"][i]),
+                "task.cls": str(int(arrays["task"][i, 0])).encode(),
+            }
+            for ext, payload in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(payload), 0, 0o644
+                tar.addfile(info, io.BytesIO(payload))
+    blob = buf.getvalue()
+    rel = fmt.wds_shard_file(shard)
+    path = root / rel
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp.write_bytes(blob)
+    os.replace(tmp, path)
+    return {rel: {"size": len(blob), "sha256": _sha256(blob)}}
+
+
+def build_shard(
+    dst: str, shard: int, pieces: list[Piece], task_set: str, formats: list[str]
+) -> dict:
+    """Build shard `shard` of the store at `dst` from `pieces`; returns its commit record."""
+    root = Path(dst)
+    parts = []
+    for p in pieces:
+        arrays = read_episodes(p.file.path, p.lo, p.hi)
+        validate_episodes(arrays, p.file, p.lo, get_task_set(task_set))
+        parts.append(arrays)
+    arrays = {k: np.concatenate([a[k] for a in parts]) for k in fmt.SOURCE_KEYS}
+    first = pieces[0].file.start + pieces[0].lo
+    files = {}
+    if "zarr" in formats:
+        files.update(_write_zarr(root, shard, first, arrays))
+    if "webdataset" in formats:
+        files.update(_write_webdataset(root, shard, first, arrays))
+    n = len(arrays["task"])
+    record = {
+        "shard": shard,
+        "episodes": [first, first + n],
+        "rows": int(arrays["task"].size),
+        "task_runs": _task_runs(arrays["task"][:, 0], first),
+        "files": files,
+    }
+    write_json_atomic(root / fmt.unit_record_file(shard), record)
+    return record
+
+
+def hash_source(dst: str, index: int, path: str) -> dict:
+    """sha256 of source file `index`, recorded for the store's provenance."""
+    from datapipe.source import file_sha256
+
+    record = {"index": index, "sha256": file_sha256(path)}
+    write_json_atomic(Path(dst) / fmt.source_record_file(index), record)
+    return record
