@@ -1,0 +1,1 @@
+"""tools: helpers around the pipeline (synthetic MT30 data, measurements)."""

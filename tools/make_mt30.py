@@ -1,0 +1,111 @@
+"""Synthetic MT30-format datasets: `tools make-mt30`.
+
+Writes `chunk_0.pt` .. `chunk_{K-1}.pt` exactly as the official release does (a torch-saved
+`tensordict.TensorDict` of batch [N, T] with obs f32 [N,T,O], action f32 [N,T,A],
+reward f32 [N,T], task i32 [N,T]; NaN action/reward at row 0; per-task dims zero-padded;
+episodes of one task in a contiguous run). The values are not physics, but are structured
+like it: each task is a damped linear system driven by smooth, bounded actions, with a
+reward in [0, 2] that depends on the state and the action, so a world model can learn it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from datapipe.tasksets import TaskSet, get_task_set
+
+
+@dataclass(frozen=True)
+class MakeConfig:
+    dst: Path
+    episodes_per_task: int = 4  # episodes generated for every task
+    chunks: int = 1  # number of chunk_K.pt files; episodes are split evenly
+    seed: int = 0  # generation seed; same seed and arguments give the same bytes
+    task_set: str = "mt30"  # mt30 (501-row episodes, obs 24) or mt80 (101-row, obs 39)
+    episode_length: int | None = None  # rows per episode; default 501 (mt30) or 101 (mt80)
+
+    @property
+    def rows(self) -> int:
+        if self.episode_length is not None:
+            return self.episode_length
+        return 101 if self.task_set == "mt80" else 501
+
+
+def _task_system(task_set: TaskSet, task: int, seed: int):
+    """Per-task dynamics (M, Bm), reward weights (w) and step size, fixed by (seed, task)."""
+    rng = np.random.default_rng([seed, task, 0])
+    n_obs, n_act = task_set.obs_dims[task], task_set.action_dims[task]
+    skew = rng.normal(size=(n_obs, n_obs))
+    skew = (skew - skew.T) / np.sqrt(n_obs)
+    M = skew - 0.15 * np.eye(n_obs)
+    Bm = rng.normal(size=(n_obs, n_act)) / np.sqrt(n_act)
+    w = rng.normal(size=n_obs) / np.sqrt(n_obs)
+    return M, Bm, w, 0.05
+
+
+def _episodes(task_set: TaskSet, task: int, n: int, rows: int, seed: int, rng) -> dict:
+    """`n` episodes of `task`, padded to the set's widths, in the official row layout."""
+    M, Bm, w, dt = _task_system(task_set, task, seed)
+    n_obs, n_act = M.shape[0], Bm.shape[1]
+    obs = np.zeros((n, rows, task_set.obs_dim), np.float32)
+    action = np.zeros((n, rows, task_set.action_dim), np.float32)
+    reward = np.zeros((n, rows), np.float32)
+    # Exploration level per episode: early episodes of a replay buffer are nearly random.
+    noise = rng.uniform(0.2, 1.0, size=(n, 1))
+    x = rng.normal(scale=0.5, size=(n, n_obs))
+    u = np.zeros((n, n_act))
+    obs[:, 0, :n_obs] = x
+    for k in range(1, rows):
+        u = 0.85 * u + noise * rng.normal(scale=0.6, size=u.shape)
+        a = np.tanh(u + 0.3 * np.tanh(x[:, :n_act] if n_obs >= n_act else 0.0))
+        x = x + dt * (x @ M.T + 2.0 * a @ Bm.T)
+        effort = np.mean(a * a, axis=1)
+        obs[:, k, :n_obs] = x
+        action[:, k, :n_act] = a
+        reward[:, k] = 2.0 / (1.0 + np.exp(-2.0 * (x @ w))) * (1.0 - 0.5 * effort)
+    action[:, 0] = np.nan
+    reward[:, 0] = np.nan
+    task_ids = np.full((n, rows), task, np.int32)
+    return {"obs": obs, "action": action, "reward": reward, "task": task_ids}
+
+
+def _save_chunk(parts: list[dict], path: Path) -> None:
+    from tensordict import TensorDict
+
+    arrays = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    n, rows = arrays["task"].shape
+    td = TensorDict({k: torch.from_numpy(v) for k, v in arrays.items()}, batch_size=[n, rows])
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(td, tmp)
+    os.replace(tmp, path)
+
+
+def make_mt30(cfg: MakeConfig) -> list[Path]:
+    """Write the chunk files of `cfg` and return their paths."""
+    task_set = get_task_set(cfg.task_set)
+    if cfg.episodes_per_task < 1 or cfg.chunks < 1:
+        raise ValueError("--episodes-per-task and --chunks must be at least 1")
+    total = task_set.n_tasks * cfg.episodes_per_task
+    if cfg.chunks > total:
+        raise ValueError(f"--chunks {cfg.chunks} is more than the {total} episodes to write")
+    cfg.dst.mkdir(parents=True, exist_ok=True)
+    bounds = np.linspace(0, total, cfg.chunks + 1).astype(int)
+    paths = []
+    for k in range(cfg.chunks):
+        lo, hi = bounds[k], bounds[k + 1]
+        parts = []
+        for task in range(task_set.n_tasks):
+            t_lo = max(lo, task * cfg.episodes_per_task)
+            t_hi = min(hi, (task + 1) * cfg.episodes_per_task)
+            if t_lo < t_hi:
+                rng = np.random.default_rng([cfg.seed, task, k, 1])
+                parts.append(_episodes(task_set, task, t_hi - t_lo, cfg.rows, cfg.seed, rng))
+        path = cfg.dst / f"chunk_{k}.pt"
+        _save_chunk(parts, path)
+        paths.append(path)
+    return paths
