@@ -1,0 +1,175 @@
+"""datapipe build: round trip, layouts, resume, dask execution, destination handling."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import build_store, make_source, store_digest
+
+from datapipe import format as fmt
+from datapipe import units
+from datapipe.cli import main as datapipe_cli
+from datapipe.errors import DestinationError, IncompleteStoreError
+from datapipe.store import open_store
+
+
+def _source_arrays(src):
+    files = sorted(src.glob("chunk_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    tds = [torch.load(p, weights_only=False) for p in files]
+    return {k: np.concatenate([td[k].numpy() for td in tds]) for k in fmt.SOURCE_KEYS}
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return a.view(np.uint32)  # compares NaN payloads too: bit for bit
+
+
+def _read_wds(root, meta):
+    out = {k: [] for k in fmt.SOURCE_KEYS}
+    keys = []
+    for shard in range(meta["n_shards"]):
+        with tarfile.open(root / fmt.wds_shard_file(shard)) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                blob = tar.extractfile(m).read()
+                if ext == "task.cls":
+                    keys.append(key)
+                    out["task"].append(int(blob))
+                else:
+                    out[ext.split(".")[0]].append(np.load(io.BytesIO(gzip.decompress(blob))))
+    return keys, out
+
+
+def test_zarr_round_trip_is_bit_exact(small_source, small_store):
+    src = _source_arrays(small_source)
+    store = open_store(small_store)
+    assert store.n_episodes == len(src["obs"]) == 300
+    for name in ("obs", "action", "reward"):
+        got = store.read_array(name, 0, store.n_episodes)
+        assert got.dtype == src[name].dtype
+        np.testing.assert_array_equal(_bits(got), _bits(src[name]))
+    np.testing.assert_array_equal(store.read_array("task", 0, 300), src["task"][:, 0])
+    ep = store.read_episode(123)
+    for name in fmt.SOURCE_KEYS:
+        np.testing.assert_array_equal(_bits(ep[name]), _bits(src[name][123]))
+
+
+def test_webdataset_round_trip_is_bit_exact(small_source, small_store):
+    src = _source_arrays(small_source)
+    meta = json.loads((small_store / fmt.META_FILE).read_text())
+    keys, wds = _read_wds(small_store, meta)
+    assert keys == [fmt.wds_key(i) for i in range(300)]
+    for name in ("obs", "action", "reward"):
+        np.testing.assert_array_equal(_bits(np.stack(wds[name])), _bits(src[name]))
+    np.testing.assert_array_equal(wds["task"], src["task"][:, 0])
+
+
+def test_webdataset_decodes_with_the_webdataset_library(small_store):
+    wds = pytest.importorskip("webdataset")
+    url = str(small_store / fmt.wds_shard_file(0))
+    sample = next(iter(wds.WebDataset(url, shardshuffle=False).decode()))
+    assert sample["obs.npy.gz"].shape == (501, 24)
+    assert sample["task.cls"] == 0
+
+
+def test_metadata_index_and_provenance(small_source, small_store):
+    store = open_store(small_store)
+    meta = store.meta
+    ds = meta["dataset"]
+    assert ds["task_names"][0] == "walker-stand" and ds["n_tasks"] == 30
+    assert ds["rows_per_episode"] == 501 and ds["n_rows"] == 300 * 501
+    assert [s["name"] for s in meta["sources"]] == ["chunk_0.pt", "chunk_1.pt", "chunk_2.pt"]
+    assert [s["store_episodes"] for s in meta["sources"]] == [[0, 100], [100, 200], [200, 300]]
+    import hashlib
+
+    digest = hashlib.sha256((small_source / "chunk_1.pt").read_bytes()).hexdigest()
+    assert meta["sources"][1]["sha256"] == digest
+    for t in range(30):
+        np.testing.assert_array_equal(store.episodes_of_task(t), np.arange(10 * t, 10 * t + 10))
+        assert store.index["tasks"][t]["rows"] == 10 * 501
+    manifest = json.loads((small_store / fmt.MANIFEST_FILE).read_text())["files"]
+    assert fmt.zarr_shard_file("obs", 1) in manifest and fmt.wds_shard_file(1) in manifest
+    assert not (small_store / fmt.BUILD_DIR).exists()
+
+
+def test_mt80_layout_comes_from_the_data(tmp_path):
+    src = make_source(tmp_path / "src", episodes_per_task=1, chunks=2, task_set="mt80")
+    store = open_store(build_store(src, tmp_path / "store"))
+    assert (store.n_episodes, store.episode_length, store.obs_dim) == (80, 101, 39)
+    assert store.task_names[79] == "mw-hand-insert" and store.action_dims[79] == 4
+    assert store.read_episode(79)["obs"].shape == (101, 39)
+
+
+def test_interrupted_build_resumes_to_an_identical_store(
+    small_source, small_store, tmp_path, monkeypatch
+):
+    real, calls = units.build_shard, []
+
+    def crash_on_second(*args):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return real(*args)
+
+    monkeypatch.setattr("datapipe.build.build_shard", crash_on_second)
+    dst = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        build_store(small_source, dst)
+    with pytest.raises(IncompleteStoreError, match="datapipe build"):
+        open_store(dst)
+    monkeypatch.setattr("datapipe.build.build_shard", real)
+    done_before = {p.name for p in (dst / fmt.BUILD_DIR / "units").iterdir()}
+    assert len(done_before) == 1
+    build_store(small_source, dst)
+    assert store_digest(dst) == store_digest(small_store)
+
+
+def test_dask_local_cluster_build_equals_in_process_build(small_source, small_store, tmp_path):
+    dst = build_store(small_source, tmp_path / "dask", workers=2)
+    assert store_digest(dst) == store_digest(small_store)
+
+
+def test_rebuilding_a_complete_store_is_a_no_op(small_source, small_store, capsys):
+    before = store_digest(small_store)
+    build_store(small_source, small_store, progress=True)
+    assert "already complete" in capsys.readouterr().out
+    assert store_digest(small_store) == before
+
+
+def test_destination_holding_another_dataset_is_refused(small_store, tmp_path):
+    other = make_source(tmp_path / "other", episodes_per_task=1, chunks=1, seed=7)
+    with pytest.raises(DestinationError, match="different dataset"):
+        build_store(other, small_store)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(DestinationError, match="not empty"):
+        build_store(other, tmp_path / "busy")
+
+
+def test_cli_build_and_info(small_source, tmp_path):
+    runner = CliRunner()
+    dst = tmp_path / "cli"
+    args = [
+        "build",
+        "--src",
+        str(small_source),
+        "--dst",
+        str(dst),
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
+    result = runner.invoke(datapipe_cli, args)
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(datapipe_cli, ["info", str(dst)])
+    assert result.exit_code == 0, result.output
+    assert "complete" in result.output and "walker-stand" in result.output
+    assert "ratio" in result.output
+    result = runner.invoke(datapipe_cli, ["info", str(tmp_path / "nothing")])
+    assert result.exit_code != 0 and "datapipe build" in result.output
