@@ -85,6 +85,11 @@ def zarr_array_kwargs(name: str, shape: tuple) -> dict:
     }
 
 
+# Runtime config for writers: write every chunk, even all-zero ones (a shard of task-0
+# episodes), so that every shard file exists and can be hashed and verified.
+ZARR_WRITE_CONFIG = {"array.write_empty_chunks": True}  # for zarr.config.set
+
+
 def zarr_shard_file(name: str, shard: int) -> str:
     """Path of one shard file of array `name`, relative to the store root."""
     return "/".join([ZARR_DIR, name, "c", str(shard), *["0"] * (ARRAY_NDIM[name] - 1)])

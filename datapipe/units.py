@@ -59,12 +59,14 @@ def _write_zarr(root: Path, shard: int, first: int, arrays: dict) -> dict:
     import zarr
 
     files = {}
-    group = zarr.open_group(root / fmt.ZARR_DIR, mode="r+")
     for name in fmt.ARRAYS:
         data = arrays[name][:, 0] if name == "task" else arrays[name]
         rel = fmt.zarr_shard_file(name, shard)
         Path(root / rel).unlink(missing_ok=True)  # a partial file from an interrupted run
-        group[name][first : first + len(data)] = data
+        # (zarr 3.1.6 ignores open_array(config=...); the scoped global config works)
+        with zarr.config.set(fmt.ZARR_WRITE_CONFIG):
+            array = zarr.open_array(root / fmt.ZARR_DIR / name, mode="r+")
+            array[first : first + len(data)] = data
         blob = (root / rel).read_bytes()
         files[rel] = {"size": len(blob), "sha256": _sha256(blob)}
     return files

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import build_store, make_source, store_digest
+from conftest import build_store, load_chunk, make_source, save_chunk, store_digest
 
 from datapipe import format as fmt
 from datapipe import units
@@ -96,6 +96,16 @@ def test_metadata_index_and_provenance(small_source, small_store):
     manifest = json.loads((small_store / fmt.MANIFEST_FILE).read_text())["files"]
     assert fmt.zarr_shard_file("obs", 1) in manifest and fmt.wds_shard_file(1) in manifest
     assert not (small_store / fmt.BUILD_DIR).exists()
+
+
+def test_a_shard_of_task_zero_episodes_is_stored(tmp_path):
+    # all-zero chunks (task id 0 for a whole shard) must be written like any other
+    src = make_source(tmp_path / "src", episodes_per_task=300, chunks=1, task_set="mt30")
+    data = load_chunk(src / "chunk_0.pt")
+    save_chunk({k: v[:257] for k, v in data.items()}, src / "chunk_0.pt")
+    store = open_store(build_store(src, tmp_path / "store"))
+    assert (store.path / fmt.zarr_shard_file("task", 0)).exists()
+    np.testing.assert_array_equal(store.read_array("task", 0, 257), 0)
 
 
 def test_mt80_layout_comes_from_the_data(tmp_path):
