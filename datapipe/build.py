@@ -151,7 +151,7 @@ def _run(jobs: list[tuple], cfg: BuildConfig, total_rows: int, done_rows: int) -
         client, cluster = Client(cfg.scheduler), None
     else:
         cluster = LocalCluster(
-            n_workers=cfg.workers, threads_per_worker=1, processes=True, dashboard_address=None
+            n_workers=cfg.workers, threads_per_worker=1, processes=True, dashboard_address=":0"
         )
         client = Client(cluster)
     futures = {client.submit(fn, *args, pure=False): rows for fn, args, rows in jobs}
