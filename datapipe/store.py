@@ -64,10 +64,11 @@ def check_complete(root: Path) -> dict:
 class Store:
     """A complete store: dataset facts from its metadata, episodes read on demand."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, meta: dict | None = None, index: dict | None = None):
+        """Open the store at `path`; `meta`/`index` skip the checks (for verify-shards only)."""
         self.path = Path(path)
-        self.meta = check_complete(self.path)
-        self.index = _load_json(self.path / fmt.INDEX_FILE)
+        self.meta = check_complete(self.path) if meta is None else meta
+        self.index = _load_json(self.path / fmt.INDEX_FILE) if index is None else index
         ds = self.meta["dataset"]
         self.n_episodes: int = ds["n_episodes"]
         self.episode_length: int = ds["rows_per_episode"]

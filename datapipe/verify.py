@@ -1,0 +1,411 @@
+"""`tools verify-shards`: prove a store complete and uncorrupted, or list every problem.
+
+Checks, in order: metadata (present, parseable, version, complete); counts (metadata against
+the per-task index, the index covering every episode once); the manifest (every data file
+present with its size and sha256, nothing unexpected); then shard by shard, in bounded memory:
+every Zarr chunk's crc32c and decode, shapes and dtypes, the NaN policy (only action/reward
+at row 0), task ids against the range and the index, the WebDataset tar against the index and
+against the Zarr arrays; and with a source, episodes equal to the source bit for bit (a
+seeded sample, or all of them with `deep`). Problems are collected, never raised.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import tarfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from datapipe import format as fmt
+from datapipe.errors import DatapipeError
+from datapipe.source import read_episodes, scan_sources
+from datapipe.store import Store
+
+
+@dataclass
+class Problem:
+    kind: str  # e.g. "checksum", "missing-file", "count", "nan", "source-mismatch"
+    where: str  # file (relative to the store), array or metadata name
+    detail: str
+    episodes: list[int] | None = None  # [lo, hi) store episodes affected, where known
+
+
+@dataclass
+class Report:
+    store: str
+    problems: list[Problem] = field(default_factory=list)
+    checked: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def add(self, kind: str, where: str, detail: str, episodes=None) -> None:
+        self.problems.append(
+            Problem(kind, where, detail, None if episodes is None else list(episodes))
+        )
+
+    def count(self, what: str, n: int = 1) -> None:
+        self.checked[what] = self.checked.get(what, 0) + n
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "store": self.store,
+                "ok": self.ok,
+                "checked": self.checked,
+                "problems": [asdict(p) for p in self.problems],
+            },
+            indent=1,
+        )
+
+    def to_text(self) -> str:
+        lines = [f"verify-shards {self.store}"]
+        for p in self.problems:
+            eps = f" episodes [{p.episodes[0]}, {p.episodes[1]})" if p.episodes else ""
+            lines.append(f"  PROBLEM {p.kind}: {p.where}{eps}: {p.detail}")
+        checked = ", ".join(f"{v} {k}" for k, v in self.checked.items())
+        verdict = "OK" if self.ok else f"{len(self.problems)} problem(s)"
+        lines.append(f"{verdict}; checked {checked}")
+        if not self.ok:
+            lines.append("repair: rebuild damaged shards from the source (see README, Integrity).")
+        return "\n".join(lines)
+
+
+def _json(root: Path, name: str, report: Report) -> dict | None:
+    path = root / name
+    if not path.exists():
+        report.add("missing-file", name, "metadata file is missing")
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        report.add("metadata", name, f"not valid JSON (truncated or damaged): {e}")
+        return None
+
+
+def _check_metadata(root: Path, report: Report) -> tuple[dict, dict, dict] | None:
+    meta = _json(root, fmt.META_FILE, report)
+    index = _json(root, fmt.INDEX_FILE, report)
+    manifest = _json(root, fmt.MANIFEST_FILE, report)
+    if meta is None or index is None or manifest is None:
+        return None
+    if meta.get("format_version") != fmt.FORMAT_VERSION:
+        report.add(
+            "version",
+            fmt.META_FILE,
+            f"format version {meta.get('format_version')}, expected {fmt.FORMAT_VERSION}",
+        )
+        return None
+    if meta.get("complete") is not True:
+        report.add("incomplete", fmt.META_FILE, "the store is not marked complete")
+    return meta, index, manifest
+
+
+def _check_counts(meta: dict, index: dict, report: Report) -> None:
+    ds = meta["dataset"]
+    n, rows = ds["n_episodes"], ds["rows_per_episode"]
+    if ds["n_rows"] != n * rows:
+        report.add("count", fmt.META_FILE, f"n_rows {ds['n_rows']} != {n} episodes x {rows} rows")
+    if meta["n_shards"] != fmt.n_shards(n):
+        report.add("count", fmt.META_FILE, f"n_shards {meta['n_shards']} != {fmt.n_shards(n)}")
+    tasks = index.get("tasks", [])
+    if len(tasks) != ds["n_tasks"]:
+        report.add("count", fmt.INDEX_FILE, f"{len(tasks)} tasks, metadata says {ds['n_tasks']}")
+    cover = np.zeros(n, np.int64)
+    for t in tasks:
+        eps = sum(b - a for a, b in t["ranges"])
+        if eps != t["episodes"] or t["rows"] != eps * rows:
+            report.add(
+                "count",
+                fmt.INDEX_FILE,
+                f"task {t['name']}: ranges hold {eps} episodes, "
+                f"counts say {t['episodes']} episodes / {t['rows']} rows",
+            )
+        for a, b in t["ranges"]:
+            if not 0 <= a < b <= n:
+                report.add(
+                    "count", fmt.INDEX_FILE, f"task {t['name']}: range [{a}, {b}) outside [0, {n})"
+                )
+                continue
+            cover[a:b] += 1
+    bad = np.flatnonzero(cover != 1)
+    if len(bad):
+        report.add(
+            "count",
+            fmt.INDEX_FILE,
+            f"{len(bad)} episodes are indexed {cover[bad[0]]} "
+            f"times instead of once (first: {bad[0]})",
+            [int(bad[0]), int(bad[-1]) + 1],
+        )
+    report.count("metadata files", 3)
+
+
+def _expected_files(meta: dict) -> set[str]:
+    files = set()
+    for k in range(meta["n_shards"]):
+        if "zarr" in meta["formats"]:
+            files.update(fmt.zarr_shard_file(name, k) for name in fmt.ARRAYS)
+        if "webdataset" in meta["formats"]:
+            files.add(fmt.wds_shard_file(k))
+    return files
+
+
+def _check_manifest(root: Path, meta: dict, manifest: dict, report: Report, progress) -> set[str]:
+    """sha256 of every data file; returns the missing ones (the rest are decoded after)."""
+    listed, expected = manifest.get("files", {}), _expected_files(meta)
+    for rel in sorted(expected - set(listed)):
+        report.add("manifest", fmt.MANIFEST_FILE, f"does not list {rel}")
+    on_disk = {
+        str(p.relative_to(root))
+        for d in (fmt.ZARR_DIR, fmt.WDS_DIR)
+        if (root / d).exists()
+        for p in (root / d).rglob("*")
+        if p.is_file() and p.name != "zarr.json"
+    }
+    for rel in sorted(on_disk - expected):
+        report.add("unexpected-file", rel, "not part of the store (a leftover temp file?)")
+    missing = set()
+    for rel in progress(sorted(expected), "files"):
+        path = root / rel
+        if not path.exists():
+            report.add("missing-file", rel, "data file is missing", _file_episodes(rel, meta))
+            missing.add(rel)
+            continue
+        h, size = hashlib.sha256(), 0
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                h.update(block)
+                size += len(block)
+        want = listed.get(rel)
+        if want and size != want["size"]:
+            what = f"size {size} differs from the manifest's {want['size']} (truncated?)"
+            report.add("file-hash", rel, what, _file_episodes(rel, meta))
+        elif want and h.hexdigest() != want["sha256"]:
+            report.add(
+                "file-hash", rel, "sha256 differs from the manifest", _file_episodes(rel, meta)
+            )
+        report.count("bytes hashed", size)
+    report.count("data files", len(expected))
+    return missing
+
+
+def _file_episodes(rel: str, meta: dict) -> list[int]:
+    shard = int(rel.split("/c/")[1].split("/")[0]) if "/c/" in rel else int(rel[-10:-4])
+    eps = fmt.shard_episodes(shard, meta["dataset"]["n_episodes"])
+    return [eps.start, eps.stop]
+
+
+def _zarr_arrays(store: Store, eps: range, report: Report) -> dict | None:
+    """The shard's arrays read from Zarr; each failing chunk is reported by its episode."""
+    out, ok = {}, True
+    for name in fmt.ARRAYS:
+        try:
+            out[name] = store.read_array(name, eps.start, eps.stop)
+            continue
+        except DatapipeError:
+            ok = False
+        rel = fmt.zarr_shard_file(name, eps.start // fmt.EPISODES_PER_SHARD)
+        if name == "task":  # one chunk per shard
+            report.add(
+                "checksum", rel, "task chunk fails its checksum or decode", [eps.start, eps.stop]
+            )
+            continue
+        failed = []
+        for e in eps:
+            try:
+                store.read_array(name, e, e + 1)
+            except DatapipeError:
+                failed.append(e)
+        if len(failed) == len(eps):
+            report.add(
+                "checksum",
+                rel,
+                f"array {name}: every chunk fails: the shard index or the whole file is damaged",
+                [eps.start, eps.stop],
+            )
+        for e in failed if len(failed) < len(eps) else []:
+            report.add(
+                "checksum", rel, f"array {name}: chunk of episode {e} fails its crc32c", [e, e + 1]
+            )
+    report.count("zarr chunks", len(eps) * 3 + 1)
+    return out if ok else None
+
+
+def _wds_arrays(root: Path, eps: range, report: Report) -> dict | None:
+    rel = fmt.wds_shard_file(eps.start // fmt.EPISODES_PER_SHARD)
+    out = {k: [] for k in fmt.ARRAYS}
+    keys = []
+    try:
+        with tarfile.open(root / rel) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                blob = tar.extractfile(m).read()
+                if ext == "task.cls":
+                    keys.append(key)
+                    out["task"].append(int(blob))
+                else:
+                    out[ext.split(".")[0]].append(np.load(io.BytesIO(gzip.decompress(blob))))
+    except (tarfile.TarError, OSError, ValueError, EOFError) as e:
+        report.add("webdataset", rel, f"unreadable: {type(e).__name__}: {e}", [eps.start, eps.stop])
+        return None
+    want = [fmt.wds_key(e) for e in eps]
+    if keys != want or any(len(v) != len(eps) for v in out.values()):
+        report.add(
+            "webdataset",
+            rel,
+            f"samples {keys[:1]}..{keys[-1:]} ({len(keys)}) do not match "
+            f"the index's episodes {want[0]}..{want[-1]}",
+            [eps.start, eps.stop],
+        )
+        return None
+    report.count("webdataset samples", len(eps))
+    return {k: np.stack(v) if k != "task" else np.asarray(v, np.int32) for k, v in out.items()}
+
+
+def _check_values(a: dict, eps: range, where: str, store: Store, report: Report) -> None:
+    shapes = {
+        "obs": (store.episode_length, store.obs_dim),
+        "action": (store.episode_length, store.action_dim),
+        "reward": (store.episode_length,),
+        "task": (),
+    }
+    for name, shape in shapes.items():
+        got = a[name]
+        want_dtype = fmt.SOURCE_DTYPES[name]
+        if got.shape != (len(eps), *shape) or got.dtype != want_dtype:
+            report.add(
+                "shape",
+                where,
+                f"{name} is {got.dtype}{list(got.shape)}, expected "
+                f"{want_dtype}{[len(eps), *shape]}",
+                [eps.start, eps.stop],
+            )
+            return
+    checks = {"obs": a["obs"], "action": a["action"][:, 1:], "reward": a["reward"][:, 1:]}
+    for name, values in checks.items():
+        finite = np.isfinite(values).reshape(len(eps), -1).all(axis=1)
+        for i in np.flatnonzero(~finite)[:5]:
+            report.add(
+                "nan",
+                where,
+                f"{name} holds NaN/inf outside the row-0 fillers",
+                [eps.start + i, eps.start + i + 1],
+            )
+    n_tasks = len(store.task_names)
+    expected = store.episode_tasks[eps.start : eps.stop]
+    for i in np.flatnonzero((a["task"] < 0) | (a["task"] >= n_tasks) | (a["task"] != expected))[:5]:
+        report.add(
+            "task",
+            where,
+            f"task id {a['task'][i]}, index says {expected[i]} (range [0, {n_tasks}))",
+            [eps.start + i, eps.start + i + 1],
+        )
+
+
+def _bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def _check_source(a: dict, eps: range, picks, sources, report: Report, rel: str) -> None:
+    for e in picks:
+        f = next(s for s in sources if s.start <= e < s.start + s.episodes)
+        src = read_episodes(f.path, e - f.start, e - f.start + 1)
+        i = e - eps.start
+        for name in fmt.ARRAYS:
+            stored = (
+                a[name][i]
+                if name != "task"
+                else np.full(src["task"].shape[1], a["task"][i], np.int32)
+            )
+            if not _bits_equal(stored, src[name][0]):
+                report.add(
+                    "source-mismatch",
+                    rel,
+                    f"{name} differs from {f.name} episode {e - f.start}",
+                    [e, e + 1],
+                )
+        report.count("episodes compared with the source")
+
+
+def verify(
+    path: str | Path,
+    src: str | Path | None = None,
+    deep: bool = False,
+    sample: int = 64,
+    seed: int = 0,
+    progress: bool = False,
+) -> Report:
+    """Check the store at `path` (and against `src` if given); never raises on bad data."""
+    from tqdm import tqdm
+
+    root = Path(path)
+    report = Report(str(root))
+    if not root.is_dir():
+        report.add("missing-file", str(root), "no such store directory")
+        return report
+    loaded = _check_metadata(root, report)
+    if loaded is None:
+        return report
+    meta, index, manifest = loaded
+    _check_counts(meta, index, report)
+
+    def bar(items, what):
+        return tqdm(items, desc=f"verify {what}", unit=what, disable=not progress, leave=False)
+
+    missing = _check_manifest(root, meta, manifest, report, bar)
+    try:
+        store = Store(root, meta=meta, index=index)
+    except (KeyError, TypeError, ValueError) as e:
+        report.add("metadata", fmt.META_FILE, f"missing or malformed field: {e}")
+        return report
+    n = store.n_episodes
+    sources, picks = None, set()
+    if src is not None:
+        sources, _ = scan_sources(src)
+        picks = (
+            set(range(n))
+            if deep
+            else set(
+                np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False).tolist()
+            )
+        )
+        if [s.name for s in sources] != [s["name"] for s in meta["sources"]]:
+            report.add(
+                "source-mismatch", str(src), "source files differ from the store's provenance"
+            )
+            sources = None
+    for k in bar(range(meta["n_shards"]), "shards"):
+        eps = fmt.shard_episodes(k, n)
+        zarr_a = wds_a = None
+        if (
+            "zarr" in meta["formats"]
+            and not {fmt.zarr_shard_file(a, k) for a in fmt.ARRAYS} & missing
+        ):
+            zarr_a = _zarr_arrays(store, eps, report)
+            if zarr_a is not None:
+                _check_values(zarr_a, eps, f"{fmt.ZARR_DIR} shard {k}", store, report)
+        if "webdataset" in meta["formats"] and fmt.wds_shard_file(k) not in missing:
+            wds_a = _wds_arrays(root, eps, report)
+            if wds_a is not None:
+                _check_values(wds_a, eps, fmt.wds_shard_file(k), store, report)
+        if zarr_a is not None and wds_a is not None:
+            for name in fmt.ARRAYS:
+                if not _bits_equal(zarr_a[name], wds_a[name]):
+                    report.add(
+                        "format-mismatch",
+                        fmt.wds_shard_file(k),
+                        f"{name} differs from the Zarr array",
+                        [eps.start, eps.stop],
+                    )
+        arrays = zarr_a if zarr_a is not None else wds_a
+        if sources is not None and arrays is not None:
+            here = sorted(e for e in picks if e in eps)
+            _check_source(arrays, eps, here, sources, report, f"shard {k}")
+        report.count("shards")
+    return report
