@@ -42,6 +42,29 @@ def make_mt30_cmd(dst, episodes_per_task, chunks, seed, task_set) -> None:
     click.echo(f"wrote {len(paths)} chunk(s) to {dst}")
 
 
+@main.command("verify-shards")
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option(
+    "--src",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Source chunks: compare episodes with them bit for bit.",
+)
+@click.option("--deep", is_flag=True, help="With --src: compare every episode, not a sample.")
+@click.option(
+    "--sample", type=int, default=64, show_default=True, help="Episodes compared without --deep."
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the compared sample.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify_shards_cmd(store, src, deep, sample, seed, as_json) -> None:
+    """Prove STORE complete and uncorrupted; list every problem and exit 1 if any."""
+    from datapipe.verify import verify
+
+    report = verify(store, src=src, deep=deep, sample=sample, seed=seed, progress=not as_json)
+    click.echo(report.to_json() if as_json else report.to_text())
+    raise SystemExit(0 if report.ok else 1)
+
+
 @main.command("bench-codecs")
 @click.option(
     "--src", type=click.Path(path_type=Path), required=True, help="Folder of chunk_K.pt files."
