@@ -7,6 +7,7 @@ config, and last `meta.json`, which marks it complete.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from datapipe import __version__
 from datapipe import format as fmt
-from datapipe.errors import DestinationError, SourceError
+from datapipe.errors import BuildWriteError, DestinationError, SourceError
 from datapipe.source import Layout, SourceFile, scan_sources
 from datapipe.tasksets import TaskSet, get_task_set, match_task_set
 from datapipe.units import Piece, build_shard, hash_source, write_json_atomic
@@ -285,8 +286,16 @@ def build(cfg: BuildConfig, command: str = "datapipe build") -> Path:
             )
         )
     t0 = time.perf_counter()
-    _run(jobs, cfg, n * layout.rows, done_rows)
-    _commit(dst, cfg, plan, sources, ts)
+    try:
+        _run(jobs, cfg, n * layout.rows, done_rows)
+        _commit(dst, cfg, plan, sources, ts)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        raise BuildWriteError(
+            f"{dst}: writing the store failed ({e}). Free disk space (or raise the file size "
+            f"limit) and run the same command again: finished units are kept."
+        ) from e
     if cfg.progress:
         dt = time.perf_counter() - t0
         print(f"{dst}: complete ({n} episodes, {n * layout.rows} rows, {dt:.1f} s this run)")

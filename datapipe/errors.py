@@ -18,6 +18,10 @@ class DestinationError(DatapipeError, FileExistsError):
     """The build destination holds something other than this build's store."""
 
 
+class BuildWriteError(DatapipeError, OSError):
+    """Writing the store failed (disk full, file size limit); finished units are kept."""
+
+
 class StoreNotFoundError(DatapipeError, FileNotFoundError):
     """No store at the given path."""
 
