@@ -1,0 +1,274 @@
+"""Reading and writing official TD-MPC2 world-model files (spec C.2, C.3, G).
+
+The official file format is `{"model": state_dict}`. This module owns:
+  * reading such files (new API, or old API converted as the official `load()` does),
+    with float16/bfloat16 tensors cast to float32;
+  * refusing quantized files (spec G) unless explicitly allowed;
+  * telling the model size from the tensor shapes;
+  * writing our model in the new-API format, atomically.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pickle
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from trainer.model import WorldModel
+from trainer.presets import PRESETS, ModelConfig
+
+# Old API: the Q ensemble is a flat list of 10 tensors; index n -> layer n // 4, field n % 4.
+_OLD_Q_FIELDS = ("weight", "bias", "ln.weight", "ln.bias")
+_Q_PREFIXES = ("_Qs.params", "_detach_Qs_params", "_target_Qs_params")
+# Entries the official conversion copies from the freshly built model (old files lack them).
+_COPIED_FROM_MODEL = (
+    "_action_masks",
+    "log_std_min",
+    "log_std_dif",
+    *(f"{p}.{k}" for p in _Q_PREFIXES for k in ("__batch_size", "__device")),
+)
+_SHOW = 8  # how many offending keys an error message lists
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be used as a TD-MPC2 world model."""
+
+
+class QuantizedCheckpointError(CheckpointError):
+    """A checkpoint holds quantized tensors (spec G) and quantized files were not allowed."""
+
+
+def read_checkpoint(path: str | os.PathLike, allow_quantized: bool = False) -> dict[str, Any]:
+    """The state_dict stored in `path`, on CPU, float tensors as float32, keys as stored.
+
+    Accepts `{"model": state_dict}` or a bare state_dict. Quantized tensors raise
+    `QuantizedCheckpointError` unless `allow_quantized`, in which case they are dequantized.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with warnings.catch_warnings():
+            # Loading qint8 tensors goes through deprecated torch internals; nothing to act on.
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+            warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor")
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path} holds objects other than tensors and plain containers, so it was not "
+            f"loaded (weights_only). Official files hold only {{'model': state_dict}}. ({err})"
+        ) from err
+    state = raw.get("model", raw) if isinstance(raw, dict) else None
+    if not isinstance(state, dict) or not any(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} is not a {{'model': state_dict}} world-model checkpoint")
+    quantized = {k: v for k, v in state.items() if isinstance(v, Tensor) and v.is_quantized}
+    if quantized and not allow_quantized:
+        raise QuantizedCheckpointError(_describe_quantized(path, quantized, len(state)))
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        if isinstance(value, Tensor):
+            if value.is_quantized:
+                value = value.dequantize()
+            if value.is_floating_point():
+                value = value.float()
+        out[key] = value
+    return out
+
+
+def _describe_quantized(path: Path, quantized: dict[str, Tensor], n_entries: int) -> str:
+    scales = set()
+    for t in quantized.values():
+        if t.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+            scales.add(float(t.q_scale()))
+        else:
+            scales.update(float(s) for s in t.q_per_channel_scales().unique())
+    values = torch.cat([t.dequantize().flatten() for t in quantized.values()])
+    zero_fraction = float((values == 0).float().mean())
+    dtypes = sorted({str(t.dtype) for t in quantized.values()})
+    keys = list(quantized)
+    shown = ", ".join(keys[:_SHOW]) + (
+        f", ... ({len(keys) - _SHOW} more)" if len(keys) > _SHOW else ""
+    )
+    scale_text = ", ".join(repr(s) for s in sorted(scales)[:_SHOW])
+    verdict = (
+        "At scale 1.0 every weight of magnitude below 0.5 rounds to 0, so the network these "
+        "tensors describe is destroyed: the file is unusable as a model (spec G)."
+        if scales == {1.0}
+        else "Check that the quantization scales are calibrated before trusting this file."
+    )
+    return (
+        f"{path} is a quantized checkpoint: {len(keys)} of {n_entries} entries are {'/'.join(dtypes)} "
+        f"({shown}). Quantization scale: {scale_text}. {zero_fraction:.1%} of the quantized values "
+        f"are exactly 0. {verdict} Use the float16/float32 checkpoint instead; to load it anyway "
+        f"(dequantized, for inspection) pass allow_quantized=True."
+    )
+
+
+def _rename_old_q_keys(state: dict[str, Any]) -> dict[str, Any]:
+    """Old-API Q keys renamed to the new layout, online Q duplicated as `_detach_Qs_params`.
+
+    New-API dicts (they contain `_detach_Qs_params.0.weight`) are returned unchanged.
+    """
+    if "_detach_Qs_params.0.weight" in state:
+        return dict(state)
+    if "_Qs.params.0" not in state:
+        raise CheckpointError(
+            "state_dict has neither new-API (`_detach_Qs_params.0.weight`) nor old-API "
+            "(`_Qs.params.0`) Q-ensemble keys; it is not a TD-MPC2 world model"
+        )
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        for old, new_prefixes in (
+            ("_Qs.params.", ("_Qs.params", "_detach_Qs_params")),
+            ("_target_Qs.params.", ("_target_Qs_params",)),
+        ):
+            if key.startswith(old):
+                index = key[len(old) :]
+                if not index.isdigit():
+                    raise CheckpointError(f"old-API Q key {key!r} does not end in an index")
+                n = int(index)
+                for prefix in new_prefixes:
+                    out[f"{prefix}.{n // 4}.{_OLD_Q_FIELDS[n % 4]}"] = value
+                break
+        else:
+            out[key] = value
+    return out
+
+
+def convert_to_new_api(state: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """Spec C.3: an old- or new-API state_dict in the new layout of `reference`.
+
+    `reference` is the state_dict of a freshly built model; old-API files get their
+    `__batch_size`/`__device`, `log_std_*` and `_action_masks` entries from it.
+    """
+    if "_detach_Qs_params.0.weight" in state:
+        return dict(state)
+    out = _rename_old_q_keys(state)
+    for key in _COPIED_FROM_MODEL:
+        if key in reference:
+            out[key] = reference[key]
+    return out
+
+
+def load_model_state(model: WorldModel, state: dict[str, Any]) -> None:
+    """Load an official (old- or new-API) state_dict into `model`: key sets checked, strict."""
+    reference = model.state_dict()
+    converted = convert_to_new_api(state, reference)
+    problems = _mismatches(_shapes(converted), _shapes(reference))
+    if problems:
+        raise CheckpointError(
+            f"state_dict does not fit this {model.cfg.model_size}M model: " + _join(problems)
+        )
+    model.load_state_dict(converted, strict=True)
+
+
+def detect_model_size(state: dict[str, Any], **dims: Any) -> int:
+    """The preset size whose shapes the state_dict matches; `dims` go to ModelConfig.for_size."""
+    report = _fit_report(state, dims)
+    fits = [size for size, problems in report.items() if not problems]
+    if len(fits) == 1:
+        return fits[0]
+    if fits:
+        raise CheckpointError(f"state_dict fits several model sizes {fits}; pass size= explicitly")
+    closest = min(report, key=lambda size: len(report[size]))
+    counts = ", ".join(f"{size}M: {len(problems)}" for size, problems in report.items())
+    raise CheckpointError(
+        f"state_dict matches no model size (mismatched keys per size: {counts}). Closest is "
+        f"{closest}M: {_join(report[closest])}. If the dataset is not mt30, pass its obs_dim, "
+        f"action_dim and action_dims."
+    )
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    size: int | None = None,
+    device: str | torch.device = "cpu",
+    allow_quantized: bool = False,
+    **dims: Any,
+) -> WorldModel:
+    """A WorldModel (eval mode, float32, on `device`) holding the weights of an official file.
+
+    The size is detected from the shapes unless given. `dims` (obs_dim, action_dim,
+    action_dims, n_tasks, episode_lengths) go to `ModelConfig.for_size`; they default to mt30.
+    """
+    state = read_checkpoint(path, allow_quantized=allow_quantized)
+    if size is None:
+        size = detect_model_size(state, **dims)
+    else:
+        report = _fit_report(state, dims)
+        if report.get(size):
+            fits = ", ".join(f"{s}M" for s, problems in report.items() if not problems)
+            raise CheckpointError(
+                f"{path} does not fit a {size}M model: {_join(report[size])}. "
+                f"It fits: {fits or 'no preset size'}."
+            )
+    model = WorldModel(ModelConfig.for_size(size, **dims))
+    load_model_state(model, state)
+    return model.to(device).eval()
+
+
+def save_official(model: WorldModel, path: str | os.PathLike) -> None:
+    """Write `{"model": model.state_dict()}` (official new-API format), atomically."""
+    save_atomic({"model": model.state_dict()}, path)
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same directory, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _fit_report(state: dict[str, Any], dims: dict[str, Any]) -> dict[int, list[str]]:
+    """Size -> list of shape/key problems of `state` against that preset (empty: it fits)."""
+    shapes = _shapes(_rename_old_q_keys(state))
+    return {
+        size: _mismatches(shapes, _expected_shapes(ModelConfig.for_size(size, **dims)))
+        for size in PRESETS
+    }
+
+
+@functools.cache
+def _expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        return _shapes(WorldModel(cfg).state_dict())
+
+
+def _shapes(state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items() if isinstance(v, Tensor)}
+
+
+def _mismatches(
+    found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]
+) -> list[str]:
+    """Differences between two key -> shape maps, ignoring entries copied from the model."""
+    problems = []
+    for key, shape in expected.items():
+        if key not in found:
+            if key not in _COPIED_FROM_MODEL:
+                problems.append(f"missing {key} {shape}")
+        elif found[key] != shape:
+            problems.append(f"{key}: file {found[key]} vs model {shape}")
+    problems += [f"unexpected {key} {found[key]}" for key in found if key not in expected]
+    return problems
+
+
+def _join(problems: list[str]) -> str:
+    more = f"; ... ({len(problems) - _SHOW} more)" if len(problems) > _SHOW else ""
+    return "; ".join(problems[:_SHOW]) + more
