@@ -1,0 +1,328 @@
+"""The TD-MPC2 agent: optimisers, the update (spec D.2-D.4) and reward distillation (D.5).
+
+The losses are pure functions of a model and tensors; `TDMPC2Agent` owns the mutable state
+(world model, two Adam optimisers, running Q scale, discounts) and runs one update at a time.
+Distillation is one extra loss term against a teacher passed in by the caller.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from trainer.checkpoint import detect_model_size, load_model_state, read_checkpoint
+from trainer.math import RunningScale, soft_ce, two_hot_inv
+from trainer.model import WorldModel
+from trainer.presets import ModelConfig
+
+DistillSteps = Literal["first", "all"]
+
+
+@torch.no_grad()
+def td_targets(
+    model: WorldModel, next_z: Tensor, reward: Tensor, discount: Tensor, task: Tensor
+) -> Tensor:
+    """y_t = r_t + gamma_task * Q_min^target(z'_t, a'_t), a'_t ~ pi(z'_t) (spec D.2 step 1).
+
+    mt30 is not episodic: the official (1 - terminated) factor is 1 and is left out.
+    """
+    action, _ = model.pi(next_z, task)
+    return reward + discount * model.Q(next_z, action, task, mode="min", target=True)
+
+
+def model_losses(
+    model: WorldModel,
+    obs: Tensor,
+    action: Tensor,
+    reward: Tensor,
+    targets: Tensor,
+    next_z: Tensor,
+    task: Tensor,
+    rho: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Latent rollout and the world-model losses (spec D.2 steps 3-5).
+
+    Returns (zs [H+1, B, L], consistency, reward, value), each loss already divided by H
+    (value also by Nq).
+    """
+    horizon = action.shape[0]
+    z = model.encode(obs[0], task)
+    zs = torch.empty(horizon + 1, *z.shape, device=z.device, dtype=z.dtype)
+    zs[0] = z
+    consistency = 0
+    for t, (a_t, next_z_t) in enumerate(zip(action.unbind(0), next_z.unbind(0), strict=True)):
+        z = model.next(z, a_t, task)
+        consistency = consistency + F.mse_loss(z, next_z_t) * rho**t
+        zs[t + 1] = z
+
+    rollout = zs[:-1]
+    qs = model.Q(rollout, action, task, mode="all")
+    reward_logits = model.reward(rollout, action, task)
+    vmin, vmax = model.cfg.vmin, model.cfg.vmax
+    reward_loss, value_loss = 0, 0
+    steps = zip(
+        reward_logits.unbind(0), reward.unbind(0), targets.unbind(0), qs.unbind(1), strict=True
+    )
+    for t, (r_logits_t, r_t, y_t, qs_t) in enumerate(steps):
+        reward_loss = reward_loss + soft_ce(r_logits_t, r_t, vmin, vmax).mean() * rho**t
+        for q_logits in qs_t.unbind(0):
+            value_loss = value_loss + soft_ce(q_logits, y_t, vmin, vmax).mean() * rho**t
+    return (
+        zs,
+        consistency / horizon,
+        reward_loss / horizon,
+        value_loss / (horizon * len(model._Qs)),
+    )
+
+
+def pi_loss(
+    model: WorldModel,
+    zs: Tensor,
+    task: Tensor,
+    scale: RunningScale,
+    entropy_coef: float,
+    rho: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Policy loss on detached latents (spec D.2 step 7); updates `scale` from Q at t = 0.
+
+    Q comes from the detached online ensemble: gradients reach the actions and the task
+    embedding, never the Q weights.
+    """
+    action, info = model.pi(zs, task)
+    q = model.Q(zs, action, task, mode="avg", detach=True)
+    scale.update(q[0])
+    q = scale(q)
+    weights = torch.pow(rho, torch.arange(len(q), device=q.device))
+    loss = (-(entropy_coef * info["scaled_entropy"] + q).mean(dim=(1, 2)) * weights).mean()
+    return loss, info
+
+
+def reward_distillation_loss(
+    student: WorldModel,
+    teacher: WorldModel,
+    obs: Tensor,
+    action: Tensor,
+    task: Tensor,
+    steps: DistillSteps = "first",
+) -> tuple[Tensor, Tensor]:
+    """MSE between student and teacher scalar rewards on real data (spec D.5).
+
+    r = two_hot_inv(reward(encode(obs_t), action_t)) with the student's bins for both.
+    `steps="first"`: t = 0 only (the paper's variant); `"all"`: t = 0..H-1, plain mean.
+    The teacher runs under no_grad in its own dtype and device; its reward comes back as
+    float32. Returns (loss with gradient into the student, mean |r_S - r_T| detached).
+    """
+    if steps == "first":
+        obs_s, action_s = obs[0], action[0]
+    elif steps == "all":
+        obs_s, action_s = obs[:-1], action
+    else:
+        raise ValueError(f"distill steps must be 'first' or 'all', got {steps!r}")
+    if teacher.training or any(p.requires_grad for p in teacher.parameters()):
+        raise ValueError("the teacher must be frozen and in eval mode: pass prepare_teacher(model)")
+    vmin, vmax = student.cfg.vmin, student.cfg.vmax
+    with torch.no_grad():
+        ref = next(teacher.parameters())
+        t_obs, t_action = (x.to(device=ref.device, dtype=ref.dtype) for x in (obs_s, action_s))
+        t_task = task.to(ref.device)
+        logits = teacher.reward(teacher.encode(t_obs, t_task), t_action, t_task)
+        r_teacher = two_hot_inv(logits, vmin, vmax).to(device=obs.device, dtype=torch.float32)
+    logits = student.reward(student.encode(obs_s, task), action_s, task)
+    r_student = two_hot_inv(logits, vmin, vmax)
+    loss = F.mse_loss(r_student, r_teacher)
+    return loss, (r_student.detach() - r_teacher).abs().mean()
+
+
+def prepare_teacher(model: WorldModel, dtype: torch.dtype | None = None) -> WorldModel:
+    """Freeze a world model for use as a teacher: eval mode, no gradients, optional dtype."""
+    model.eval().requires_grad_(False)
+    return model if dtype is None else model.to(dtype)
+
+
+def _scalar(x: Tensor) -> float:
+    return float(x.detach())
+
+
+class TDMPC2Agent:
+    """World model + optimisers + running Q scale; `update` is one official training step."""
+
+    def __init__(self, model_config: ModelConfig, device: str | torch.device = "cpu") -> None:
+        cfg = self.cfg = model_config
+        self.device = torch.device(device)
+        self.model = WorldModel(cfg).to(self.device)
+        capturable = self.device.type == "cuda"  # CPU Adam cannot be capturable (spec caveats)
+        m = self.model
+        self.optim = torch.optim.Adam(
+            [
+                {"params": m._encoder.parameters(), "lr": cfg.lr * cfg.enc_lr_scale},
+                {"params": m._dynamics.parameters()},
+                {"params": m._reward.parameters()},
+                {"params": []},  # termination head: absent, mt30 is not episodic
+                {"params": m._Qs.parameters()},
+                {"params": m._task_emb.parameters()},
+            ],
+            lr=cfg.lr,
+            capturable=capturable,
+        )
+        self.pi_optim = torch.optim.Adam(
+            m._pi.parameters(), lr=cfg.lr, eps=1e-5, capturable=capturable
+        )
+        self.scale = RunningScale(cfg.tau).to(self.device)
+        self.discount = torch.tensor(cfg.discounts, dtype=torch.float32, device=self.device)
+        self.model.eval()
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        allow_quantized: bool = False,
+        **dims: Any,
+    ) -> TDMPC2Agent:
+        """An agent whose world model (online and target Q included) comes from an official
+        file; the size is detected from the shapes, optimisers and scale start fresh."""
+        state = read_checkpoint(path, allow_quantized=allow_quantized)
+        agent = cls(ModelConfig.for_size(detect_model_size(state, **dims), **dims), device)
+        load_model_state(agent.model, state)
+        return agent
+
+    def update(
+        self,
+        obs: Tensor,
+        action: Tensor,
+        reward: Tensor,
+        task: Tensor,
+        teacher: WorldModel | None = None,
+        d_coef: float = 0.0,
+        distill: DistillSteps = "first",
+    ) -> dict[str, float]:
+        """One update (spec D.2) on obs [H+1, B, O], action [H, B, A], reward [H, B, 1] (or
+        [H, B]) and task [B]. With a teacher and d_coef > 0 the reward-distillation loss
+        (spec D.5) enters the same backward pass; with d_coef = 0 it is only logged."""
+        cfg, model = self.cfg, self.model
+        obs, action, reward, task = self._check_batch(obs, action, reward, task)
+
+        with torch.no_grad():
+            next_z = model.encode(obs[1:], task)
+            targets = td_targets(model, next_z, reward, self.discount[task].unsqueeze(-1), task)
+
+        model.train()
+        zs, consistency, reward_loss, value_loss = model_losses(
+            model, obs, action, reward, targets, next_z, task, cfg.rho
+        )
+        total = (
+            cfg.consistency_coef * consistency
+            + cfg.reward_coef * reward_loss
+            + cfg.value_coef * value_loss
+        )
+        info: dict[str, float] = {}
+        if teacher is not None:
+            if d_coef:
+                distill_loss, agreement = reward_distillation_loss(
+                    model, teacher, obs, action, task, distill
+                )
+                total = total + d_coef * distill_loss
+            else:
+                with torch.no_grad():
+                    distill_loss, agreement = reward_distillation_loss(
+                        model, teacher, obs, action, task, distill
+                    )
+            info |= {"distill_loss": _scalar(distill_loss), "reward_agreement": _scalar(agreement)}
+        total.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
+        self.optim.step()
+        self.optim.zero_grad(set_to_none=True)
+
+        pi_info = self.update_pi(zs.detach(), task)
+        model.soft_update_target_Q(cfg.tau)
+        model.eval()
+        return {
+            "consistency_loss": _scalar(consistency),
+            "reward_loss": _scalar(reward_loss),
+            "value_loss": _scalar(value_loss),
+            "termination_loss": 0.0,
+            "total_loss": _scalar(total),
+            "grad_norm": _scalar(grad_norm),
+            **pi_info,
+            **info,
+        }
+
+    def update_pi(self, zs: Tensor, task: Tensor) -> dict[str, float]:
+        """Policy step on detached latents [H+1, B, L] (spec D.2 step 7).
+
+        The task-embedding gradient it leaves behind is not cleared: as in the official
+        code it is added to the next model step (spec D.4).
+        """
+        cfg = self.cfg
+        loss, info = pi_loss(self.model, zs, task, self.scale, cfg.entropy_coef, cfg.rho)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model._pi.parameters(), cfg.grad_clip_norm)
+        self.pi_optim.step()
+        self.pi_optim.zero_grad(set_to_none=True)
+        return {
+            "pi_loss": _scalar(loss),
+            "pi_grad_norm": _scalar(grad_norm),
+            "pi_entropy": _scalar(info["entropy"].mean()),
+            "pi_scaled_entropy": _scalar(info["scaled_entropy"].mean()),
+            "pi_scale": _scalar(self.scale.value),
+        }
+
+    def _check_batch(
+        self, obs: Tensor, action: Tensor, reward: Tensor, task: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        cfg = self.cfg
+        if reward.ndim == 2:
+            reward = reward.unsqueeze(-1)
+        horizon, batch = action.shape[:2]
+        expected = {
+            "obs": ((horizon + 1, batch, cfg.obs_dim), obs.shape),
+            "action": ((cfg.horizon, batch, cfg.action_dim), action.shape),
+            "reward": ((horizon, batch, 1), reward.shape),
+            "task": ((batch,), task.shape),
+        }
+        wrong = [
+            f"{k} {tuple(got)} (want {want})"
+            for k, (want, got) in expected.items()
+            if tuple(got) != want
+        ]
+        if wrong:
+            raise ValueError(
+                f"batch has wrong shapes: {', '.join(wrong)}; expected obs [H+1, B, obs_dim], "
+                f"action [H, B, action_dim], reward [H, B, 1], task [B] with H={cfg.horizon}"
+            )
+        on = {"device": self.device}
+        return (
+            obs.to(**on, dtype=torch.float32),
+            action.to(**on, dtype=torch.float32),
+            reward.to(**on, dtype=torch.float32),
+            task.to(**on, dtype=torch.long),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume training exactly: model, optimisers, running scale and
+        the leftover task-embedding gradient (spec D.4)."""
+        grad = self.model._task_emb.weight.grad
+        return {
+            "model": self.model.state_dict(),
+            "optim": self.optim.state_dict(),
+            "pi_optim": self.pi_optim.state_dict(),
+            "scale": self.scale.state_dict(),
+            "task_emb_grad": None if grad is None else grad.detach().clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what `state_dict` returned (strict)."""
+        missing = {"model", "optim", "pi_optim", "scale", "task_emb_grad"} - set(state)
+        if missing:
+            raise KeyError(f"agent state lacks {sorted(missing)}; was it written by state_dict()?")
+        self.model.load_state_dict(state["model"])
+        self.optim.load_state_dict(state["optim"])
+        self.pi_optim.load_state_dict(state["pi_optim"])
+        self.scale.load_state_dict(state["scale"])
+        grad = state["task_emb_grad"]
+        weight = self.model._task_emb.weight
+        weight.grad = None if grad is None else grad.to(weight.device, weight.dtype).clone()
