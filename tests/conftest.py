@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+from math import erfc, sqrt
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -46,6 +48,16 @@ def store_digest(root: Path) -> dict[str, str]:
     }
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """One intra-op torch thread for the whole suite: as fast as two for these small models on
+    an idle machine, and not slowed down tenfold by contention when other jobs share the cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def small_source(tmp_path_factory) -> Path:
     """30 tasks x 10 episodes in 3 chunks: 300 episodes, 2 shards (one partial)."""
@@ -55,3 +67,37 @@ def small_source(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_store(small_source, tmp_path_factory) -> Path:
     return build_store(small_source, tmp_path_factory.mktemp("store") / "s")
+
+
+def chi2_pvalue(observed: np.ndarray, expected: np.ndarray) -> float:
+    """Upper tail of Pearson's chi-square (Wilson-Hilferty normal approximation)."""
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    k = len(observed) - 1
+    z = ((chi2 / k) ** (1 / 3) - (1 - 2 / (9 * k))) / sqrt(2 / (9 * k))
+    return 0.5 * erfc(z / sqrt(2))
+
+
+def make_labelled_store(root: Path, episodes_per_task: int = 10, rows: int = 21) -> Path:
+    """A store (both formats) whose values name their place, for checking batch semantics:
+    obs[..., 0] = store episode, obs[..., 1] = row, action[..., 0] = row and
+    reward = 1000 * episode + row, except row 0, which keeps its NaN action/reward fillers."""
+    src = make_source(root / "src", episodes_per_task=episodes_per_task, episode_length=rows)
+    start = 0
+    for path in sorted(src.glob("chunk_*.pt")):
+        data = load_chunk(path)
+        n = data["obs"].shape[0]
+        episode = torch.arange(start, start + n, dtype=torch.float32)[:, None]
+        row = torch.arange(rows, dtype=torch.float32)[None, :]
+        data["obs"][:, :, 0] = episode
+        data["obs"][:, :, 1] = row
+        data["action"][:, 1:, 0] = row[:, 1:]
+        data["reward"][:, 1:] = 1000 * episode + row[:, 1:]
+        save_chunk(data, path)
+        start += n
+    return build_store(src, root / "store")
+
+
+@pytest.fixture(scope="session")
+def labelled_store(tmp_path_factory) -> Path:
+    """30 tasks x 10 episodes of 21 rows (300 episodes: 2 shards, the second partial)."""
+    return make_labelled_store(tmp_path_factory.mktemp("labelled"))
