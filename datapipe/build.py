@@ -20,7 +20,7 @@ from datapipe import format as fmt
 from datapipe.errors import BuildWriteError, DestinationError, SourceError
 from datapipe.source import Layout, SourceFile, scan_sources
 from datapipe.tasksets import TaskSet, get_task_set, match_task_set
-from datapipe.units import Piece, build_shard, hash_source, write_json_atomic
+from datapipe.units import TMP_SUFFIX, Piece, build_shard, hash_source, write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,8 @@ def prepare_destination(dst: Path, plan: dict, command: str) -> bool:
     _create_arrays(dst, plan)
     if "webdataset" in plan["formats"]:
         (dst / fmt.WDS_DIR).mkdir(exist_ok=True)
+    for stale in dst.rglob(f".*{TMP_SUFFIX}*"):  # left by a killed run; its unit is redone
+        stale.unlink()
     return True
 
 

@@ -85,7 +85,7 @@ def zarr_array_kwargs(name: str, shape: tuple) -> dict:
     }
 
 
-# Runtime config for writers: write every chunk, even all-zero ones (a shard of task-0
+# Runtime config for zarr-python writers: write every chunk, even all-zero ones (a shard of task-0
 # episodes), so that every shard file exists and can be hashed and verified.
 ZARR_WRITE_CONFIG = {"array.write_empty_chunks": True}  # for zarr.config.set
 

@@ -1,8 +1,8 @@
 """One build work unit: source episodes -> one shard of every array, then a commit record.
 
 A unit reads its episodes (memory-mapped, one chunk file at a time), checks them, writes
-the Zarr shard of each array and the WebDataset tar of the same number, and last writes its
-record (written atomically). A unit without a record is redone from scratch on the next
+the Zarr shard file of each array (encoded by datapipe.shardwriter) and the WebDataset tar
+of the same number, each atomically, and last writes its record. A unit without a record is redone from scratch on the next
 run, so a crash at any point loses at most the units in flight.
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from datapipe import format as fmt
+from datapipe.shardwriter import encode_shard
 from datapipe.source import SourceFile, read_episodes, validate_episodes
 from datapipe.tasksets import get_task_set
 
@@ -33,12 +34,13 @@ class Piece:
     hi: int
 
 
+TMP_SUFFIX = ".tmp."  # temp files are ".{name}.tmp.{pid}" beside their target
+
+
 def write_json_atomic(path: Path, obj) -> None:
     """Write `obj` as JSON to a temp file beside `path`, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    _write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _sha256(data: bytes) -> str:
@@ -55,20 +57,25 @@ def _task_runs(ids: np.ndarray, first: int) -> list[list[int]]:
     ]
 
 
-def _write_zarr(root: Path, shard: int, first: int, arrays: dict) -> dict:
-    import zarr
+def _write_atomic(path: Path, blob: bytes) -> dict:
+    """Write `blob` to a temp file beside `path`, rename it into place; its manifest entry."""
+    tmp = path.with_name(f".{path.name}{TMP_SUFFIX}{os.getpid()}")
+    try:
+        tmp.write_bytes(blob)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"size": len(blob), "sha256": _sha256(blob)}
 
+
+def _write_zarr(root: Path, shard: int, arrays: dict) -> dict:
     files = {}
     for name in fmt.ARRAYS:
         data = arrays[name][:, 0] if name == "task" else arrays[name]
         rel = fmt.zarr_shard_file(name, shard)
-        Path(root / rel).unlink(missing_ok=True)  # a partial file from an interrupted run
-        # (zarr 3.1.6 ignores open_array(config=...); the scoped global config works)
-        with zarr.config.set(fmt.ZARR_WRITE_CONFIG):
-            array = zarr.open_array(root / fmt.ZARR_DIR / name, mode="r+")
-            array[first : first + len(data)] = data
-        blob = (root / rel).read_bytes()
-        files[rel] = {"size": len(blob), "sha256": _sha256(blob)}
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        files[rel] = _write_atomic(root / rel, encode_shard(name, data))
     return files
 
 
@@ -93,13 +100,8 @@ def _write_webdataset(root: Path, shard: int, first: int, arrays: dict) -> dict:
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size, info.mtime, info.mode = len(payload), 0, 0o644
                 tar.addfile(info, io.BytesIO(payload))
-    blob = buf.getvalue()
     rel = fmt.wds_shard_file(shard)
-    path = root / rel
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_bytes(blob)
-    os.replace(tmp, path)
-    return {rel: {"size": len(blob), "sha256": _sha256(blob)}}
+    return {rel: _write_atomic(root / rel, buf.getvalue())}
 
 
 def build_shard(
@@ -116,7 +118,7 @@ def build_shard(
     first = pieces[0].file.start + pieces[0].lo
     files = {}
     if "zarr" in formats:
-        files.update(_write_zarr(root, shard, first, arrays))
+        files.update(_write_zarr(root, shard, arrays))
     if "webdataset" in formats:
         files.update(_write_webdataset(root, shard, first, arrays))
     n = len(arrays["task"])
