@@ -50,6 +50,25 @@ def info_cmd(store) -> None:
     _run(lambda: click.echo(summary(store)))
 
 
+@main.command("repair")
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option(
+    "--src", type=click.Path(path_type=Path), required=True, help="The chunks STORE was built from."
+)
+def repair_cmd(store, src) -> None:
+    """Rebuild the damaged shards of STORE (as found by verify-shards) from SRC."""
+    from datapipe.repair import repair
+
+    def run():
+        shards, report = repair(store, src)
+        click.echo(f"rebuilt {len(shards)} shard(s): {shards}" if shards else "nothing to repair")
+        click.echo(report.to_text())
+        if not report.ok:
+            raise SystemExit(1)
+
+    _run(run)
+
+
 def _run(fn) -> None:
     try:
         fn()

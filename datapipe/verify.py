@@ -40,6 +40,8 @@ class Report:
     store: str
     problems: list[Problem] = field(default_factory=list)
     checked: dict[str, int] = field(default_factory=dict)
+    meta: dict | None = field(default=None, repr=False)  # the store's metadata, once parsed
+    manifest: dict | None = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -353,6 +355,7 @@ def verify(
     if loaded is None:
         return report
     meta, index, manifest = loaded
+    report.meta, report.manifest = meta, manifest
     _check_counts(meta, index, report)
 
     def bar(items, what):

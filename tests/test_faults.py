@@ -243,3 +243,29 @@ def test_write_errors_become_build_write_errors(small_source, tmp_path, monkeypa
     monkeypatch.setattr("datapipe.build.build_shard", full)
     with pytest.raises(BuildWriteError, match="Free disk space"):
         build_store(small_source, tmp_path / "store")
+
+
+def test_repair_rebuilds_damaged_shards(small_source, small_store, store):
+    rel = fmt.zarr_shard_file("obs", 1)
+    offset, length = _chunk_range(store / rel, 3)
+    _flip(store / rel, offset + length // 2)
+    (store / fmt.wds_shard_file(0)).unlink()
+    (store / fmt.ZARR_DIR / "reward" / "c" / ".0.tmp.123").write_bytes(b"junk")
+    from datapipe.repair import repair
+
+    shards, report = repair(store, small_source)
+    assert shards == [0, 1] and report.ok, report.to_text()
+    assert store_digest(store) == store_digest(small_store)
+
+
+def test_repair_refuses_another_source_and_metadata_damage(small_source, store, tmp_path):
+    from datapipe.repair import repair
+
+    (store / fmt.wds_shard_file(1)).unlink()
+    other = make_source(tmp_path / "other", episodes_per_task=10, chunks=3, seed=5)
+    with pytest.raises(SourceError, match="not the source"):
+        repair(store, other)
+    path = store / fmt.INDEX_FILE
+    path.write_text(path.read_text()[:50])
+    with pytest.raises(CorruptStoreError, match="rebuild the whole store"):
+        repair(store, small_source)

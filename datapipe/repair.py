@@ -1,0 +1,89 @@
+"""`datapipe repair`: rebuild the damaged shards of a complete store from its source.
+
+Builds are deterministic, so a shard rebuilt from the same source has the same bytes as the
+original: every rebuilt file must match its manifest entry, or the repair stops (the source
+changed). Damage to the metadata files themselves cannot be repaired this way: rebuild the
+store.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from datapipe import format as fmt
+from datapipe.build import shard_pieces
+from datapipe.errors import CorruptStoreError, SourceError
+from datapipe.source import scan_sources
+from datapipe.units import build_shard
+from datapipe.verify import Report, verify
+
+# problems located in a shard's data, which rebuilding that shard fixes
+_SHARD_KINDS = {
+    "checksum",
+    "file-hash",
+    "missing-file",
+    "webdataset",
+    "format-mismatch",
+    "nan",
+    "task",
+    "shape",
+    "source-mismatch",
+    "unexpected-file",
+}
+
+
+def damaged_shards(report: Report) -> set[int]:
+    """Shards named by the report; CorruptStoreError if something else is damaged."""
+    other = [
+        p
+        for p in report.problems
+        if p.kind not in _SHARD_KINDS or (p.episodes is None and p.kind != "unexpected-file")
+    ]
+    if other:
+        raise CorruptStoreError(
+            f"{report.store}: {other[0].kind} problem in {other[0].where} ({other[0].detail}) "
+            f"is not in a shard: rebuild the whole store with `datapipe build`."
+        )
+    return {p.episodes[0] // fmt.EPISODES_PER_SHARD for p in report.problems if p.episodes}
+
+
+def repair(store: str | Path, src: str | Path) -> tuple[list[int], Report]:
+    """Rebuild every damaged shard of `store` from `src`; returns (shards, the new report)."""
+    root = Path(store)
+    report = verify(root)
+    shards = sorted(damaged_shards(report))
+    for p in report.problems:
+        if p.kind == "unexpected-file":
+            (root / p.where).unlink(missing_ok=True)
+    if shards:
+        meta = report.meta
+        sources, _ = scan_sources(src)
+        planned = meta["plan"]["sources"]
+        if [(s.name, s.size, s.quick_id) for s in sources] != [
+            (s["name"], s["size"], s["quick_id"]) for s in planned
+        ]:
+            raise SourceError(
+                f"{src}: is not the source this store was built from "
+                f"({', '.join(s['name'] for s in planned)}); pass the original --src."
+            )
+        manifest = report.manifest["files"]
+        n = meta["dataset"]["n_episodes"]
+        try:
+            for k in shards:
+                record = build_shard(
+                    str(root),
+                    k,
+                    shard_pieces(sources, k, n),
+                    meta["dataset"]["task_set"],
+                    meta["formats"],
+                )
+                for rel, info in record["files"].items():
+                    if manifest.get(rel) != info:
+                        raise CorruptStoreError(
+                            f"{root / rel}: rebuilt from {src}, but differs from the manifest: "
+                            f"the source changed since the build. Rebuild the store."
+                        )
+        finally:
+            shutil.rmtree(root / fmt.BUILD_DIR, ignore_errors=True)  # the rebuilt units' records
+    return shards, verify(root)
