@@ -1,0 +1,185 @@
+"""WebDatasetStream: training batches read sequentially from a store's WebDataset tars.
+
+For stores on object storage, or wherever random reads are slow: each reader streams whole
+tar shards (the `webdataset` library opens local paths and URLs alike, `pipe:` commands
+included), cuts slices from every episode, mixes them in a shuffle buffer and emits batches in
+the SliceLoader layout (obs [H+1,B,O], action [H,B,A], reward [H,B,1], task [B]).
+
+Splitting: every pass shuffles the shard list with (seed, pass), identically everywhere, then
+hands shard i to reader i mod (world_size x num_workers), by `torch.distributed` rank and
+DataLoader worker (webdataset's `pytorch_worker_info`): the readers cover disjoint shards.
+
+Sampling: every episode yields `slices_per_episode` slices at uniform start rows, so slices
+are uniform over episodes and start rows, up to the mixing of a finite shuffle buffer. Task
+weights (see `datapipe.sample.task_probabilities`) scale the slices cut per episode of each
+task. The stream is deterministic for a given seed and reader split; it does not resume
+mid-pass (use SliceLoader for exact resume).
+
+Use with a DataLoader: `DataLoader(stream, batch_size=None, num_workers=n, pin_memory=True)`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from datapipe import format as fmt
+from datapipe.errors import CorruptStoreError, StoreNotFoundError
+from datapipe.loader import Batch
+from datapipe.sample import task_probabilities
+from datapipe.store import Store, open_store
+
+_SHARDS, _SLICES, _SHUFFLE = 11, 12, 13  # stream tags of the seeds
+
+
+def _decode_npy(payload: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(gzip.decompress(payload)), allow_pickle=False)
+
+
+class WebDatasetStream(torch.utils.data.IterableDataset):
+    """An endless stream of `Batch`es (on CPU) from the WebDataset shards of a store.
+
+    Args:
+        path_or_store: the store (its metadata is read locally).
+        batch_size, horizon, seed, tasks, weights: as for SliceLoader.
+        slices_per_episode: slices cut from each episode read (at full weight).
+        shuffle_buffer: slices held for mixing (memory: ~(H+1) x 128 bytes each).
+        shard_urls: where to read the tars from, in shard order (default: the local files);
+            e.g. [f"pipe:aws s3 cp s3://bucket/store/{f} -" for f in ...].
+    """
+
+    def __init__(
+        self,
+        path_or_store: str | Path | Store,
+        batch_size: int = 256,
+        horizon: int = 3,
+        seed: int = 0,
+        tasks: Iterable[int | str] | None = None,
+        weights: str | Mapping[int | str, float] | None = None,
+        slices_per_episode: int = 8,
+        shuffle_buffer: int = 16384,
+        shard_urls: Sequence[str] | None = None,
+    ):
+        super().__init__()
+        store = path_or_store if isinstance(path_or_store, Store) else open_store(path_or_store)
+        if "webdataset" not in store.formats:
+            raise StoreNotFoundError(
+                f"{store.path}: was built without WebDataset shards (formats {store.formats}); "
+                f"rebuild with `datapipe build --format both`, or use datapipe.SliceLoader."
+            )
+        T = store.episode_length
+        if horizon < 1 or horizon + 1 > T:
+            raise ValueError(
+                f"horizon={horizon}: a slice needs horizon + 1 rows and this store's episodes "
+                f"have {T}; use 1 <= horizon <= {T - 1}."
+            )
+        self.store, self.batch_size, self.horizon, self.seed = store, batch_size, horizon, seed
+        self.shuffle_buffer = max(shuffle_buffer, batch_size)
+        n_shards = fmt.n_shards(store.n_episodes)
+        if shard_urls is None:
+            shard_urls = [str(store.path / fmt.wds_shard_file(k)) for k in range(n_shards)]
+        if len(shard_urls) != n_shards:
+            raise ValueError(f"{len(shard_urls)} shard URLs for a store of {n_shards} shards")
+        self.shard_urls = list(shard_urls)
+        counts = [len(store.episodes_of_task(t)) for t in range(len(store.task_names))]
+        probs = task_probabilities(counts, store.task_names, tasks, weights)
+        share = np.asarray(counts, np.float64) / max(1, sum(counts))
+        rate = np.divide(probs, share, out=np.zeros_like(probs), where=share > 0)
+        self.slices_per_task = slices_per_episode * rate / rate.max()  # mean slices / episode
+
+    def _my_shards(self, pass_: int) -> list[str]:
+        rank, world, worker, workers = wds.utils.pytorch_worker_info()
+        readers, me = world * workers, rank * workers + worker
+        if len(self.shard_urls) < readers:
+            raise ValueError(
+                f"{len(self.shard_urls)} shards cannot feed {readers} readers "
+                f"({world} ranks x {workers} workers); use fewer DataLoader workers."
+            )
+        order = np.random.default_rng((self.seed, _SHARDS, pass_)).permutation(len(self.shard_urls))
+        return [self.shard_urls[k] for k in order[me::readers]]
+
+    def _episodes(self, urls: list[str]) -> Iterator[dict]:
+        samples = wds.tarfile_to_samples()(iter([{"url": u} for u in urls]))
+        for sample in samples:
+            where = f"{sample.get('__url__')}: sample {sample.get('__key__')}"
+            try:
+                task = int(sample["task.cls"])
+                if not 0 <= task < len(self.slices_per_task):
+                    raise ValueError(f"task id {task} out of range")
+                if self.slices_per_task[task] == 0:
+                    continue  # not sampled: skip decoding it
+                ep = {k: _decode_npy(sample[f"{k}.npy.gz"]) for k in ("obs", "action", "reward")}
+                ep["task"] = task
+            except (KeyError, ValueError, OSError, EOFError, zlib.error) as e:
+                raise CorruptStoreError(
+                    f"{where}: unreadable ({type(e).__name__}: {e}). Run `tools verify-shards "
+                    f"{self.store.path}` and rebuild the damaged shard."
+                ) from e
+            T, obs_dim = self.store.episode_length, self.store.obs_dim
+            if ep["obs"].shape != (T, obs_dim) or ep["reward"].shape != (T,):
+                raise CorruptStoreError(f"{where}: obs {ep['obs'].shape}, expected {(T, obs_dim)}")
+            yield ep
+
+    def _slices(self, rank_seed: tuple) -> Iterator[dict[str, np.ndarray]]:
+        """The slices of each episode read, stacked: obs [n,H+1,O], action [n,H,A], reward
+        [n,H], task [n]; pass after pass over this reader's shards."""
+        T, H = self.store.episode_length, self.horizon
+        rows = np.arange(H + 1)
+        pass_ = 0
+        while True:
+            rng = np.random.default_rng((self.seed, _SLICES, pass_, *rank_seed))
+            for ep in self._episodes(self._my_shards(pass_)):
+                mean = self.slices_per_task[ep["task"]]
+                n = int(mean) + int(rng.random() < mean - int(mean))
+                idx = rng.integers(0, T - H, size=n)[:, None] + rows
+                yield {
+                    "obs": ep["obs"][idx],
+                    "action": ep["action"][idx[:, 1:]],
+                    "reward": ep["reward"][idx[:, 1:]],
+                    "task": np.full(n, ep["task"], np.int64),
+                }
+            pass_ += 1
+
+    def __iter__(self) -> Iterator[Batch]:
+        rank, world, worker, workers = wds.utils.pytorch_worker_info()
+        rank_seed = (rank, world, worker, workers)
+        rng = np.random.default_rng((self.seed, _SHUFFLE, *rank_seed))
+        S, B = self.shuffle_buffer, self.batch_size
+        buf: dict[str, np.ndarray] = {}  # the shuffle buffer, S slices once full
+        out: dict[str, np.ndarray] = {}  # the batch being filled
+        held = filled = 0
+        for new in self._slices(rank_seed):
+            if not buf:
+                buf = {k: np.empty((S, *v.shape[1:]), v.dtype) for k, v in new.items()}
+                out = {k: np.empty((B, *v.shape[1:]), v.dtype) for k, v in new.items()}
+            n = len(new["task"])
+            take = min(n, S - held)  # filling the buffer
+            for k, v in new.items():
+                buf[k][held : held + take] = v[:take]
+            held += take
+            for j in range(take, n):  # buffer full: each new slice evicts a random one
+                i = int(rng.integers(S))
+                for k, v in new.items():
+                    out[k][filled] = buf[k][i]
+                    buf[k][i] = v[j]
+                filled += 1
+                if filled == B:
+                    yield self._batch(out)
+                    filled = 0
+
+    @staticmethod
+    def _batch(out: dict[str, np.ndarray]) -> Batch:
+        """A new Batch (time-major) from the [B, ...] slices in `out`."""
+        return Batch(
+            obs=torch.from_numpy(out["obs"].transpose(1, 0, 2).copy()),
+            action=torch.from_numpy(out["action"].transpose(1, 0, 2).copy()),
+            reward=torch.from_numpy(out["reward"].T[..., None].copy()),
+            task=torch.from_numpy(out["task"].copy()),
+        )
