@@ -116,5 +116,50 @@ def bench_build_cmd(src, work, workers, formats) -> None:
         )
 
 
+@main.command("bench-loader")
+@click.option("--store", type=click.Path(path_type=Path), required=True, help="Store to read.")
+@click.option("--src", type=click.Path(path_type=Path), default=None,
+              help="The store's chunk_K.pt folder (for the official approach).")  # fmt: skip
+@click.option("--batch-size", "batch_sizes", type=int, multiple=True, default=(256, 1024),
+              show_default=True, help="B to time (repeatable).")  # fmt: skip
+@click.option("--horizon", type=int, default=3, show_default=True, help="H.")
+@click.option("--cache-gb", type=float, default=0.25, show_default=True,
+              help="Our loader's pool budget, GB.")  # fmt: skip
+@click.option("--seconds", type=float, default=10.0, show_default=True,
+              help="Timed seconds per approach and batch size.")  # fmt: skip
+@click.option("--approach", "approaches", multiple=True,
+              type=click.Choice(["ours", "official", "numpy"]), default=("ours", "official", "numpy"),
+              show_default=True, help="Approaches to run (repeatable).")  # fmt: skip
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="torch intra-op threads in every approach.")  # fmt: skip
+@click.option("--refill-every", type=int, default=16, show_default=True,
+              help="Our loader: batches between refills of 64 episodes.")  # fmt: skip
+@click.option("--json-out", type=click.Path(path_type=Path), default=None,
+              help="Also write the rows as JSON here.")  # fmt: skip
+def bench_loader_cmd(store, src, batch_sizes, horizon, cache_gb, seconds, approaches, threads,
+                     refill_every, json_out):  # fmt: skip
+    """Batches/s, transitions/s and peak RSS: SliceLoader vs the official torchrl path vs numpy."""
+    import json
+
+    from tools.bench_loader import BenchLoaderConfig, bench_loader
+
+    cfg = BenchLoaderConfig(store=store, src=src, batch_sizes=tuple(batch_sizes), horizon=horizon,
+                            cache_gb=cache_gb, seconds=seconds, approaches=tuple(approaches),
+                            threads=threads, refill_every=refill_every)  # fmt: skip
+    try:
+        rows = bench_loader(cfg)
+    except (ImportError, ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"{'approach':9} {'B':>5} {'batches/s':>10} {'transitions/s':>14} "
+               f"{'peak RSS GB':>12} {'peak PSS GB':>12} {'setup s':>8}")  # fmt: skip
+    for r in rows:
+        click.echo(f"{r['approach']:9} {r['batch_size']:5d} {r['batches_per_s']:10.0f} "
+                   f"{r['transitions_per_s']:14.0f} {r['peak_rss_gb']:12.2f} "
+                   f"{r['peak_pss_gb']:12.2f} {r['setup_s']:8.1f}")  # fmt: skip
+    if json_out is not None:
+        json_out.write_text(json.dumps({"config": {k: str(v) for k, v in vars(cfg).items()},
+                                        "rows": rows}, indent=1))  # fmt: skip
+
+
 if __name__ == "__main__":
     main()
