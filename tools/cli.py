@@ -161,5 +161,50 @@ def bench_loader_cmd(store, src, batch_sizes, horizon, cache_gb, seconds, approa
                                         "rows": rows}, indent=1))  # fmt: skip
 
 
+@main.command("bench-verify")
+@click.option("--store", type=click.Path(path_type=Path), required=True, help="Store to verify.")
+@click.option(
+    "--faults-store",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A small store (both formats) to copy and damage for the fault table.",
+)
+@click.option(
+    "--work",
+    type=click.Path(path_type=Path),
+    default=Path("/tmp/bench-verify"),
+    show_default=True,
+    help="Scratch folder for damaged copies.",
+)
+@click.option("--per-kind", type=int, default=10, show_default=True, help="Faults of each kind.")
+def bench_verify_cmd(store, faults_store, work, per_kind) -> None:
+    """verify-shards GB/s and peak RSS; detection table of injected faults."""
+    from tools.bench_verify import fault_table, verify_throughput
+
+    r = verify_throughput(store)
+    click.echo(
+        f"verify-shards: {r['stored_bytes'] / 1e9:.2f} GB stored in {r['seconds']:.1f} s = "
+        f"{r['GB_per_s']:.3f} GB/s; peak RSS {r['peak_rss'] / 2**20:.0f} MiB"
+    )
+    if faults_store is not None:
+        click.echo(f"{'fault':40} {'injected':>8} {'detected':>8}")
+        for row in fault_table(faults_store, work, per_kind):
+            click.echo(f"{row['fault']:40} {row['injected']:>8} {row['detected']:>8}")
+
+
+@main.command("bench-envs")
+@click.option("--steps", type=int, default=1000, show_default=True, help="Agent steps per task.")
+@click.option("--tasks", default="mt30", show_default=True, help="mt30 or comma-separated names.")
+def bench_envs_cmd(steps, tasks) -> None:
+    """Agent steps/s of every MT30 environment (one process, random actions)."""
+    from datapipe.tasksets import MT30
+    from tools.bench_envs import bench_envs
+
+    names = list(MT30.names) if tasks == "mt30" else tasks.split(",")
+    click.echo(f"{'task':28} {'steps/s':>9}")
+    for row in bench_envs(names, steps):
+        click.echo(f"{row['task']:28} {row['steps_per_s']:9.0f}")
+
+
 if __name__ == "__main__":
     main()
