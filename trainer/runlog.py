@@ -1,0 +1,191 @@
+"""Run logs: one row of metrics per log step to CSV, JSONL and optionally TensorBoard, and
+the memory peaks reported at the end of a run.
+
+Files in the run folder:
+
+    metrics.csv    one row per log step, columns COLUMNS (empty where a value is absent)
+    metrics.jsonl  the same rows as JSON objects (absent values left out)
+    tensorboard/   event files (with --tensorboard), one scalar per metric
+
+A resumed run first drops the rows written after its checkpoint, so the files read as if
+the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+from trainer.errors import TrainConfigError
+
+# Spec D.2 step 10, in the official order.
+UPDATE_METRICS = (
+    "consistency_loss",
+    "reward_loss",
+    "value_loss",
+    "termination_loss",
+    "total_loss",
+    "grad_norm",
+    "pi_loss",
+    "pi_grad_norm",
+    "pi_entropy",
+    "pi_scaled_entropy",
+    "pi_scale",
+)
+# Spec D.5: logged when a teacher is given (reward_agreement = mean |r_student - r_teacher|).
+DISTILL_METRICS = ("distill_loss", "reward_agreement", "d_coef")
+# Speed over the steps since the previous row; data_wait = share of that time spent in the loader.
+SPEED_METRICS = ("steps_per_s", "data_wait")
+COLUMNS = ("step", *UPDATE_METRICS, *DISTILL_METRICS, *SPEED_METRICS)
+
+CSV_FILE = "metrics.csv"
+JSONL_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+def summary_writer_class() -> type:
+    """torch's TensorBoard SummaryWriter, or an error saying how to install TensorBoard."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:
+        raise TrainConfigError(
+            f"--tensorboard needs the tensorboard package ({e}); install it with "
+            f"`pip install tensorboard` (or `pip install -e '.[train]'`), or leave out "
+            f"--tensorboard: metrics.csv and metrics.jsonl are always written"
+        ) from e
+    return SummaryWriter
+
+
+class MetricsLog:
+    """Appends metric rows to the run folder's CSV and JSONL files (and TensorBoard)."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = False, resume_step: int | None = None):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        csv_path, jsonl_path = self.run_dir / CSV_FILE, self.run_dir / JSONL_FILE
+        if resume_step is None:
+            csv_path.write_text(",".join(COLUMNS) + "\n")
+            jsonl_path.write_text("")
+        else:
+            _truncate_csv(csv_path, resume_step)
+            _truncate_jsonl(jsonl_path, resume_step)
+        self._csv_file = open(csv_path, "a", newline="")  # noqa: SIM115 (closed in close())
+        self._csv = csv.writer(self._csv_file)
+        self._jsonl = open(jsonl_path, "a")  # noqa: SIM115 (closed in close())
+        self._tb = None
+        if tensorboard:
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = summary_writer_class()(str(self.run_dir / TENSORBOARD_DIR), purge_step=purge)
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        """One row: `values` keyed by COLUMNS names (others are ignored)."""
+        row = {k: float(values[k]) for k in COLUMNS[1:] if k in values}
+        self._csv.writerow([step, *(_fmt(row.get(k)) for k in COLUMNS[1:])])
+        self._csv_file.flush()
+        clean = {k: (v if math.isfinite(v) else str(v)) for k, v in row.items()}
+        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for key, value in row.items():
+                self._tb.add_scalar(f"train/{key}", value, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        self._csv_file.close()
+        self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+    def __enter__(self) -> MetricsLog:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class StepTimer:
+    """Seconds spent waiting for the loader and in the update, per log window and in total."""
+
+    def __init__(self, step: int) -> None:
+        self.window_start = self.first_step = self.last_step = step
+        self.wait = self.busy = self.total_wait = self.total_busy = 0.0
+
+    def add(self, wait: float, busy: float) -> None:
+        self.wait += wait
+        self.busy += busy
+
+    def close_window(self, step: int) -> dict[str, float]:
+        """steps_per_s and data_wait (share of the time in the loader) since the last call."""
+        seconds = self.wait + self.busy
+        out = {
+            "steps_per_s": (step - self.window_start) / seconds,
+            "data_wait": self.wait / seconds,
+        }
+        self.total_wait, self.total_busy = self.total_wait + self.wait, self.total_busy + self.busy
+        self.wait = self.busy = 0.0
+        self.window_start = self.last_step = step
+        return out
+
+    def totals(self) -> dict[str, Any]:
+        """Steps, seconds, steps/s and data-wait share over all closed windows."""
+        steps, seconds = self.last_step - self.first_step, self.total_wait + self.total_busy
+        return {
+            "steps": steps,
+            "seconds": seconds,
+            "steps_per_s": steps / seconds if steps else None,
+            "data_wait": self.total_wait / seconds if steps else None,
+        }
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl, in order."""
+    lines = (Path(run_dir) / JSONL_FILE).read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else repr(value)
+
+
+def _truncate_csv(path: Path, last_step: int) -> None:
+    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+    header = ",".join(COLUMNS) + "\n"
+    if lines and lines[0] != header:
+        raise TrainConfigError(
+            f"{path} has other columns than this trainer writes; move it away to resume"
+        )
+    kept = [line for line in lines[1:] if line.strip() and int(line.split(",", 1)[0]) <= last_step]
+    path.write_text(header + "".join(kept))
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(kept))
+
+
+# -- memory ------------------------------------------------------------------------------------
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (the kernel's high-water mark where it
+    keeps one, else the current RSS from psutil)."""
+    current = psutil.Process().memory_info().rss
+    try:
+        import resource
+    except ImportError:  # Windows: no getrusage
+        return current
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return max(current, peak if sys.platform == "darwin" else peak * 1024)
+
+
+def peak_vram_bytes(device: torch.device) -> int | None:
+    """Peak memory allocated by torch on a CUDA device since the run started, else None."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None

@@ -1,0 +1,235 @@
+"""Training checkpoints: the self-describing file a run resumes from, and export to official.
+
+A training checkpoint (`<out>/checkpoint.pt`, written atomically) is one torch file holding a
+dict of plain values and tensors, readable with `torch.load(..., weights_only=True)`:
+
+    format        "mt30-trainer-ckpt"
+    version       FORMAT_VERSION below
+    step          updates done
+    config        the resolved TrainConfig, as a dict
+    model_config  the student's ModelConfig, as a dict
+    agent         TDMPC2Agent.state_dict(): model, both optimisers, running scale, leftover grad
+    loader        SliceLoader.state_dict(): where the data stream is
+    rng           torch CPU (and CUDA) generator states, numpy's and python's
+    store         identity of the store: path, format version, sha256 of meta.json, sources
+    teacher       identity of the teacher file (path, sha256, size) or None
+    torch_version the torch that wrote it
+
+Official world-model files (`{"model": state_dict}`, spec C.2) are a separate format owned by
+`trainer.checkpoint`; `export` writes one from either kind of file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import pickle
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from datapipe.format import META_FILE
+from datapipe.store import Store
+from trainer.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_checkpoint,
+    save_atomic,
+    save_official,
+)
+from trainer.errors import ResumeError
+from trainer.model import WorldModel
+from trainer.presets import ModelConfig
+
+FORMAT = "mt30-trainer-ckpt"
+FORMAT_VERSION = 1
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def store_identity(store: Store) -> dict[str, Any]:
+    """What makes a store's data what it is: its meta.json (which lists every source file's
+    sha256) and format version. The path is recorded, but a moved store is the same store."""
+    return {
+        "path": str(Path(store.path).resolve()),
+        "format_version": store.meta.get("format_version"),
+        "meta_sha256": file_sha256(Path(store.path) / META_FILE),
+        "sources": [
+            {"name": s.get("name"), "sha256": s.get("sha256")}
+            for s in store.meta.get("sources", [])
+        ],
+    }
+
+
+def teacher_identity(path: str | os.PathLike, size: int | None = None) -> dict[str, Any]:
+    """Path, sha256 and model size (None: not known yet) of a teacher file."""
+    return {"path": str(Path(path).resolve()), "sha256": file_sha256(path), "size": size}
+
+
+def official_dims(state: dict[str, Any]) -> dict[str, Any]:
+    """Dataset dims an official state_dict was built for, read from its shapes (spec C.2):
+    n_tasks, obs_dim, action_dim and, where `_action_masks` is stored (new API), action_dims.
+    A dim that cannot be read is left out; the size check then reports the layout problem."""
+    dims: dict[str, Any] = {}
+    emb, enc, pi = (
+        state.get(k) for k in ("_task_emb.weight", "_encoder.state.0.weight", "_pi.2.weight")
+    )
+    if emb is not None and emb.ndim == 2:
+        dims["n_tasks"] = int(emb.shape[0])
+        if enc is not None and enc.ndim == 2:
+            dims["obs_dim"] = int(enc.shape[1] - emb.shape[1])
+    if pi is not None and pi.ndim == 2:
+        dims["action_dim"] = int(pi.shape[0] // 2)
+    masks = state.get("_action_masks")
+    if masks is not None and masks.ndim == 2:
+        dims["action_dims"] = tuple(int(n) for n in masks.sum(1).round().long())
+    return dims
+
+
+def read_official(path: str | os.PathLike) -> dict[str, Any]:
+    """`trainer.checkpoint.read_checkpoint`, with a file torch cannot open at all (not a
+    torch file, truncated) reported as a CheckpointError too."""
+    try:
+        return read_checkpoint(path)
+    except (RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path} is not a readable torch file ({e})") from e
+
+
+def model_dims(state: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """`ModelConfig.for_size` dims for an official state_dict, from its shapes.
+
+    Old-API files store no action masks: they are taken as mt30's when the file has 30
+    tasks, and refused otherwise (the per-task action dims cannot be known).
+    """
+    dims = official_dims(state)
+    if "action_dims" not in dims:
+        if dims.get("n_tasks", 30) != 30:
+            raise CheckpointError(
+                f"{path}: an old-API file for {dims['n_tasks']} tasks stores no action masks, "
+                f"so its per-task action dims are unknown; load it with "
+                f"load_checkpoint(path, action_dims=...) and save it with save_official"
+            )
+        dims.pop("n_tasks", None)  # ModelConfig.for_size then uses the mt30 action dims
+    return dims
+
+
+# -- RNG states --------------------------------------------------------------------------------
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """The generator states an update draws from (torch, CUDA on a CUDA run), plus numpy's
+    and python's for completeness; the loader keeps its own seeded stream."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    """Restore what `rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+# -- files -------------------------------------------------------------------------------------
+
+
+def write_training_checkpoint(path: str | os.PathLike, **parts: Any) -> Path:
+    """Write a training checkpoint (the fields listed in the module docstring) atomically."""
+    save_atomic(
+        {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "torch_version": str(torch.__version__),
+            **parts,
+        },
+        path,
+    )
+    return Path(path)
+
+
+def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A training checkpoint, on CPU; ResumeError if `path` is not one this code reads."""
+    path = Path(path)
+    if not path.is_file():
+        raise ResumeError(f"{path}: no training checkpoint there")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [repr(e)]
+        reason = next((line for line in lines if "error:" in line.lower()), lines[0])
+        raise ResumeError(
+            f"{path} cannot be read as a training checkpoint ({reason}); it was not written "
+            f"by this trainer or is damaged. Move it away, or start a new run in another --out"
+        ) from e
+    if not is_training_checkpoint(obj):
+        raise ResumeError(
+            f"{path} is not a training checkpoint (no format={FORMAT!r}); official world-model "
+            f"files start a run with --init instead"
+        )
+    if obj["version"] != FORMAT_VERSION:
+        raise ResumeError(
+            f"{path}: training checkpoint version {obj['version']}, this trainer reads "
+            f"version {FORMAT_VERSION}; export its weights with `trainer export` and start a "
+            f"new run from them with --init"
+        )
+    return obj
+
+
+def is_training_checkpoint(obj: Any) -> bool:
+    """Whether a loaded object is one of our training checkpoints."""
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig a checkpoint recorded (lists back to tuples)."""
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
+    )
+
+
+def export(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Write the world model in `src` as an official new-API file `{"model": state_dict}`.
+
+    `src` is a training checkpoint or an official (new- or old-API, fp16/fp32) file; the
+    result loads with `trainer.checkpoint.load_checkpoint` and with the official code.
+    """
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise FileNotFoundError(f"{src}: no such checkpoint")
+    if src.resolve() == dst.resolve():
+        raise CheckpointError(f"export would overwrite its source {src}; choose another --out")
+    try:
+        obj = torch.load(src, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        obj = None  # not plain tensors and containers: read_official below says why
+    except (RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{src} is not a readable torch file ({e})") from e
+    if is_training_checkpoint(obj):
+        model = WorldModel(model_config_from_dict(obj["model_config"]))
+        model.load_state_dict(obj["agent"]["model"])
+    else:
+        model = load_checkpoint(src, **model_dims(read_official(src), src))
+    save_official(model, dst)
+    return dst
