@@ -1,0 +1,509 @@
+"""`trainer train` and `trainer distill`: offline TD-MPC2 training on a store, optionally with
+a frozen teacher whose rewards the student is distilled towards (spec D.5).
+
+Owns `TrainConfig` (the settings of one run, with the values derived from them), the checks
+that the store, the student and the teacher fit together, and `train(cfg)`: the training
+loop, one function read top to bottom. The update itself is `TDMPC2Agent.update`; the
+checkpoint format is `trainer.runstate`, the log files `trainer.runlog`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from datapipe.loader import SliceLoader
+from datapipe.store import Store, open_store
+from trainer.agent import TDMPC2Agent, prepare_teacher
+from trainer.checkpoint import (
+    CheckpointError,
+    detect_model_size,
+    load_checkpoint,
+    load_model_state,
+)
+from trainer.errors import DivergedError, IncompatibleDataError, ResumeError, TrainConfigError
+from trainer.model import WorldModel
+from trainer.presets import PRESETS, ModelConfig
+from trainer.runlog import (
+    MetricsLog,
+    StepTimer,
+    peak_rss_bytes,
+    peak_vram_bytes,
+    summary_writer_class,
+)
+from trainer.runstate import (
+    CHECKPOINT_FILE,
+    official_dims,
+    read_official,
+    read_training_checkpoint,
+    rng_state,
+    set_rng_state,
+    store_identity,
+    teacher_identity,
+    write_training_checkpoint,
+)
+
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
+DEVICES = ("auto", "cpu", "cuda")
+D_SCHEDULES = ("constant", "linear")
+DISTILL_STEPS = ("first", "all")
+TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one training or distillation run. Defaults run at toy scale on CPU."""
+
+    shards: Path = field(metadata={"help": "Store folder written by `datapipe build`."})
+    out: Path = field(
+        default=Path("runs/train"),
+        metadata={"help": "Run folder: checkpoint, config.json, metrics."},
+    )
+    steps: int = field(
+        default=1000,
+        metadata={"help": "Gradient updates in the whole run (a resumed run continues to it)."},
+    )
+    batch_size: int = field(default=256, metadata={"help": "Slices per batch (B)."})
+    horizon: int = field(
+        default=3, metadata={"help": "Latent rollout length H (the official value is 3)."}
+    )
+    seed: int = field(
+        default=1,
+        metadata={"help": "Seed of the student's init, the updates' random draws and the data."},
+    )
+    device: str = field(
+        default="auto", metadata={"help": "auto (cuda when available), cpu or cuda."}
+    )
+    model_size: int = field(
+        default=1, metadata={"help": "Student size, millions of parameters: 1, 5, 19, 48 or 317."}
+    )
+    init: Path | None = field(
+        default=None, metadata={"help": "Start the student from this official checkpoint."}
+    )
+    teacher: Path | None = field(
+        default=None, metadata={"help": "Official checkpoint of the frozen teacher (distill)."}
+    )
+    teacher_size: int | None = field(
+        default=None, metadata={"help": "Teacher size; default: read from its shapes."}
+    )
+    d_coef: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the reward-distillation loss (paper's best: 0.4)."},
+    )
+    d_schedule: str = field(
+        default="constant", metadata={"help": "constant, or linear: d_coef falls to 0 at the end."}
+    )
+    distill: str = field(
+        default="first",
+        metadata={"help": "first: distil at t=0 only (paper); all: every step of H."},
+    )
+    teacher_dtype: str = field(
+        default="float32", metadata={"help": "Teacher dtype: float32, bfloat16/float16 (CUDA)."}
+    )
+    threads: int = field(
+        default=0, metadata={"help": "torch CPU threads; 0: torch's default (one per core)."}
+    )
+    compile: bool = field(
+        default=False, metadata={"help": "torch.compile the student's networks (CUDA only)."}
+    )
+    amp: bool = field(
+        default=False, metadata={"help": "bfloat16 autocast in the update (CUDA only)."}
+    )
+    cache_gb: float = field(
+        default=1.0, metadata={"help": "RAM for the loader's pool of decoded episodes, GB."}
+    )
+    log_every: int = field(
+        default=100, metadata={"help": "Steps between metric rows (and one at the end)."}
+    )
+    save_every: int = field(
+        default=1000, metadata={"help": "Steps between checkpoints (and one at the end)."}
+    )
+    resume: bool = field(
+        default=False, metadata={"help": "Continue the run in --out from its checkpoint."}
+    )
+    tensorboard: bool = field(
+        default=False, metadata={"help": "Also log to OUT/tensorboard (pip install tensorboard)."}
+    )
+    progress: bool = field(default=True, metadata={"help": "Draw a progress bar."})
+
+    def __post_init__(self) -> None:
+        for name in ("shards", "out", "init", "teacher"):  # accept str paths
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
+        problems = []
+        for name in ("steps", "batch_size", "horizon", "log_every", "save_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.threads < 0:
+            problems.append(f"threads must be >= 0 (got {self.threads})")
+        for name, value, choices in (
+            ("device", self.device, DEVICES),
+            ("d_schedule", self.d_schedule, D_SCHEDULES),
+            ("distill", self.distill, DISTILL_STEPS),
+            ("teacher_dtype", self.teacher_dtype, tuple(TEACHER_DTYPES)),
+            ("model_size", self.model_size, tuple(PRESETS)),
+            ("teacher_size", self.teacher_size, (None, *PRESETS)),
+        ):
+            if value not in choices:
+                problems.append(f"{name} must be one of {choices} (got {value!r})")
+        if not (math.isfinite(self.d_coef) and self.d_coef >= 0):
+            problems.append(f"d_coef must be a finite number >= 0 (got {self.d_coef})")
+        if self.d_coef > 0 and self.teacher is None:
+            problems.append("d_coef > 0 needs a teacher checkpoint (--teacher)")
+        if self.cache_gb <= 0:
+            problems.append(f"cache_gb must be > 0 (got {self.cache_gb})")
+        if problems:
+            raise TrainConfigError("invalid training settings: " + "; ".join(problems))
+
+    # -- derived values (all of them, here) -----------------------------------------------
+
+    def resolve(self) -> TrainConfig:
+        """This config with the device chosen (auto -> cuda when available), and the
+        CUDA-only options checked against it. Called once, by `train`."""
+        cuda = torch.cuda.is_available()
+        if self.device == "cuda" and not cuda:
+            raise TrainConfigError(
+                "--device cuda, but torch sees no CUDA device (torch.cuda.is_available() is "
+                "False); use --device cpu or auto, or install a CUDA build of torch"
+            )
+        device = ("cuda" if cuda else "cpu") if self.device == "auto" else self.device
+        if device == "cpu":
+            on_gpu_only = [
+                name
+                for name, on in (
+                    ("--compile", self.compile),
+                    ("--amp", self.amp),
+                    (f"--teacher-dtype {self.teacher_dtype}", self.teacher_dtype != "float32"),
+                )
+                if on
+            ]
+            if on_gpu_only:
+                raise TrainConfigError(
+                    f"{', '.join(on_gpu_only)}: only on CUDA, and this run is on the CPU; "
+                    f"leave them out (on CPU the update runs in float32, uncompiled)"
+                )
+        return dataclasses.replace(self, device=device)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """The run's training checkpoint (the last one written)."""
+        return self.out / CHECKPOINT_FILE
+
+    @property
+    def math_fields(self) -> tuple[str, ...]:
+        """Settings a resumed run must share with the original, because they change the
+        numbers (the store and the teacher are compared by content, not by path)."""
+        fields = (
+            "batch_size", "horizon", "seed", "model_size", "init", "teacher_size", "d_coef",
+            "d_schedule", "distill", "teacher_dtype", "compile", "amp", "cache_gb",
+        )  # fmt: skip
+        return (*fields, "steps") if self.d_schedule == "linear" else fields
+
+    def d_coef_at(self, done: int) -> float:
+        """Distillation weight of the update that follows `done` finished updates."""
+        if self.d_schedule == "linear":
+            return self.d_coef * (1 - done / self.steps)
+        return self.d_coef
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (paths as strings), as saved in config.json and checkpoints."""
+        return {
+            f.name: str(v) if isinstance(v, Path) else v
+            for f in dataclasses.fields(self)
+            for v in [getattr(self, f.name)]
+        }
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) the training described by `cfg`; return the last checkpoint's path.
+
+    Without a teacher this is plain offline TD-MPC2 training; with one, the student's loss
+    gains `d_coef * MSE(r_student, r_teacher)` (spec D.5). Metrics go to OUT/metrics.csv and
+    .jsonl (and TensorBoard), checkpoints to OUT/checkpoint.pt every save_every steps.
+    """
+    cfg = cfg.resolve()
+    device = torch.device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)  # process-wide; on a shared CPU 1 can beat 2-3x
+    if cfg.tensorboard:
+        summary_writer_class()  # fail now, not after loading everything
+    previous = _previous_run(cfg)
+
+    # The store decides the dims; an --init student or a teacher must have been built for them.
+    store = open_store(cfg.shards)
+    dims = store_dims(store)
+    model_cfg = dataclasses.replace(
+        ModelConfig.for_size(cfg.model_size, **dims), horizon=cfg.horizon
+    )
+    store_id = store_identity(store)
+    teacher_id = None
+    if cfg.teacher is not None:
+        check_fits("teacher", cfg.teacher, read_official(cfg.teacher), store)
+        teacher_id = teacher_identity(cfg.teacher)
+    if previous is not None:
+        _check_resumable(cfg, previous, store_id, teacher_id)
+    init_state = None
+    if cfg.init is not None and previous is None:
+        init_state = read_official(cfg.init)
+        check_fits("--init student", cfg.init, init_state, store)
+
+    # Student (seeded), teacher (frozen; its construction leaves the student's random stream
+    # alone, so a distillation run with d_coef=0 is plain training), loader (seeded).
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    agent = TDMPC2Agent(model_cfg, device)
+    if init_state is not None:
+        _load_into(agent.model, init_state, cfg.init, dims)
+    teacher = None
+    if cfg.teacher is not None:
+        with torch.random.fork_rng(devices=[]):
+            teacher = _load_teacher(cfg.teacher, cfg.teacher_size, dims)
+        teacher = prepare_teacher(teacher.to(device), TEACHER_DTYPES[cfg.teacher_dtype])
+        teacher_id["size"] = teacher.cfg.model_size
+    if cfg.compile:
+        _compile(agent.model)
+    loader = SliceLoader(
+        store,
+        batch_size=cfg.batch_size,
+        horizon=cfg.horizon,
+        device=device,
+        seed=cfg.seed,
+        cache_gb=cfg.cache_gb,
+    )
+    start = 0
+    if previous is not None:
+        agent.load_state_dict(previous["agent"])
+        loader.load_state_dict(previous["loader"])
+        set_rng_state(previous["rng"], device)
+        start = previous["step"]
+
+    description = {
+        "config": cfg.to_dict(),
+        "model_config": dataclasses.asdict(model_cfg),
+        "store": store_id,
+        "teacher": teacher_id,
+    }
+    _write_json(
+        cfg.out / CONFIG_FILE, {**description, "start_step": start, "torch": str(torch.__version__)}
+    )
+
+    def save(step: int) -> None:
+        state = {
+            "agent": agent.state_dict(),
+            "loader": loader.state_dict(),
+            "rng": rng_state(device),
+        }
+        write_training_checkpoint(cfg.checkpoint_path, step=step, **state, **description)
+
+    # The loop. On CUDA the loader copies batch k+1 while the update runs on batch k.
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp else contextlib.nullcontext()
+    )
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    last_saved = start if previous is not None else None
+    timer = StepTimer(start)
+    with (
+        loader,
+        MetricsLog(cfg.out, cfg.tensorboard, start if previous is not None else None) as log,
+        tqdm(total=cfg.steps, initial=start, unit="step", disable=not cfg.progress) as bar,
+    ):
+        for step in range(start + 1, cfg.steps + 1):
+            t0 = time.perf_counter()
+            obs, action, reward, task = next(loader)
+            t1 = time.perf_counter()
+            d_coef = cfg.d_coef_at(step - 1)
+            with autocast:
+                info = agent.update(obs, action, reward, task, teacher, d_coef, cfg.distill)
+            timer.add(wait=t1 - t0, busy=time.perf_counter() - t1)
+            if teacher is not None:
+                info["d_coef"] = d_coef
+            bad = {k: v for k, v in info.items() if not math.isfinite(v)}
+            if bad or step % cfg.log_every == 0 or step == cfg.steps:
+                info |= timer.close_window(step)
+                log.write(step, info)
+                bar.set_postfix(
+                    reward=f"{info['reward_loss']:.3f}",
+                    total=f"{info['total_loss']:.3f}",
+                    data=f"{info['data_wait']:.0%}",
+                )
+            if bad:
+                raise DivergedError(_diverged_message(step, bad, cfg, last_saved))
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                save(step)
+                last_saved = step
+            bar.update(1)
+
+    summary = {
+        **timer.totals(),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_vram_bytes": peak_vram_bytes(device),
+        "device": cfg.device,
+    }
+    _write_json(cfg.out / SUMMARY_FILE, summary)
+    print(_summary_line(summary, cfg))
+    return cfg.checkpoint_path
+
+
+# -- checks ------------------------------------------------------------------------------------
+
+
+def store_dims(store: Store) -> dict[str, Any]:
+    """`ModelConfig.for_size` dims from a store's metadata. An episode of R stored rows holds
+    R - 1 agent steps (row 0 is the reset observation), which sets the discount (spec A.3)."""
+    n_tasks = len(store.task_names)
+    return {
+        "obs_dim": store.obs_dim,
+        "action_dim": store.action_dim,
+        "action_dims": tuple(store.action_dims),
+        "episode_lengths": (store.episode_length - 1,) * n_tasks,
+    }
+
+
+def check_fits(what: str, path: Path, state: dict[str, Any], store: Store) -> None:
+    """Refuse an official state_dict built for another task set or other dims than `store`."""
+    found = official_dims(state)
+    wanted = {
+        "n_tasks": len(store.task_names),
+        "obs_dim": store.obs_dim,
+        "action_dim": store.action_dim,
+        "action_dims": tuple(store.action_dims),
+    }
+    differ = [f"{k} {found[k]} vs {v}" for k, v in wanted.items() if k in found and found[k] != v]
+    if differ:
+        task_set = store.meta.get("dataset", {}).get("task_set", "?")
+        raise IncompatibleDataError(
+            f"{what} {path} was built for another dataset than the store {store.path} "
+            f"(task set {task_set}, {wanted['n_tasks']} tasks): {'; '.join(differ)} "
+            f"(checkpoint vs store). Use a checkpoint trained on this task set, or a store "
+            f"built from the matching data with `datapipe build`."
+        )
+
+
+def _load_into(model: WorldModel, state: dict[str, Any], path: Path, dims: dict[str, Any]) -> None:
+    """Load an --init file into the student, saying which --model-size it needs if it does
+    not fit."""
+    try:
+        load_model_state(model, state)
+    except CheckpointError as e:
+        try:
+            size = detect_model_size(state, **dims)
+            hint = f"It fits a {size}M model: pass --model-size {size}."
+        except CheckpointError as fit:
+            hint = str(fit)
+        raise CheckpointError(f"--init {path}: {e}. {hint}") from e
+
+
+def _load_teacher(path: Path, size: int | None, dims: dict[str, Any]) -> WorldModel:
+    try:
+        return load_checkpoint(path, size=size, **dims)
+    except CheckpointError as e:
+        raise CheckpointError(f"teacher {path}: {e}") from e
+
+
+def _compile(model: WorldModel) -> None:
+    """Compile the MLPs in place (state_dict keys unchanged); the Q ensemble stays eager."""
+    for module in (model._encoder["state"], model._dynamics, model._reward, model._pi):
+        module.compile()
+
+
+def _previous_run(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The checkpoint to resume from, or None for a new run; refuses to overwrite a run."""
+    path = cfg.checkpoint_path
+    if cfg.resume:
+        if not path.is_file():
+            raise ResumeError(
+                f"--resume: {cfg.out} holds no {CHECKPOINT_FILE} to continue from; start the "
+                f"run without --resume"
+            )
+        return read_training_checkpoint(path)
+    if path.exists():
+        raise ResumeError(
+            f"{cfg.out} already holds a run ({path}); pass --resume to continue it, or "
+            f"choose another --out"
+        )
+    return None
+
+
+def _check_resumable(
+    cfg: TrainConfig,
+    previous: dict[str, Any],
+    store_id: dict[str, Any],
+    teacher_id: dict[str, Any] | None,
+) -> None:
+    old, new = previous["config"], cfg.to_dict()
+    differ = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in cfg.math_fields if old.get(k) != new[k]]
+    if previous["store"]["meta_sha256"] != store_id["meta_sha256"]:
+        differ.append(
+            f"store {previous['store']['path']} -> {store_id['path']} (other data: "
+            f"meta.json sha256 {previous['store']['meta_sha256'][:12]} vs "
+            f"{store_id['meta_sha256'][:12]})"
+        )
+    old_teacher = previous.get("teacher")
+    if (old_teacher is None) != (teacher_id is None) or (
+        teacher_id is not None and old_teacher["sha256"] != teacher_id["sha256"]
+    ):
+        describe = lambda t: "none" if t is None else f"{t['path']} (sha256 {t['sha256'][:12]})"  # noqa: E731
+        differ.append(f"teacher {describe(old_teacher)} -> {describe(teacher_id)}")
+    if differ:
+        raise ResumeError(
+            f"cannot resume {cfg.checkpoint_path}: settings that change the math differ from "
+            f"the run's: {'; '.join(differ)}. Resume with the run's settings (see "
+            f"{cfg.out / CONFIG_FILE}) or start a new run in another --out."
+        )
+    if cfg.steps < previous["step"]:
+        raise ResumeError(
+            f"cannot resume {cfg.checkpoint_path}: it is at step {previous['step']}, past "
+            f"--steps {cfg.steps}; give --steps >= {previous['step']}"
+        )
+
+
+# -- reporting ---------------------------------------------------------------------------------
+
+
+def _diverged_message(
+    step: int, bad: dict[str, float], cfg: TrainConfig, last_saved: int | None
+) -> str:
+    values = ", ".join(f"{k}={v}" for k, v in bad.items())
+    if last_saved is None:
+        where = f"no checkpoint was written before it (save_every={cfg.save_every})"
+    else:
+        where = (
+            f"the last good checkpoint is {cfg.checkpoint_path} (step {last_saved}); "
+            f"`trainer export` turns it into a file a new run can start from with --init"
+        )
+    return f"non-finite loss at step {step} ({values}): the run stopped; {where}"
+
+
+def _summary_line(summary: dict[str, Any], cfg: TrainConfig) -> str:
+    if not summary["steps"]:
+        return f"{cfg.out}: already at step {cfg.steps}, nothing to do"
+    vram = summary["peak_vram_bytes"]
+    return (
+        f"{cfg.out}: {summary['steps']} steps in {summary['seconds']:.1f} s on {cfg.device}: "
+        f"{summary['steps_per_s']:.2f} steps/s, {summary['data_wait']:.1%} waiting for data, "
+        f"peak RSS {summary['peak_rss_bytes'] / 2**30:.2f} GiB"
+        + ("" if vram is None else f", peak VRAM {vram / 2**30:.2f} GiB")
+        + f"; checkpoint {cfg.checkpoint_path}"
+    )
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)
