@@ -1,0 +1,66 @@
+"""`tools make-teacher`: an official-format world-model file of any size, made here.
+
+Everything that takes a teacher (or an --init student) runs without the official downloads
+on a file from `make_teacher`: either freshly initialised exactly as the official code does
+(spec B.7; note the reward head's last layer starts at zero, so such a teacher predicts a
+reward of 0 everywhere), or after `train_steps` updates of `trainer train` on a store, which
+gives a teacher with a reward signal to distil.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from datapipe.store import open_store
+from trainer.checkpoint import save_official
+from trainer.model import WorldModel
+from trainer.presets import PRESETS, ModelConfig
+from trainer.runstate import export
+from trainer.train import TrainConfig, store_dims, train
+
+
+def make_teacher(
+    size: int,
+    out: str | os.PathLike,
+    seed: int = 0,
+    train_steps: int = 0,
+    shards: str | os.PathLike | None = None,
+    batch_size: int = 256,
+    device: str = "auto",
+) -> Path:
+    """Write an official new-API file `{"model": state_dict}` of a `size`M world model.
+
+    With `train_steps` = 0 the model is a fresh, seeded init for the dims of `shards` (mt30
+    when no store is given). Otherwise it is trained for `train_steps` updates on `shards`
+    with `trainer train`; that run's folder (metrics, checkpoint) is kept beside `out` as
+    `<out stem>-run/`.
+    """
+    out = Path(out)
+    if size not in PRESETS:
+        raise ValueError(f"unknown model size {size}; choose one of {sorted(PRESETS)}")
+    if train_steps < 0:
+        raise ValueError(f"train_steps must be >= 0 (got {train_steps})")
+    if train_steps == 0:
+        dims = {} if shards is None else store_dims(open_store(shards))
+        torch.manual_seed(seed)
+        save_official(WorldModel(ModelConfig.for_size(size, **dims)), out)
+        return out
+    if shards is None:
+        raise ValueError("train_steps > 0 needs a store to train on: pass shards (--shards)")
+    run = out.with_name(f"{out.stem}-run")
+    cfg = TrainConfig(
+        shards=Path(shards),
+        out=run,
+        steps=train_steps,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        model_size=size,
+        log_every=max(1, train_steps // 20),
+        save_every=train_steps,
+        progress=False,
+    )
+    return export(train(cfg), out)

@@ -1,0 +1,128 @@
+"""The `trainer` command: thin click wrappers over `train` and `export`.
+
+Each option maps onto one `TrainConfig` field and shows that field's help text and default;
+each command builds the config, calls one function and turns the project's errors into
+one-line messages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from datapipe.errors import DatapipeError
+from trainer.checkpoint import CheckpointError
+from trainer.errors import TrainError
+from trainer.presets import PRESETS
+from trainer.runstate import export
+from trainer.train import (
+    D_SCHEDULES,
+    DEVICES,
+    DISTILL_STEPS,
+    TEACHER_DTYPES,
+    TrainConfig,
+    train,
+)
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_SIZES = click.Choice([str(s) for s in PRESETS])
+
+
+def _option(name: str, *decls: str, **kw: Any) -> Callable:
+    """A click option for TrainConfig field `name`: its help, its default."""
+    f = _FIELDS[name]
+    if f.default is not dataclasses.MISSING and "default" not in kw:
+        kw["default"] = f.default
+    kw.setdefault("show_default", kw.get("default") is not None)
+    return click.option(
+        *(decls or (f"--{name.replace('_', '-')}",)), name, help=f.metadata["help"], **kw
+    )
+
+
+def _run_options(fn: Callable) -> Callable:
+    """Options shared by `train` and `distill`, in --help order."""
+    options = [
+        _option("shards", type=click.Path(path_type=Path), required=True),
+        _option("out", type=click.Path(path_type=Path)),
+        _option("steps", type=int),
+        _option("batch_size", type=int),
+        _option("horizon", type=int),
+        _option("seed", type=int),
+        _option("device", type=click.Choice(DEVICES)),
+        _option("model_size", type=_SIZES, default=str(_FIELDS["model_size"].default)),
+        _option("init", type=click.Path(path_type=Path, exists=True, dir_okay=False)),
+        _option("threads", type=int),
+        _option("compile", is_flag=True),
+        _option("amp", is_flag=True),
+        _option("cache_gb", type=float),
+        _option("log_every", type=int),
+        _option("save_every", type=int),
+        _option("resume", is_flag=True),
+        _option("tensorboard", is_flag=True),
+        _option("progress", "--progress/--no-progress"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@click.group()
+def main() -> None:
+    """Train and distil TD-MPC2 world models on a datapipe store; export checkpoints."""
+
+
+@main.command("train")
+@_run_options
+def train_cmd(**kw: Any) -> None:
+    """Train a TD-MPC2 world model from scratch (or from --init) on the store SHARDS."""
+    _train(kw)
+
+
+@main.command("distill")
+@_run_options
+@_option("teacher", type=click.Path(path_type=Path, exists=True, dir_okay=False), required=True)
+@_option("teacher_size", type=_SIZES)
+@_option("d_coef", type=float, default=0.4)
+@_option("d_schedule", type=click.Choice(D_SCHEDULES))
+@_option("distill", type=click.Choice(DISTILL_STEPS))
+@_option("teacher_dtype", type=click.Choice(list(TEACHER_DTYPES)))
+def distill_cmd(**kw: Any) -> None:
+    """Train a student with reward distillation from a frozen teacher (TD-MPC-Opt)."""
+    _train(kw)
+
+
+@main.command("export")
+@click.argument("checkpoint", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Official-format file to write: {'model': state_dict}, new API.",
+)
+def export_cmd(checkpoint: Path, out: Path) -> None:
+    """Write the world model of CHECKPOINT (a training checkpoint or an official file, new
+    or old API) as an official new-API file."""
+    _run(lambda: export(checkpoint, out))
+    click.echo(f"wrote {out}")
+
+
+def _train(kw: dict[str, Any]) -> None:
+    for name in ("model_size", "teacher_size"):
+        if kw.get(name) is not None:
+            kw[name] = int(kw[name])
+    _run(lambda: train(TrainConfig(**kw)))
+
+
+def _run(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except (DatapipeError, CheckpointError, TrainError) as e:
+        raise click.ClickException(str(e)) from e
+
+
+if __name__ == "__main__":
+    main()
