@@ -1,0 +1,115 @@
+"""End-to-end smoke test of the `trainer` command: train, distill, resume, export."""
+
+from __future__ import annotations
+
+import torch
+from click.testing import CliRunner
+
+from tests.conftest import build_store, make_source
+from tools.make_teacher import make_teacher
+from trainer.checkpoint import load_checkpoint, read_checkpoint
+from trainer.cli import main
+from trainer.runlog import read_metrics
+from trainer.runstate import read_training_checkpoint
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_trainer_cli_end_to_end(tmp_path):
+    store = build_store(
+        make_source(tmp_path / "src", episodes_per_task=2, chunks=1),
+        tmp_path / "shards",
+        formats=("zarr",),
+    )
+    small = ("--batch-size", 8, "--device", "cpu", "--log-every", 1, "--no-progress")
+
+    result = invoke("train", "--shards", store, "--out", tmp_path / "base", "--steps", 2, *small)
+    assert result.exit_code == 0, result.output
+    assert "steps/s" in result.output and "waiting for data" in result.output
+    result = invoke(
+        "train", "--shards", store, "--out", tmp_path / "base", "--steps", 3, "--resume", *small
+    )
+    assert result.exit_code == 0, result.output
+    assert [r["step"] for r in read_metrics(tmp_path / "base")] == [1, 2, 3]
+
+    teacher = make_teacher(5, tmp_path / "t5.pt", seed=1)  # random init, official layout
+    result = invoke(
+        "distill",
+        "--shards",
+        store,
+        "--teacher",
+        teacher,
+        "--d-coef",
+        0.4,
+        "--init",
+        tmp_path / "nope.pt",
+        "--out",
+        tmp_path / "d",
+        *small,
+    )
+    assert result.exit_code == 2 and "does not exist" in result.output  # click checks --init
+
+    result = invoke(
+        "distill",
+        "--shards",
+        store,
+        "--teacher",
+        teacher,
+        "--steps",
+        2,
+        "--out",
+        tmp_path / "distill",
+        *small,
+    )
+    assert result.exit_code == 0, result.output
+    saved = read_training_checkpoint(tmp_path / "distill" / "checkpoint.pt")
+    assert saved["config"]["d_coef"] == 0.4 and saved["teacher"]["size"] == 5
+    assert "distill_loss" in read_metrics(tmp_path / "distill")[-1]
+
+    result = invoke(
+        "distill",
+        "--shards",
+        store,
+        "--teacher",
+        teacher,
+        "--teacher-size",
+        1,
+        "--out",
+        tmp_path / "wrong",
+        *small,
+    )
+    assert result.exit_code == 1 and "does not fit a 1M model" in result.output
+    assert "It fits: 5M" in result.output and "Traceback" not in result.output
+
+    exported = tmp_path / "student.pt"
+    result = invoke("export", tmp_path / "distill" / "checkpoint.pt", "--out", exported)
+    assert result.exit_code == 0, result.output
+    model = load_checkpoint(exported)
+    assert model.cfg.model_size == 1
+    for key, value in model.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, saved["agent"]["model"][key]), key
+
+    # An official file re-saved, and used as --init of a new run.
+    result = invoke("export", teacher, "--out", tmp_path / "t5-copy.pt")
+    assert result.exit_code == 0, result.output
+    a, b = read_checkpoint(teacher), read_checkpoint(tmp_path / "t5-copy.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+    result = invoke(
+        "train",
+        "--shards",
+        store,
+        "--init",
+        exported,
+        "--steps",
+        1,
+        "--out",
+        tmp_path / "from-init",
+        *small,
+    )
+    assert result.exit_code == 0, result.output
+
+    result = invoke("train", "--shards", tmp_path / "missing", "--out", tmp_path / "m", *small)
+    assert result.exit_code == 1 and "datapipe build" in result.output

@@ -1,0 +1,341 @@
+"""Tests for trainer.train: the training loop, distillation, exact resume and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from datapipe.errors import IncompleteStoreError, StoreNotFoundError
+from tests.conftest import build_store, make_source
+from tools.make_teacher import make_teacher
+from trainer.agent import TDMPC2Agent
+from trainer.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_atomic
+from trainer.errors import (
+    DivergedError,
+    IncompatibleDataError,
+    ResumeError,
+    TrainConfigError,
+)
+from trainer.runlog import UPDATE_METRICS, read_metrics
+from trainer.runstate import read_training_checkpoint
+from trainer.train import TrainConfig, train
+
+LOSSES = (*UPDATE_METRICS, "distill_loss", "reward_agreement", "d_coef")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """mt30-shaped: 30 tasks x 2 episodes of 501 rows, Zarr only."""
+    root = tmp_path_factory.mktemp("train_store")
+    return build_store(
+        make_source(root / "src", episodes_per_task=2, chunks=1), root / "s", formats=("zarr",)
+    )
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, store) -> Path:
+    """A 1M teacher trained for a few steps, so its rewards are not all zero."""
+    return make_teacher(
+        1,
+        tmp_path_factory.mktemp("teacher") / "t1.pt",
+        seed=7,
+        train_steps=4,
+        shards=store,
+        batch_size=16,
+        device="cpu",
+    )
+
+
+def config(store: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(
+        shards=store,
+        out=out,
+        steps=6,
+        batch_size=8,
+        device="cpu",
+        log_every=1,
+        save_every=3,
+        progress=False,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def losses(run: Path) -> list[dict]:
+    """Logged rows without the timing columns."""
+    return [{k: v for k, v in row.items() if k in ("step", *LOSSES)} for row in read_metrics(run)]
+
+
+def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return read_training_checkpoint(checkpoint)["agent"]["model"]
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        if isinstance(wa[key], torch.Tensor):
+            assert torch.equal(wa[key], wb[key]), key
+
+
+# -- the loop -----------------------------------------------------------------------------------
+
+
+def test_train_writes_run_folder(store, tmp_path):
+    ckpt = train(config(store, tmp_path / "run", steps=4, log_every=2, save_every=2))
+    saved = read_training_checkpoint(ckpt)
+    assert saved["step"] == 4 and saved["teacher"] is None
+    assert saved["config"]["device"] == "cpu" and saved["config"]["steps"] == 4
+    assert saved["store"]["format_version"] == 1 and len(saved["store"]["meta_sha256"]) == 64
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [2, 4]
+    assert set(UPDATE_METRICS) | {"steps_per_s", "data_wait"} <= set(rows[0])
+    header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header[0] == "step" and "reward_agreement" in header
+    config_json = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config_json["config"]["batch_size"] == 8
+    assert config_json["model_config"]["episode_lengths"] == [500] * 30
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 4 and 0 <= summary["data_wait"] < 1
+    assert summary["peak_rss_bytes"] > 0 and summary["peak_vram_bytes"] is None
+
+
+def test_reward_loss_falls(store, tmp_path):
+    train(config(store, tmp_path / "run", steps=40, batch_size=32, log_every=1, save_every=40))
+    reward = [row["reward_loss"] for row in read_metrics(tmp_path / "run")]
+    # The zero-initialised head starts uniform: ln(101) per step, weighted by rho^t over H=3.
+    assert reward[0] == pytest.approx(math.log(101) * (1 + 0.5 + 0.25) / 3, rel=1e-4)
+    assert max(reward[-5:]) < 0.5 * reward[0], reward
+
+
+def test_distill_with_zero_coef_equals_plain_training(store, teacher, tmp_path):
+    plain = train(config(store, tmp_path / "plain", steps=4))
+    distilled = train(config(store, tmp_path / "distill", steps=4, teacher=teacher, d_coef=0.0))
+    rows_plain, rows_distill = losses(tmp_path / "plain"), losses(tmp_path / "distill")
+    for a, b in zip(rows_plain, rows_distill, strict=True):
+        assert {k: b[k] for k in a} == a
+        assert "distill_loss" in b and b["reward_agreement"] > 0
+    assert_same_weights(plain, distilled)
+
+
+def test_distillation_changes_the_student(store, teacher, tmp_path):
+    train(config(store, tmp_path / "plain", steps=2))
+    train(config(store, tmp_path / "distill", steps=2, teacher=teacher, d_coef=0.4))
+    rows_plain, rows_distill = losses(tmp_path / "plain"), losses(tmp_path / "distill")
+    assert rows_plain[0]["reward_loss"] == rows_distill[0]["reward_loss"]  # same first batch
+    assert rows_plain[1]["reward_loss"] != rows_distill[1]["reward_loss"]  # other weights
+    assert rows_distill[0]["d_coef"] == 0.4
+
+
+def test_linear_schedule(store, teacher, tmp_path):
+    train(
+        config(
+            store,
+            tmp_path / "run",
+            steps=4,
+            teacher=teacher,
+            d_coef=0.4,
+            d_schedule="linear",
+            distill="all",
+        )
+    )
+    assert [r["d_coef"] for r in read_metrics(tmp_path / "run")] == pytest.approx(
+        [0.4, 0.3, 0.2, 0.1]
+    )
+
+
+# -- resume ---------------------------------------------------------------------------------------
+
+
+def test_resume_reproduces_the_uninterrupted_run(store, teacher, tmp_path, monkeypatch):
+    kw = dict(steps=6, save_every=3, teacher=teacher, d_coef=0.4)
+    whole = train(config(store, tmp_path / "whole", **kw))
+
+    # Interrupt the second run during update 5: the checkpoint is at step 3, the logs at 4.
+    update, calls = TDMPC2Agent.update, []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return update(self, *args, **kwargs)
+
+    monkeypatch.setattr(TDMPC2Agent, "update", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(store, tmp_path / "split", **kw))
+    assert read_training_checkpoint(tmp_path / "split" / "checkpoint.pt")["step"] == 3
+    assert [r["step"] for r in read_metrics(tmp_path / "split")] == [1, 2, 3, 4]
+    monkeypatch.setattr(TDMPC2Agent, "update", update)
+
+    split = train(config(store, tmp_path / "split", resume=True, **kw))
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+    assert_same_weights(whole, split)
+    a, b = read_training_checkpoint(whole), read_training_checkpoint(split)
+    assert a["loader"] == b["loader"]
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    assert torch.equal(a["agent"]["scale"]["value"], b["agent"]["scale"]["value"])
+
+
+def test_resume_refuses_other_math(store, teacher, tmp_path):
+    train(config(store, tmp_path / "run", steps=2))
+    with pytest.raises(ResumeError, match="pass --resume"):
+        train(config(store, tmp_path / "run", steps=4))
+    with pytest.raises(ResumeError, match=r"batch_size 8 -> 16.*seed 1 -> 2"):
+        train(config(store, tmp_path / "run", steps=4, resume=True, batch_size=16, seed=2))
+    with pytest.raises(ResumeError, match=r"teacher none -> .*t1\.pt"):
+        train(config(store, tmp_path / "run", steps=4, resume=True, teacher=teacher))
+    with pytest.raises(ResumeError, match=r"no checkpoint\.pt"):
+        train(config(store, tmp_path / "empty", resume=True))
+    train(config(store, tmp_path / "run", steps=3, resume=True, log_every=5))  # not math: fine
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ResumeError, match="cannot be read as a training checkpoint"):
+        train(config(store, tmp_path / "bad", resume=True))
+    assert read_training_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 3
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+def test_wrong_size_teacher_lists_keys_and_fitting_sizes(store, teacher, tmp_path):
+    with pytest.raises(CheckpointError) as err:
+        train(config(store, tmp_path / "run", teacher=teacher, teacher_size=5, d_coef=0.4))
+    message = str(err.value)
+    assert "does not fit a 5M model" in message and "It fits: 1M" in message
+    assert "_task_emb.weight: file (30, 96) vs model (30, 64)" in message
+
+    state = read_checkpoint(teacher)
+    state["_dynamics.1.weight"] = torch.zeros(384, 100)
+    del state["_pi.0.bias"]
+    broken = tmp_path / "broken.pt"
+    save_atomic({"model": state}, broken)
+    with pytest.raises(CheckpointError) as err:
+        train(config(store, tmp_path / "run2", teacher=broken, d_coef=0.4))
+    message = str(err.value)
+    assert "matches no model size" in message and "Closest is 1M" in message
+    assert "_dynamics.1.weight: file (384, 100) vs model (384, 384)" in message
+    assert "missing _pi.0.bias (384,)" in message
+
+
+def test_init_of_another_size_names_the_size_it_fits(store, tmp_path):
+    student = make_teacher(5, tmp_path / "s5.pt", seed=0)
+    with pytest.raises(CheckpointError) as err:
+        train(config(store, tmp_path / "run", init=student))
+    message = str(err.value)
+    assert "does not fit this 1M model" in message and "_task_emb.weight" in message
+    assert "pass --model-size 5" in message
+
+
+def test_store_of_another_task_set_is_refused(teacher, tmp_path):
+    mt80 = build_store(
+        make_source(tmp_path / "src80", task_set="mt80", episodes_per_task=1, chunks=1),
+        tmp_path / "s80",
+        formats=("zarr",),
+    )
+    for kw in ({"teacher": teacher, "d_coef": 0.4}, {"init": teacher}):
+        with pytest.raises(IncompatibleDataError) as err:
+            train(config(mt80, tmp_path / "run", **kw))
+        message = str(err.value)
+        assert "n_tasks 30 vs 80" in message and "obs_dim 24 vs 39" in message
+        assert "task set mt80" in message
+    # Without a teacher or --init the student is built for the store: it trains.
+    train(config(mt80, tmp_path / "ok", steps=2, save_every=2))
+    saved = read_training_checkpoint(tmp_path / "ok" / "checkpoint.pt")
+    assert (
+        saved["model_config"]["obs_dim"] == 39 and len(saved["model_config"]["action_dims"]) == 80
+    )
+    assert saved["model_config"]["episode_lengths"][0] == 100
+
+
+def test_missing_or_incomplete_store_points_at_datapipe_build(store, tmp_path):
+    with pytest.raises(StoreNotFoundError, match="datapipe build"):
+        train(config(tmp_path / "nowhere", tmp_path / "run"))
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(store, unfinished)
+    (unfinished / "meta.json").unlink()
+    (unfinished / "_build").mkdir(exist_ok=True)
+    command = f"datapipe build --src SRC --dst {unfinished}"
+    (unfinished / "_build" / "plan.json").write_text(json.dumps({"command": command}))
+    with pytest.raises(IncompleteStoreError, match="datapipe build"):
+        train(config(unfinished, tmp_path / "run"))
+
+
+def test_nan_loss_stops_with_step_and_last_checkpoint(store, tmp_path, monkeypatch):
+    update, calls = TDMPC2Agent.update, []
+
+    def poisoned(self, *args, **kwargs):
+        info = update(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 5:
+            info["value_loss"] = float("nan")
+        return info
+
+    monkeypatch.setattr(TDMPC2Agent, "update", poisoned)
+    with pytest.raises(DivergedError) as err:
+        train(config(store, tmp_path / "run", steps=10, save_every=2))
+    message = str(err.value)
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    assert "step 5" in message and "value_loss=nan" in message
+    assert f"{ckpt} (step 4)" in message
+    assert read_training_checkpoint(ckpt)["step"] == 4
+    assert read_metrics(tmp_path / "run")[-1]["value_loss"] == "nan"
+
+
+def test_settings_are_checked(store, teacher, tmp_path):
+    with pytest.raises(TrainConfigError, match="d_coef > 0 needs a teacher"):
+        config(store, tmp_path, d_coef=0.4)
+    with pytest.raises(TrainConfigError, match="batch_size must be >= 1"):
+        config(store, tmp_path, batch_size=0)
+    for kw in ({"amp": True}, {"compile": True}, {"teacher": teacher, "teacher_dtype": "bfloat16"}):
+        with pytest.raises(TrainConfigError, match="only on CUDA, and this run is on the CPU"):
+            train(config(store, tmp_path / "run", **kw))
+
+
+def test_tensorboard_missing_says_how_to_install(store, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(TrainConfigError, match="pip install tensorboard"):
+        train(config(store, tmp_path / "run", tensorboard=True))
+
+
+def test_tensorboard_events(store, tmp_path):
+    pytest.importorskip("tensorboard")
+    train(config(store, tmp_path / "run", steps=2, tensorboard=True))
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+# -- make_teacher ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [1, 5])
+def test_make_teacher_random_init(tmp_path, size):
+    path = make_teacher(size, tmp_path / f"t{size}.pt", seed=0)
+    assert set(torch.load(path, weights_only=True)) == {"model"}
+    assert load_checkpoint(path).cfg.model_size == size
+    again = make_teacher(size, tmp_path / "again.pt", seed=0)
+    a, b = read_checkpoint(path), read_checkpoint(again)
+    assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_amp_compile_bf16_teacher(store, teacher, tmp_path):
+    train(
+        config(
+            store,
+            tmp_path / "run",
+            device="cuda",
+            steps=3,
+            teacher=teacher,
+            d_coef=0.4,
+            teacher_dtype="bfloat16",
+            amp=True,
+            compile=True,
+        )
+    )
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["peak_vram_bytes"] > 0
