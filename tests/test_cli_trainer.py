@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 from click.testing import CliRunner
+from conftest import build_store, make_source
 
-from tests.conftest import build_store, make_source
 from tools.make_teacher import make_teacher
 from trainer.checkpoint import load_checkpoint, read_checkpoint
 from trainer.cli import main
@@ -113,3 +113,12 @@ def test_trainer_cli_end_to_end(tmp_path):
 
     result = invoke("train", "--shards", tmp_path / "missing", "--out", tmp_path / "m", *small)
     assert result.exit_code == 1 and "datapipe build" in result.output
+
+
+def test_tools_make_teacher_writes_an_official_file(tmp_path):
+    from tools.cli import main as tools_cli
+
+    out = tmp_path / "teacher.pt"
+    result = CliRunner().invoke(tools_cli, ["make-teacher", "--size", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(out).cfg.model_size == 1

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_store, make_source
 
 from datapipe.errors import IncompleteStoreError, StoreNotFoundError
-from tests.conftest import build_store, make_source
 from tools.make_teacher import make_teacher
 from trainer.agent import TDMPC2Agent
 from trainer.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_atomic

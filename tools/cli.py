@@ -42,6 +42,39 @@ def make_mt30_cmd(dst, episodes_per_task, chunks, seed, task_set) -> None:
     click.echo(f"wrote {len(paths)} chunk(s) to {dst}")
 
 
+@main.command("make-teacher")
+@click.option(
+    "--size",
+    type=click.Choice(["1", "5", "19", "48", "317"]),
+    required=True,
+    help="Model size preset (millions of parameters).",
+)
+@click.option(
+    "--out", type=click.Path(path_type=Path), required=True, help="Checkpoint file to write."
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Initialisation seed.")
+@click.option(
+    "--train-steps",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Train this many steps on --shards first (0: random init).",
+)
+@click.option("--shards", type=click.Path(path_type=Path), default=None, help="Store to train on.")
+def make_teacher_cmd(size, out, seed, train_steps, shards) -> None:
+    """Write a checkpoint of any size in the official new-API layout."""
+    from datapipe.errors import DatapipeError
+    from tools.make_teacher import make_teacher
+    from trainer.checkpoint import CheckpointError
+    from trainer.errors import TrainError
+
+    try:
+        path = make_teacher(int(size), out, seed=seed, train_steps=train_steps, shards=shards)
+    except (ValueError, DatapipeError, TrainError, CheckpointError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"wrote {path}")
+
+
 @main.command("verify-shards")
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option(
