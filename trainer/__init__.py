@@ -5,6 +5,11 @@ math       -- symlog / two-hot regression and the running Q scale
 model      -- WorldModel: networks and forward passes (no losses)
 checkpoint -- official checkpoint files: read, convert old API, detect size, save
 agent      -- TDMPC2Agent: optimisers, the update step, reward distillation
+train      -- the training loop behind `trainer train` / `trainer distill`
+runstate   -- our training checkpoints (exact resume) and export to the official format
+runlog     -- metrics files, step timing, peak memory
+envs       -- the 30 MT30 environments
+cli        -- the `trainer` command
 """
 
 from trainer.agent import TDMPC2Agent, prepare_teacher, reward_distillation_loss
