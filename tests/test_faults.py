@@ -269,3 +269,11 @@ def test_repair_refuses_another_source_and_metadata_damage(small_source, store, 
     path.write_text(path.read_text()[:50])
     with pytest.raises(CorruptStoreError, match="rebuild the whole store"):
         repair(store, small_source)
+
+
+def test_damaged_array_metadata_is_reported(store):
+    (store / fmt.ZARR_DIR / "obs" / "zarr.json").write_text("{")
+    report = verify(store)
+    assert [p.kind for p in report.problems] == ["metadata"] and "zarr.json" in report.problems[
+        0
+    ].where
