@@ -1,0 +1,374 @@
+"""Post-training quantization of world models, the quantized file format, and `load_any`.
+
+This module owns:
+  * the quantized file format (`FORMAT`, version `FORMAT_VERSION`): self-describing (dtype,
+    scheme, model config, source file and its sha256);
+  * fp16 / bf16: every float tensor cast. The file keeps the official `{"model": state_dict}`
+    entry, so official loaders read it too (as float32); `load_any` runs it in that dtype
+    where the device supports it;
+  * int8: symmetric per-output-channel weight quantization of every Linear layer (the Q
+    ensemble's stacked members included): scale_c = max|W_c| / 127, q = round(W / scale_c).
+    Scales come from the weights, one per output row (per member for the ensemble); biases,
+    LayerNorms and the task embedding stay float32. Weight-only: `load_any` dequantizes into
+    a float32 model, so inference runs in float32 on weights carrying exactly the int8
+    rounding error (there is no int8 kernel on this path; the gain is file size);
+  * `load_any`: a runnable model from an official file (old or new API, any size, dims read
+    from the file), from our training checkpoints or quantized files, or refusing the paper's scale-1.0 qint8 files
+    (spec G) unless `allow_quantized`;
+  * `fidelity`: quantized vs reference outputs (reward, Q, policy action) on held-out batches.
+
+The paper's quantization (spec G) rounds every weight with scale 1.0, which zeroes almost all
+of them; nothing here uses a fixed scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from trainer.checkpoint import (
+    CheckpointError,
+    detect_model_size,
+    load_model_state,
+    read_checkpoint,
+    save_atomic,
+)
+from trainer.math import two_hot_inv
+from trainer.model import WorldModel
+from trainer.presets import ModelConfig
+from trainer.runstate import file_sha256, is_training_checkpoint, model_config_from_dict, model_dims
+
+FORMAT = "tdmpc2-ptq"
+FORMAT_VERSION = 1
+DTYPES: dict[str, torch.dtype] = {
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "int8": torch.int8,
+}
+INT8_SCHEME = "int8 symmetric per-output-channel weights of every Linear, scale = max|W_c|/127"
+_DETACH = "_detach_Qs_params."  # new-API keys that duplicate `_Qs.params.` (rebuilt on load)
+
+
+# -- int8 per-channel scheme -------------------------------------------------------------------
+
+
+def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(int8 q, float32 scale) with weight ~ q * scale[..., None]; one scale per output row
+    (the last axis is the input axis; leading axes, e.g. ensemble members, keep their own)."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=-1) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays 0
+    q = torch.round(w / scale[..., None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_per_channel(q: Tensor, scale: Tensor) -> Tensor:
+    """float32 weight from `quantize_per_channel`'s output."""
+    return q.float() * scale[..., None]
+
+
+def linear_weight_keys(model: WorldModel) -> list[str]:
+    """state_dict keys of every Linear weight: the plain modules and the Q ensembles' members."""
+    keys = [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    template = model._Qs._template
+    for name in model._Qs.params.tensors():
+        owner, _, leaf = name.rpartition(".")
+        if leaf == "weight" and isinstance(template.get_submodule(owner), nn.Linear):
+            keys += [f"_Qs.params.{name}", f"_target_Qs_params.{name}"]
+    return keys
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+
+def _config_dict(cfg: ModelConfig) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+
+
+def quantize_model(model: WorldModel, dtype: str) -> dict[str, Any]:
+    """The file payload of `model` quantized to `dtype` (fp16 | bf16 | int8)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    state = model.state_dict()
+    payload: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "dtype": dtype,
+        "model_config": _config_dict(model.cfg),
+    }
+    if dtype in ("fp16", "bf16"):
+        cast: dict[str, Any] = {}
+        for key, value in state.items():
+            if isinstance(value, Tensor) and value.is_floating_point():
+                if key.startswith(_DETACH):  # same tensor object: stored once by torch.save
+                    value = cast["_Qs.params." + key[len(_DETACH) :]]
+                else:
+                    value = value.detach().to(DTYPES[dtype]).clone()
+            cast[key] = value
+        payload["scheme"] = f"cast of every float tensor to {DTYPES[dtype]}"
+        payload["model"] = cast
+        return payload
+    linear = set(linear_weight_keys(model))
+    weights, scales, others = {}, {}, {}
+    for key, value in state.items():
+        if not isinstance(value, Tensor) or key.startswith(_DETACH):
+            continue
+        if key in linear:
+            weights[key], scales[key] = quantize_per_channel(value)
+        else:  # biases, LayerNorms, embedding, masks (float32) and the int64 log_std buffers
+            others[key] = value.detach().float().clone() if value.is_floating_point() else value
+    payload |= {"scheme": INT8_SCHEME, "int8": weights, "scales": scales, "other": others}
+    return payload
+
+
+def save_quantized(
+    model: WorldModel, dtype: str, out: str | os.PathLike, source: str | os.PathLike | None = None
+) -> Path:
+    """Quantize `model` to `dtype` and write it to `out` atomically; `source` (the file the
+    model came from) is recorded with its sha256."""
+    payload = quantize_model(model, dtype)
+    if source is not None:
+        payload["source"] = {"path": str(source), "sha256": file_sha256(source)}
+    save_atomic(payload, out)
+    return Path(out)
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The descriptive entries of a quantized file (no tensors), or None for other files."""
+    raw = _peek(Path(path))
+    if not (isinstance(raw, dict) and raw.get("format") == FORMAT):
+        return None
+    return {k: v for k, v in raw.items() if k not in ("model", "int8", "scales", "other")}
+
+
+def _peek(path: Path) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # not a zip-format file: mmap is impossible, read it plainly
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def runtime_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+    """`dtype` if the device runs the model's ops (Linear, LayerNorm, Mish, softmax) in it,
+    else float32."""
+    try:
+        x = torch.randn(4, 8, device=device, dtype=dtype)
+        layer = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Mish()).to(device, dtype)
+        torch.softmax(layer(x), -1)
+    except (RuntimeError, TypeError):
+        return torch.float32
+    return dtype
+
+
+def load_any(
+    path: str | os.PathLike,
+    allow_quantized: bool = False,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> WorldModel:
+    """A runnable WorldModel (eval mode) from any world-model file we know.
+
+    * Official `{"model": state_dict}` files, old or new API, fp32 or fp16, any size: dims
+      are read from the shapes (`trainer.runstate.model_dims`); the model runs in float32,
+      as the official loader does.
+    * Our training checkpoints (`trainer.runstate`): the world model they hold, float32.
+    * Our quantized files: fp16/bf16 run in that dtype where the device supports it
+      (`runtime_dtype`), int8 is dequantized into float32.
+    * The paper's qint8 files (scale 1.0, spec G) raise `QuantizedCheckpointError` with what
+      is wrong, unless `allow_quantized` (then they load dequantized, for inspection only).
+    `dtype` forces the compute dtype.
+    """
+    path = Path(path)
+    raw = _peek(path)
+    if isinstance(raw, dict) and raw.get("format") == FORMAT:
+        model = _load_ours(raw, path)
+        if dtype is None:
+            dtype = DTYPES[raw["dtype"]] if raw["dtype"] != "int8" else torch.float32
+    elif is_training_checkpoint(raw):
+        model = WorldModel(model_config_from_dict(raw["model_config"]))
+        model.load_state_dict(raw["agent"]["model"])
+    else:
+        del raw
+        state = read_checkpoint(path, allow_quantized=allow_quantized)
+        dims = model_dims(state, path)
+        model = WorldModel(ModelConfig.for_size(detect_model_size(state, **dims), **dims))
+        load_model_state(model, state)
+    dtype = dtype or torch.float32
+    return model.to(device, runtime_dtype(dtype, device)).eval()
+
+
+def _load_ours(raw: dict[str, Any], path: Path) -> WorldModel:
+    if raw.get("format_version") != FORMAT_VERSION or raw.get("dtype") not in DTYPES:
+        raise CheckpointError(
+            f"{path}: quantized file of format version {raw.get('format_version')} and dtype "
+            f"{raw.get('dtype')!r}; this code reads version {FORMAT_VERSION} with dtype in "
+            f"{', '.join(DTYPES)}. Re-run `trainer quantize` on the source checkpoint."
+        )
+    cfg = raw["model_config"]
+    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+    model = WorldModel(ModelConfig(**cfg))
+    state = model.state_dict()
+    if raw["dtype"] == "int8":
+        loaded = dict(raw["other"])
+        loaded |= {k: dequantize_per_channel(q, raw["scales"][k]) for k, q in raw["int8"].items()}
+    else:
+        loaded = {k: v.float() for k, v in raw["model"].items() if isinstance(v, Tensor)}
+    missing = [k for k, v in state.items() if isinstance(v, Tensor) and not k.startswith(_DETACH)]
+    missing = [k for k in missing if k not in loaded]
+    if missing:
+        raise CheckpointError(f"{path}: quantized file lacks {', '.join(missing[:8])}")
+    for key in state:
+        if key.startswith(_DETACH) and isinstance(state[key], Tensor):
+            loaded[key] = loaded["_Qs.params." + key[len(_DETACH) :]]
+    model.load_state_dict(state | loaded, strict=True)
+    return model
+
+
+# -- fidelity -------------------------------------------------------------------------------------
+
+
+def heldout_batches(
+    src: str | os.PathLike, n_batches: int = 8, batch_size: int = 256, seed: int = 0
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """(obs [B, O], action [B, A], task [B]) triples from real rollouts in a chunk folder:
+    a visited state obs_{k-1} and the action a_k actually taken in it (k >= 1)."""
+    from datapipe.source import read_episodes, scan_sources
+
+    files, layout = scan_sources(src)
+    rng = np.random.default_rng(seed)
+    n = n_batches * batch_size
+    which = rng.integers(0, sum(f.episodes for f in files), n)
+    rows = rng.integers(1, layout.rows, n)
+    obs, action, task = [], [], []
+    for f in files:
+        local = (which >= f.start) & (which < f.start + f.episodes)
+        if not local.any():
+            continue
+        data = read_episodes(f.path, 0, f.episodes)
+        e, k = which[local] - f.start, rows[local]
+        obs.append(data["obs"][e, k - 1])
+        action.append(data["action"][e, k])
+        task.append(data["task"][e, k])
+    obs_t, act_t = torch.from_numpy(np.concatenate(obs)), torch.from_numpy(np.concatenate(action))
+    task_t = torch.from_numpy(np.concatenate(task)).long()
+    return [
+        (obs_t[i : i + batch_size], act_t[i : i + batch_size], task_t[i : i + batch_size])
+        for i in range(0, len(task_t), batch_size)
+    ]
+
+
+@torch.no_grad()
+def _outputs(model: WorldModel, obs: Tensor, action: Tensor, task: Tensor) -> dict[str, Tensor]:
+    dtype = model._encoder["state"][0].weight.dtype
+    z = model.encode(obs.to(dtype), task)
+    a = action.to(dtype)
+    reward = two_hot_inv(model.reward(z, a, task), model.cfg.vmin, model.cfg.vmax)
+    q = two_hot_inv(model.Q(z, a, task, mode="all"), model.cfg.vmin, model.cfg.vmax)
+    _, info = model.pi(z, task)
+    return {"latent": z, "reward": reward, "Q": q, "action": info["mean"]}
+
+
+def fidelity(
+    reference: WorldModel, candidate: WorldModel, batches: list[tuple[Tensor, Tensor, Tensor]]
+) -> dict[str, dict[str, float]]:
+    """Per output (latent, reward, Q of every member, policy mean action): mean and max
+    absolute error of `candidate` against `reference`, and the reference's mean |value|."""
+    reference.eval(), candidate.eval()
+    sums: dict[str, dict[str, float]] = {}
+    count: dict[str, int] = {}
+    for obs, action, task in batches:
+        ref, cand = _outputs(reference, obs, action, task), _outputs(candidate, obs, action, task)
+        for name, r in ref.items():
+            err = (cand[name].float() - r.float()).abs()
+            s = sums.setdefault(
+                name, {"mean_abs_err": 0.0, "max_abs_err": 0.0, "ref_mean_abs": 0.0}
+            )
+            s["mean_abs_err"] += float(err.sum())
+            s["ref_mean_abs"] += float(r.float().abs().sum())
+            s["max_abs_err"] = max(s["max_abs_err"], float(err.max()))
+            count[name] = count.get(name, 0) + err.numel()
+    for name, s in sums.items():
+        s["mean_abs_err"] /= count[name]
+        s["ref_mean_abs"] /= count[name]
+        s["rel_err"] = s["mean_abs_err"] / max(s["ref_mean_abs"], 1e-12)
+    return sums
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeConfig:
+    """Settings of `trainer quantize` (one field per flag)."""
+
+    checkpoint: Path  # source world model: official file (old/new API, fp32/fp16, any size)
+    dtype: str = "int8"  # fp16 | bf16 | int8
+    out: Path = Path("runs/quantized.pt")  # file to write; the report goes to <out>.report.json
+    heldout: Path | None = None  # folder of real-physics chunk_K.pt for the fidelity report
+    batches: int = 8  # held-out batches for the fidelity report
+    batch_size: int = 256  # rows per held-out batch
+    score_tasks: str = ""  # comma-separated MT30 tasks for the policy-only score change; "" = skip
+    score_episodes: int = 2  # episodes per task for the score change
+    workers: int = -1  # eval processes for the score change (see trainer.evaluate)
+    seed: int = 1  # env seed of the score change and sampling seed of the held-out batches
+
+
+def run_quantize(cfg: QuantizeConfig) -> dict[str, Any]:
+    """`trainer quantize`: write the quantized file, then report its size, its fidelity
+    against the float32 source on held-out batches and the policy-only score change."""
+    import json
+
+    from trainer.evaluate import evaluate
+
+    reference = load_any(cfg.checkpoint)
+    save_quantized(reference, cfg.dtype, cfg.out, cfg.checkpoint)
+    candidate = load_any(cfg.out)
+    source_bytes, out_bytes = os.path.getsize(cfg.checkpoint), os.path.getsize(cfg.out)
+    report: dict[str, Any] = {
+        "source": {"path": str(cfg.checkpoint), "bytes": source_bytes},
+        "out": {
+            "path": str(cfg.out),
+            "bytes": out_bytes,
+            "ratio_to_source": out_bytes / source_bytes,
+        },
+        "dtype": cfg.dtype,
+        "scheme": quantize_model(reference, cfg.dtype)["scheme"],
+        "runtime_dtype": str(candidate._encoder["state"][0].weight.dtype).removeprefix("torch."),
+    }
+    if cfg.heldout is not None:
+        batches = heldout_batches(cfg.heldout, cfg.batches, cfg.batch_size, cfg.seed)
+        report["fidelity"] = fidelity(reference, candidate, batches)
+    if cfg.score_tasks:
+        runs = {}
+        for name, model in (("fp32", reference), (cfg.dtype, candidate)):
+            result = evaluate(
+                model, cfg.score_tasks, cfg.score_episodes, False, cfg.seed, cfg.workers
+            )
+            runs[name] = result
+        report["score"] = {
+            "protocol": "policy mean (eval_mode, no noise), "
+            f"{cfg.score_episodes} episodes per task, seed {cfg.seed}",
+            **{name: r.normalized_score for name, r in runs.items()},
+            "delta": runs[cfg.dtype].normalized_score - runs["fp32"].normalized_score,
+            "per_task": {
+                a.task: {"fp32": a.mean_return, cfg.dtype: b.mean_return}
+                for a, b in zip(runs["fp32"].tasks, runs[cfg.dtype].tasks, strict=True)
+            },
+        }
+    Path(f"{cfg.out}.report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
