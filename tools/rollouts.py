@@ -1,0 +1,207 @@
+"""Real-physics MT30 data: `tools make-mt30 --physics dmc`.
+
+Runs the 30 MT30 dm_control tasks (`trainer.envs`) and writes the rollouts in exactly the
+official chunk format, with the chunk writer of `tools.make_mt30`: row k of an episode holds
+obs_k, the action that led to it and its reward; row 0's action and reward are NaN; obs are
+zero-padded to 24 and actions to 6; task is int32 on every row; the episodes of a task form
+one run, tasks in index order, split evenly over the chunks.
+
+Every episode is a pure function of (seed, task, episode index), whatever the chunking or the
+number of workers: a task's env is built with seed (seed, task) and reset once per earlier
+episode (resets alone draw from its RandomState), and the policy's noise is seeded with
+(seed, task, episode).
+
+Policies: `random` (uniform in [-1, 1] on the active dims), `noise` (smooth AR(1) noise, its
+level drawn per episode), or a checkpoint path (policy mean plus Gaussian noise, std 0.3,
+clipped to [-1, 1]).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from datapipe.tasksets import MT30
+from tools.make_mt30 import _save_chunk
+
+POLICIES = ("random", "noise")
+CHECKPOINT_NOISE_STD = 0.3  # exploration noise around the checkpoint's policy mean
+
+
+@dataclass(frozen=True)
+class DMCMakeConfig:
+    """Settings of `tools make-mt30 --physics dmc` (one field per flag)."""
+
+    dst: Path  # folder to write chunk_0.pt .. into
+    episodes_per_task: int = 4  # episodes of every task
+    chunks: int = 1  # number of chunk files; episodes are split evenly, tasks stay in order
+    seed: int = 0  # env and policy seed; same seed and settings give the same data
+    policy: str = "random"  # random | noise | path of a world-model checkpoint
+    workers: int = -1  # processes (one job per task and chunk); 0 = this process; -1 = per core
+    tasks: str = "mt30"  # "mt30" or comma-separated MT30 task names (in index order on disk)
+
+
+def _task_seed(seed: int, task_id: int) -> int:
+    return int(np.random.SeedSequence([seed, task_id]).generate_state(1)[0])
+
+
+_WORKER_MODEL = None  # the checkpoint policy of a worker process, set by _init_worker
+
+
+def _set_policy(policy: str) -> None:
+    """Load the checkpoint policy of this process (or clear it for random/noise)."""
+    global _WORKER_MODEL
+    if policy in POLICIES:
+        _WORKER_MODEL = None
+    else:
+        from trainer.quantize import load_any
+
+        _WORKER_MODEL = load_any(policy)
+
+
+def _init_worker(policy: str) -> None:
+    """Worker process start: one torch thread, the policy loaded once."""
+    import torch
+
+    torch.set_num_threads(1)
+    _set_policy(policy)
+
+
+def _actions(policy: str, rng: np.random.Generator, steps: int, dims: int) -> np.ndarray | None:
+    """Open-loop actions [steps, dims] for the random and noise policies (None otherwise)."""
+    if policy == "random":
+        return rng.uniform(-1.0, 1.0, (steps, dims))
+    if policy == "noise":
+        level, rho = rng.uniform(0.3, 1.0), 0.9
+        u, out = np.zeros(dims), np.empty((steps, dims))
+        for k in range(steps):
+            u = rho * u + np.sqrt(1 - rho**2) * rng.normal(size=dims)
+            out[k] = np.clip(level * u, -1.0, 1.0)
+        return out
+    return None
+
+
+def rollout_task(task: str, lo: int, hi: int, seed: int, policy: str) -> dict[str, np.ndarray]:
+    """Episodes lo..hi-1 of `task` in the official row layout (arrays [n, 501, .])."""
+    import torch
+
+    from trainer.envs import EPISODE_LENGTH, make_env
+
+    env = make_env(task, _task_seed(seed, MT30.names.index(task)))
+    for _ in range(lo):  # replay the resets of the episodes before lo
+        env.reset()
+    n, rows = hi - lo, EPISODE_LENGTH + 1
+    obs = np.zeros((n, rows, env.padded_obs_dim), np.float32)
+    action = np.zeros((n, rows, env.padded_action_dim), np.float32)
+    reward = np.zeros((n, rows), np.float32)
+    task_id = torch.tensor([env.task_id])
+    for i in range(n):
+        rng = np.random.default_rng([seed, env.task_id, lo + i])
+        plan = _actions(policy, rng, EPISODE_LENGTH, env.action_dim)
+        obs[i, 0] = env.reset()
+        for k in range(1, rows):
+            if plan is not None:
+                a = plan[k - 1]
+            else:
+                a = _policy_mean(obs[i, k - 1], task_id)[: env.action_dim]
+                a = np.clip(a + CHECKPOINT_NOISE_STD * rng.normal(size=a.shape), -1.0, 1.0)
+            action[i, k, : env.action_dim] = a
+            obs[i, k], reward[i, k], _, _ = env.step(action[i, k])
+    action[:, 0] = np.nan
+    reward[:, 0] = np.nan
+    return {
+        "obs": obs,
+        "action": action,
+        "reward": reward,
+        "task": np.full((n, rows), env.task_id, np.int32),
+    }
+
+
+def _policy_mean(obs: np.ndarray, task_id) -> np.ndarray:
+    import torch
+
+    from trainer.plan import policy_action
+
+    assert _WORKER_MODEL is not None, "checkpoint policy used before _init_worker"
+    with torch.inference_mode():
+        return policy_action(_WORKER_MODEL, torch.from_numpy(obs)[None], task_id)[0].numpy()
+
+
+def _chunk_jobs(names: list[str], per_task: int, chunks: int) -> list[list[tuple[str, int, int]]]:
+    """Per chunk, the (task, lo, hi) episode ranges it holds, tasks in order."""
+    total = len(names) * per_task
+    bounds = np.linspace(0, total, chunks + 1).astype(int)
+    out = []
+    for k in range(chunks):
+        jobs = []
+        for t, name in enumerate(names):
+            lo = max(bounds[k], t * per_task) - t * per_task
+            hi = min(bounds[k + 1], (t + 1) * per_task) - t * per_task
+            if lo < hi:
+                jobs.append((name, int(lo), int(hi)))
+        out.append(jobs)
+    return out
+
+
+def make_mt30_dmc(
+    dst: str | os.PathLike,
+    episodes_per_task: int = 4,
+    chunks: int = 1,
+    seed: int = 0,
+    policy: str = "random",
+    workers: int = -1,
+    tasks: str | list[str] | None = None,
+) -> list[Path]:
+    """Roll out `policy` on the MT30 tasks and write chunk_0.pt .. into `dst`; returns the paths.
+
+    `workers` processes (spawned, one torch thread each) run one job per (task, chunk);
+    0 runs everything in this process; -1 uses one process per CPU core.
+    """
+    from trainer.evaluate import resolve_tasks
+
+    names = resolve_tasks(tasks or "mt30")
+    names.sort(key=MT30.names.index)
+    if episodes_per_task < 1 or chunks < 1:
+        raise ValueError("--episodes-per-task and --chunks must be at least 1")
+    if chunks > len(names) * episodes_per_task:
+        raise ValueError(
+            f"--chunks {chunks} is more than the {len(names) * episodes_per_task} episodes"
+        )
+    if policy not in POLICIES and not Path(policy).is_file():
+        raise ValueError(
+            f"--policy must be one of {', '.join(POLICIES)} or a checkpoint file; got {policy!r}"
+        )
+    if policy not in POLICIES:
+        from trainer.evaluate import check_task_set
+        from trainer.quantize import load_any
+
+        check_task_set(load_any(policy).cfg)  # fail here, not inside every worker
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    if workers < 0:
+        workers = os.cpu_count() or 1
+    per_chunk = _chunk_jobs(names, episodes_per_task, chunks)
+    paths = []
+    pool = mp.get_context("spawn").Pool(workers, _init_worker, (policy,)) if workers else None
+    try:
+        if pool is None:
+            _set_policy(policy)
+        for k, jobs in enumerate(per_chunk):
+            args = [(name, lo, hi, seed, policy) for name, lo, hi in jobs]
+            parts = (
+                pool.starmap(rollout_task, args, chunksize=1)
+                if pool
+                else [rollout_task(*a) for a in args]
+            )
+            path = dst / f"chunk_{k}.pt"
+            _save_chunk(parts, path)
+            paths.append(path)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return paths
