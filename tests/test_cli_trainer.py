@@ -122,3 +122,67 @@ def test_tools_make_teacher_writes_an_official_file(tmp_path):
     result = CliRunner().invoke(tools_cli, ["make-teacher", "--size", "1", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert load_checkpoint(out).cfg.model_size == 1
+
+
+def test_eval_and_quantize_commands(tmp_path):
+    import pytest
+
+    pytest.importorskip("dm_control")
+    model = make_teacher(1, tmp_path / "m.pt")
+    runner = CliRunner()
+    result = runner.invoke(
+        main,
+        [
+            "eval",
+            "--checkpoint",
+            str(model),
+            "--tasks",
+            "pendulum-spin,cartpole-balance",
+            "--episodes",
+            "1",
+            "--no-mpc",
+            "--max-steps",
+            "5",
+            "--workers",
+            "0",
+            "--out",
+            str(tmp_path / "eval"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "normalized score" in result.output and (tmp_path / "eval" / "eval.json").exists()
+    result = runner.invoke(
+        main,
+        [
+            "quantize",
+            "--checkpoint",
+            str(model),
+            "--dtype",
+            "int8",
+            "--out",
+            str(tmp_path / "q.pt"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(
+        main,
+        [
+            "eval",
+            "--checkpoint",
+            str(tmp_path / "q.pt"),
+            "--tasks",
+            "pendulum-spin",
+            "--episodes",
+            "1",
+            "--no-mpc",
+            "--max-steps",
+            "3",
+            "--workers",
+            "0",
+            "--out",
+            str(tmp_path / "eval-q"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["eval", "--checkpoint", str(model), "--tasks", "walker-fly"])
+    assert result.exit_code != 0 and "walker-walk" in result.output  # lists the valid names

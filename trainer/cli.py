@@ -110,6 +110,105 @@ def export_cmd(checkpoint: Path, out: Path) -> None:
     click.echo(f"wrote {out}")
 
 
+@main.command("eval")
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    required=True,
+    help="World model: official file (old/new API, any size) or `trainer quantize` output.",
+)
+@click.option(
+    "--tasks", default="mt30", show_default=True, help="mt30, or comma-separated task names."
+)
+@click.option(
+    "--episodes", type=int, default=10, show_default=True, help="Episodes per task (spec E: 10)."
+)
+@click.option("--no-mpc", is_flag=True, help="Act with the policy mean instead of MPPI planning.")
+@click.option(
+    "--workers",
+    type=int,
+    default=-1,
+    show_default=True,
+    help="Processes over tasks; 0: this process; -1: one per core.",
+)
+@click.option("--seed", type=int, default=1, show_default=True, help="Env and planner seed.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("runs/eval"),
+    show_default=True,
+    help="Folder for eval.csv, eval.json and eval.png.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="cpu",
+    show_default=True,
+    help="cuda plans every environment in lockstep in this process.",
+)
+@click.option(
+    "--max-steps", type=int, default=None, help="Cut episodes after this many steps (smoke tests)."
+)
+@click.option(
+    "--planner-noise",
+    is_flag=True,
+    help="Add std[0]*N(0,1) to planned actions, as the official evaluate.py does.",
+)
+@click.option(
+    "--allow-quantized", is_flag=True, help="Load the paper's broken scale-1.0 int8 files anyway."
+)
+def eval_cmd(**kw: Any) -> None:
+    """Per-task returns and the normalized MT30 score of a checkpoint (spec E)."""
+    from trainer.evaluate import EvalConfig, run_eval
+
+    kw["mpc"] = not kw.pop("no_mpc")
+    result = _run(lambda: run_eval(EvalConfig(**kw)))
+    for t in result.tasks:
+        click.echo(f"{t.task:28} {t.mean_return:8.1f}")
+    click.echo(
+        f"normalized score {result.normalized_score:.2f} ({len(result.tasks)} tasks); "
+        f"outputs in {kw['out']}"
+    )
+
+
+@main.command("quantize")
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    required=True,
+    help="Source world model (official file, fp32 or fp16, any size).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp16", "bf16", "int8"]),
+    required=True,
+    help="fp16/bf16: cast; int8: per-channel Linear weights, scales from the weights.",
+)
+@click.option(
+    "--out", type=click.Path(path_type=Path), required=True, help="Quantized file to write."
+)
+@click.option(
+    "--heldout",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Folder of chunk_K.pt for the fidelity report (reward, Q, action error).",
+)
+@click.option(
+    "--score-tasks", default="", help="Comma-separated tasks for the policy-only score change."
+)
+@click.option(
+    "--score-episodes", type=int, default=2, show_default=True, help="Episodes per scored task."
+)
+def quantize_cmd(**kw: Any) -> None:
+    """Post-training quantization with a size, fidelity and score report (<out>.report.json)."""
+    import json
+
+    from trainer.quantize import QuantizeConfig, run_quantize
+
+    report = _run(lambda: run_quantize(QuantizeConfig(**kw)))
+    click.echo(json.dumps(report, indent=1))
+
+
 def _train(kw: dict[str, Any]) -> None:
     for name in ("model_size", "teacher_size"):
         if kw.get(name) is not None:
@@ -120,7 +219,7 @@ def _train(kw: dict[str, Any]) -> None:
 def _run(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
-    except (DatapipeError, CheckpointError, TrainError) as e:
+    except (DatapipeError, CheckpointError, TrainError, ValueError) as e:
         raise click.ClickException(str(e)) from e
 
 
