@@ -30,13 +30,44 @@ def main() -> None:
     show_default=True,
     help="mt30: 501-row episodes, obs 24; mt80: 101-row episodes, obs 39.",
 )
-def make_mt30_cmd(dst, episodes_per_task, chunks, seed, task_set) -> None:
-    """Write a synthetic dataset in exactly the official MT30 chunk format."""
-    cfg = MakeConfig(
-        dst=dst, episodes_per_task=episodes_per_task, chunks=chunks, seed=seed, task_set=task_set
-    )
+@click.option(
+    "--physics",
+    type=click.Choice(["synthetic", "dmc"]),
+    default="synthetic",
+    show_default=True,
+    help="synthetic: smooth linear dynamics (fast); dmc: real DMControl rollouts (mt30 only).",
+)
+@click.option(
+    "--policy",
+    default="random",
+    show_default=True,
+    help="With --physics dmc: random, noise, or the path of a world-model checkpoint.",
+)
+@click.option(
+    "--workers",
+    type=int,
+    default=-1,
+    show_default=True,
+    help="With --physics dmc: rollout processes; 0: this process; -1: one per core.",
+)
+def make_mt30_cmd(dst, episodes_per_task, chunks, seed, task_set, physics, policy, workers) -> None:
+    """Write a dataset in exactly the official MT30 chunk format."""
     try:
-        paths = make_mt30(cfg)
+        if physics == "dmc":
+            if task_set != "mt30":
+                raise ValueError("--physics dmc makes the 30 MT30 tasks only; drop --task-set")
+            from tools.rollouts import make_mt30_dmc
+
+            paths = make_mt30_dmc(dst, episodes_per_task, chunks, seed, policy, workers)
+        else:
+            cfg = MakeConfig(
+                dst=dst,
+                episodes_per_task=episodes_per_task,
+                chunks=chunks,
+                seed=seed,
+                task_set=task_set,
+            )
+            paths = make_mt30(cfg)
     except ValueError as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"wrote {len(paths)} chunk(s) to {dst}")
