@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from datapipe.tasksets import MT30
-from tools.make_mt30 import _save_chunk
+from tools.make_mt30 import save_chunk
 
 POLICIES = ("random", "noise")
 CHECKPOINT_NOISE_STD = 0.3  # exploration noise around the checkpoint's policy mean
@@ -121,6 +122,10 @@ def rollout_task(task: str, lo: int, hi: int, seed: int, policy: str) -> dict[st
     }
 
 
+def _rollout_job(args: tuple) -> dict[str, np.ndarray]:
+    return rollout_task(*args)
+
+
 def _policy_mean(obs: np.ndarray, task_id) -> np.ndarray:
     import torch
 
@@ -161,7 +166,7 @@ def make_mt30_dmc(
     `workers` processes (spawned, one torch thread each) run one job per (task, chunk);
     0 runs everything in this process; -1 uses one process per CPU core.
     """
-    from trainer.evaluate import resolve_tasks
+    from trainer.evaluate import one_torch_thread, resolve_tasks
 
     names = resolve_tasks(tasks or "mt30")
     names.sort(key=MT30.names.index)
@@ -186,22 +191,24 @@ def make_mt30_dmc(
         workers = os.cpu_count() or 1
     per_chunk = _chunk_jobs(names, episodes_per_task, chunks)
     paths = []
-    pool = mp.get_context("spawn").Pool(workers, _init_worker, (policy,)) if workers else None
+    pool = (
+        ProcessPoolExecutor(workers, mp.get_context("spawn"), _init_worker, (policy,))
+        if workers
+        else None
+    )
     try:
         if pool is None:
             _set_policy(policy)
         for k, jobs in enumerate(per_chunk):
-            args = [(name, lo, hi, seed, policy) for name, lo, hi in jobs]
-            parts = (
-                pool.starmap(rollout_task, args, chunksize=1)
-                if pool
-                else [rollout_task(*a) for a in args]
-            )
+            if pool is not None:
+                parts = list(pool.map(_rollout_job, [(*job, seed, policy) for job in jobs]))
+            else:
+                with one_torch_thread():
+                    parts = [rollout_task(*job, seed, policy) for job in jobs]
             path = dst / f"chunk_{k}.pt"
-            _save_chunk(parts, path)
+            save_chunk(parts, path)
             paths.append(path)
     finally:
         if pool is not None:
-            pool.close()
-            pool.join()
+            pool.shutdown()
     return paths

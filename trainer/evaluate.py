@@ -20,13 +20,15 @@ runs every task in this process as one lockstep batch (the fast path on a GPU).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import multiprocessing as mp
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +53,7 @@ class EvalConfig:
     tasks: str = "mt30"  # "mt30" (all 30) or comma-separated MT30 task names
     episodes: int = 10  # episodes per task (spec E: 10)
     mpc: bool = True  # plan with MPPI; False (--no-mpc): act with the policy mean
-    workers: int = -1  # processes over tasks; 0 = all tasks in this process; -1 = one per core
+    workers: int = -1  # processes over tasks; 0 or 1 = all in this process; -1 = one per core
     seed: int = 1  # env seed (task_kwargs random) and torch seed of the planner
     out: Path = Path("runs/eval")  # folder for eval.csv, eval.json, eval.png
     device: str = "cpu"  # cpu | cuda | auto (cuda if available); cuda implies workers=0
@@ -190,6 +192,23 @@ def run_episodes(
     ]
 
 
+@contextlib.contextmanager
+def one_torch_thread(active: bool = True) -> Iterator[None]:
+    """Run the block with one torch intra-op thread (then restore the count).
+
+    Evaluation interleaves small network calls with single-threaded physics; on a shared
+    2-core machine two torch threads made policy-only evaluation 10x slower (53 s against
+    5.5 s for 30 tasks x 1 episode) and an MPPI step 2.5x slower (BENCHMARKS.md).
+    """
+    before = torch.get_num_threads()
+    if active:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 _WORKER_MODEL: WorldModel | None = None  # set once per worker process by _init_worker
 
 
@@ -231,8 +250,9 @@ def evaluate(
     `eval_mode=False` adds the planner's exploration noise, as the official standalone
     evaluate.py (and TD-MPC-Opt's) do; it has no effect with `mpc=False`.
 
-    `workers` > 0: that many processes (spawned, one torch thread each), one job per task;
-    0: all tasks in this process as one lockstep batch; -1: one process per CPU core.
+    `workers` >= 2: that many processes (spawned, one torch thread each), one job per task;
+    0 or 1: all tasks in this process as one lockstep batch (use this on a GPU); -1: one
+    process per CPU core (at most one per task), or this process when the model is on a GPU.
     """
     names = resolve_tasks(tasks)
     check_task_set(model.cfg)
@@ -245,15 +265,22 @@ def evaluate(
     dtype = model._encoder["state"][0].weight.dtype
     t0 = time.perf_counter()
     if workers <= 1:
-        results = run_episodes(model, names, episodes, mpc, seed, max_steps, planner, eval_mode)
+        with one_torch_thread(device.type == "cpu"):
+            results = run_episodes(model, names, episodes, mpc, seed, max_steps, planner, eval_mode)
     else:
         state = {
             k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()
         }
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(workers, _init_worker, (model.cfg, state, dtype)) as pool:
-            jobs = [(t, episodes, mpc, seed, max_steps, planner, eval_mode) for t in names]
-            results = pool.starmap(_worker_job, jobs, chunksize=1)
+        # spawn, not fork: torch's thread pools do not survive a fork; a worker that dies
+        # raises BrokenProcessPool here instead of hanging
+        with ProcessPoolExecutor(
+            workers, mp.get_context("spawn"), _init_worker, (model.cfg, state, dtype)
+        ) as pool:
+            n = len(names)
+            results = list(
+                pool.map(_worker_job, names, [episodes] * n, [mpc] * n, [seed] * n,
+                         [max_steps] * n, [planner] * n, [eval_mode] * n)
+            )  # fmt: skip
     wall = time.perf_counter() - t0
     protocol = {
         "action_selection": describe_protocol(mpc, planner, eval_mode),
