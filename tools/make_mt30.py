@@ -74,7 +74,9 @@ def _episodes(task_set: TaskSet, task: int, n: int, rows: int, seed: int, rng) -
     return {"obs": obs, "action": action, "reward": reward, "task": task_ids}
 
 
-def _save_chunk(parts: list[dict], path: Path) -> None:
+def save_chunk(parts: list[dict], path: Path) -> None:
+    """Write episode arrays (dicts of obs/action/reward/task, concatenated in order) as one
+    official chunk file: a torch-saved TensorDict of batch [N, T], written atomically."""
     from tensordict import TensorDict
 
     arrays = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
@@ -106,6 +108,6 @@ def make_mt30(cfg: MakeConfig) -> list[Path]:
                 rng = np.random.default_rng([cfg.seed, task, k, 1])
                 parts.append(_episodes(task_set, task, t_hi - t_lo, cfg.rows, cfg.seed, rng))
         path = cfg.dst / f"chunk_{k}.pt"
-        _save_chunk(parts, path)
+        save_chunk(parts, path)
         paths.append(path)
     return paths
