@@ -149,20 +149,22 @@ def _check_counts(meta: dict, index: dict, report: Report) -> None:
     report.count("metadata files", 3)
 
 
-def _expected_files(meta: dict) -> set[str]:
-    files = set()
+def _expected_files(meta: dict) -> dict[str, list[int]]:
+    """Every data file of the store -> the [lo, hi) store episodes it holds."""
+    files = {}
     for k in range(meta["n_shards"]):
-        if "zarr" in meta["formats"]:
-            files.update(fmt.zarr_shard_file(name, k) for name in fmt.ARRAYS)
+        eps = fmt.shard_episodes(k, meta["dataset"]["n_episodes"])
+        names = [fmt.zarr_shard_file(a, k) for a in fmt.ARRAYS] if "zarr" in meta["formats"] else []
         if "webdataset" in meta["formats"]:
-            files.add(fmt.wds_shard_file(k))
+            names.append(fmt.wds_shard_file(k))
+        files.update({name: [eps.start, eps.stop] for name in names})
     return files
 
 
 def _check_manifest(root: Path, meta: dict, manifest: dict, report: Report, progress) -> set[str]:
     """sha256 of every data file; returns the missing ones (the rest are decoded after)."""
     listed, expected = manifest.get("files", {}), _expected_files(meta)
-    for rel in sorted(expected - set(listed)):
+    for rel in sorted(expected.keys() - listed.keys()):
         report.add("manifest", fmt.MANIFEST_FILE, f"does not list {rel}")
     on_disk = {
         str(p.relative_to(root))
@@ -171,13 +173,13 @@ def _check_manifest(root: Path, meta: dict, manifest: dict, report: Report, prog
         for p in (root / d).rglob("*")
         if p.is_file() and p.name != "zarr.json"
     }
-    for rel in sorted(on_disk - expected):
+    for rel in sorted(on_disk - expected.keys()):
         report.add("unexpected-file", rel, "not part of the store (a leftover temp file?)")
     missing = set()
     for rel in progress(sorted(expected), "files"):
         path = root / rel
         if not path.exists():
-            report.add("missing-file", rel, "data file is missing", _file_episodes(rel, meta))
+            report.add("missing-file", rel, "data file is missing", expected[rel])
             missing.add(rel)
             continue
         h, size = hashlib.sha256(), 0
@@ -188,20 +190,12 @@ def _check_manifest(root: Path, meta: dict, manifest: dict, report: Report, prog
         want = listed.get(rel)
         if want and size != want["size"]:
             what = f"size {size} differs from the manifest's {want['size']} (truncated?)"
-            report.add("file-hash", rel, what, _file_episodes(rel, meta))
+            report.add("file-hash", rel, what, expected[rel])
         elif want and h.hexdigest() != want["sha256"]:
-            report.add(
-                "file-hash", rel, "sha256 differs from the manifest", _file_episodes(rel, meta)
-            )
+            report.add("file-hash", rel, "sha256 differs from the manifest", expected[rel])
         report.count("bytes hashed", size)
     report.count("data files", len(expected))
     return missing
-
-
-def _file_episodes(rel: str, meta: dict) -> list[int]:
-    shard = int(rel.split("/c/")[1].split("/")[0]) if "/c/" in rel else int(rel[-10:-4])
-    eps = fmt.shard_episodes(shard, meta["dataset"]["n_episodes"])
-    return [eps.start, eps.stop]
 
 
 def _zarr_arrays(store: Store, reader: ShardReader, eps: range, report: Report) -> dict | None:
