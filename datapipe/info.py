@@ -16,11 +16,11 @@ def _dir_bytes(path: Path) -> int:
 
 
 def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    raise AssertionError
+    """Decimal units: 512 B, 3.8 MB, 1.9 GB."""
+    if n < 1000:
+        return f"{int(n)} B"
+    exponent = min(int(math.log10(n)) // 3, 4)  # 1 KB .. 4 TB
+    return f"{n / 1000**exponent:.1f} {('KB', 'MB', 'GB', 'TB')[exponent - 1]}"
 
 
 def _incomplete_summary(root: Path, err: IncompleteStoreError) -> str:
