@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
 from math import erfc, sqrt
 from pathlib import Path
 
@@ -101,3 +107,66 @@ def make_labelled_store(root: Path, episodes_per_task: int = 10, rows: int = 21)
 def labelled_store(tmp_path_factory) -> Path:
     """30 tasks x 10 episodes of 21 rows (300 episodes: 2 shards, the second partial)."""
     return make_labelled_store(tmp_path_factory.mktemp("labelled"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's server mode) on localhost for the whole session.
+
+    It is configured the way a user configures a real one, through the standard AWS
+    environment variables, which s3fs (and the dask workers and torchrun ranks the tests
+    start, which inherit the environment) read; yields the endpoint URL."""
+    exe = shutil.which("moto_server")
+    if exe is None:
+        pytest.fail("moto_server is missing: pip install -e '.[dev]' (moto[server])")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [exe, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("moto_server did not start in 60 s")
+                time.sleep(0.2)
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A new, empty bucket on the session's S3 server; yields its URL, `s3://NAME`."""
+    import fsspec
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    fs = fsspec.filesystem("s3")
+    fs.mkdir(name)
+    return f"s3://{name}"
