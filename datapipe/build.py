@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
-import os
-import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,15 +17,16 @@ from pathlib import Path
 from datapipe import __version__
 from datapipe import format as fmt
 from datapipe.errors import BuildWriteError, DestinationError, SourceError
+from datapipe.location import Location
 from datapipe.source import Layout, SourceFile, scan_sources
 from datapipe.tasksets import TaskSet, get_task_set, match_task_set
-from datapipe.units import TMP_SUFFIX, Piece, build_shard, hash_source, write_json_atomic
+from datapipe.units import Piece, build_shard, hash_source, write_json_atomic
 
 
 @dataclass(frozen=True)
 class BuildConfig:
-    src: Path  # folder of chunk_K.pt files
-    dst: Path  # store folder to create, or to finish after an interruption
+    src: str | Path  # folder of chunk_K.pt files: a path or an fsspec URL (s3://...)
+    dst: str | Path  # store folder to create or to finish after an interruption: path or URL
     formats: tuple[str, ...] = ("zarr",)  # any of "zarr", "webdataset"
     workers: int = 2  # local dask worker processes; 0 runs every unit in this process
     scheduler: str | None = None  # address of a running dask.distributed scheduler
@@ -34,7 +34,7 @@ class BuildConfig:
     progress: bool = True  # show a progress bar (rows/s, ETA)
 
 
-def resolve_task_set(name: str, layout: Layout, src: Path) -> TaskSet:
+def resolve_task_set(name: str, layout: Layout, src: str | Path) -> TaskSet:
     if name != "auto":
         ts = get_task_set(name)
     elif (ts := match_task_set(layout.obs_dim, layout.action_dim)) is None:
@@ -73,59 +73,58 @@ def shard_pieces(sources: list[SourceFile], shard: int, n_episodes: int) -> list
     return pieces
 
 
-def _read_json(path: Path):
-    return json.loads(path.read_text())
+def _read_json(loc: Location, rel: str):
+    return json.loads(loc.read_bytes(rel))
 
 
-def _create_arrays(dst: Path, plan: dict) -> None:
-    """Create the empty Zarr group in a temp folder, then rename it into place."""
+def _create_arrays(dst: Location, plan: dict) -> None:
+    """Create the empty Zarr group: its metadata files are made in a local temp folder, then
+    published array by array, the group's own zarr.json last (its presence means done)."""
     import zarr
 
-    final = dst / fmt.ZARR_DIR
-    if final.exists():
+    group_file = f"{fmt.ZARR_DIR}/zarr.json"
+    if dst.exists(group_file):
         return
-    tmp = dst / f".{fmt.ZARR_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    group = zarr.open_group(tmp, mode="w", attributes={"format_version": fmt.FORMAT_VERSION})
-    lay = plan["layout"]
-    for name in fmt.ARRAYS:
-        shape = fmt.array_shape(
-            name, plan["n_episodes"], lay["rows"], lay["obs_dim"], lay["action_dim"]
-        )
-        group.create_array(**fmt.zarr_array_kwargs(name, shape))
-    os.replace(tmp, final)
+    with tempfile.TemporaryDirectory() as tmp:
+        group = zarr.open_group(tmp, mode="w", attributes={"format_version": fmt.FORMAT_VERSION})
+        lay = plan["layout"]
+        for name in fmt.ARRAYS:
+            shape = fmt.array_shape(
+                name, plan["n_episodes"], lay["rows"], lay["obs_dim"], lay["action_dim"]
+            )
+            group.create_array(**fmt.zarr_array_kwargs(name, shape))
+        for name in fmt.ARRAYS:
+            rel = f"{name}/zarr.json"
+            dst.write_atomic(f"{fmt.ZARR_DIR}/{rel}", (Path(tmp) / rel).read_bytes())
+        dst.write_atomic(group_file, (Path(tmp) / "zarr.json").read_bytes())
 
 
-def prepare_destination(dst: Path, plan: dict, command: str) -> bool:
+def prepare_destination(dst: Location, plan: dict, command: str) -> bool:
     """Create, or check for resuming, the store at `dst`; False if it is already complete."""
     identity = {k: v for k, v in plan.items() if k != "command"}
-    meta_path, plan_path = dst / fmt.META_FILE, dst / fmt.PLAN_FILE
-    if meta_path.exists():
-        if _read_json(meta_path).get("plan") != identity:
+    if dst.exists(fmt.META_FILE):
+        if _read_json(dst, fmt.META_FILE).get("plan") != identity:
             raise DestinationError(
                 f"{dst}: holds a complete store of a different dataset or build settings. "
                 f"Choose another --dst, or delete {dst} to rebuild."
             )
-        shutil.rmtree(dst / fmt.BUILD_DIR, ignore_errors=True)
+        dst.remove_tree(fmt.BUILD_DIR)
         return False
-    if plan_path.exists():
-        old = _read_json(plan_path)
+    if dst.exists(fmt.PLAN_FILE):
+        old = _read_json(dst, fmt.PLAN_FILE)
         if {k: v for k, v in old.items() if k != "command"} != identity:
             raise DestinationError(
                 f"{dst}: holds an unfinished build of a different dataset or settings (started "
                 f"by `{old.get('command')}`). Finish it with that command, or delete {dst}."
             )
-    elif dst.exists() and any(dst.iterdir()):
+    elif not dst.is_empty():
         raise DestinationError(
             f"{dst}: exists, is not empty and is not a datapipe store: choose an empty or new --dst."
         )
     else:
-        write_json_atomic(plan_path, {**identity, "command": command})
+        write_json_atomic(dst, fmt.PLAN_FILE, {**identity, "command": command})
     _create_arrays(dst, plan)
-    if "webdataset" in plan["formats"]:
-        (dst / fmt.WDS_DIR).mkdir(exist_ok=True)
-    for stale in dst.rglob(f".*{TMP_SUFFIX}*"):  # left by a killed run; its unit is redone
-        stale.unlink()
+    dst.remove_stale_temps()  # left by a killed run; its unit is redone
     return True
 
 
@@ -190,19 +189,19 @@ def _index(records: list[dict], ts: TaskSet, rows: int) -> dict:
 
 
 def _commit(
-    dst: Path, cfg: BuildConfig, plan: dict, sources: list[SourceFile], ts: TaskSet
+    dst: Location, cfg: BuildConfig, plan: dict, sources: list[SourceFile], ts: TaskSet
 ) -> None:
     """Write index, manifest, config, then meta.json (the completeness mark); drop _build."""
     n_shards = fmt.n_shards(plan["n_episodes"])
-    records = [_read_json(dst / fmt.unit_record_file(k)) for k in range(n_shards)]
-    hashes = [_read_json(dst / fmt.source_record_file(i))["sha256"] for i in range(len(sources))]
+    records = [_read_json(dst, fmt.unit_record_file(k)) for k in range(n_shards)]
+    hashes = [_read_json(dst, fmt.source_record_file(i))["sha256"] for i in range(len(sources))]
     rows = plan["layout"]["rows"]
     index = _index(records, ts, rows)
     files = {rel: info for rec in records for rel, info in rec["files"].items()}
-    write_json_atomic(dst / fmt.INDEX_FILE, index)
-    write_json_atomic(dst / fmt.MANIFEST_FILE, {"files": dict(sorted(files.items()))})
+    write_json_atomic(dst, fmt.INDEX_FILE, index)
+    write_json_atomic(dst, fmt.MANIFEST_FILE, {"files": dict(sorted(files.items()))})
     config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
-    write_json_atomic(dst / fmt.CONFIG_FILE, config)
+    write_json_atomic(dst, fmt.CONFIG_FILE, config)
     lay = plan["layout"]
     arrays = {}
     for name in fmt.ARRAYS:
@@ -254,36 +253,38 @@ def _commit(
         ],
         "plan": plan,
     }
-    write_json_atomic(dst / fmt.META_FILE, meta)
-    shutil.rmtree(dst / fmt.BUILD_DIR, ignore_errors=True)
+    write_json_atomic(dst, fmt.META_FILE, meta)
+    dst.remove_tree(fmt.BUILD_DIR)
 
 
-def build(cfg: BuildConfig, command: str = "datapipe build") -> Path:
-    """Build (or finish building) the store `cfg.dst` from `cfg.src`; returns its path."""
+def build(cfg: BuildConfig, command: str = "datapipe build") -> str:
+    """Build (or finish building) the store `cfg.dst` from `cfg.src`; returns its location
+    (an absolute path, or the URL)."""
     unknown = set(cfg.formats) - set(fmt.FORMATS)
     if unknown or not cfg.formats:
         raise ValueError(f"formats must be a non-empty subset of {fmt.FORMATS}, got {cfg.formats}")
     sources, layout = scan_sources(cfg.src)
     ts = resolve_task_set(cfg.task_set, layout, cfg.src)
     plan = make_plan(sources, layout, ts, cfg.formats)
-    dst = Path(cfg.dst)
+    dst = Location(cfg.dst)
     if not prepare_destination(dst, plan, command):
         print(f"{dst}: already complete; nothing to do.")
-        return dst
+        return dst.url
     n = plan["n_episodes"]
     jobs, done_rows = [], 0
+    done = {f"{d}/{name}" for d in (fmt.SOURCES_DIR, fmt.UNITS_DIR) for name in dst.listdir(d)}
     for i, s in enumerate(sources):
-        if not (dst / fmt.source_record_file(i)).exists():
-            jobs.append((hash_source, (str(dst), i, s.path), 0))
+        if fmt.source_record_file(i) not in done:
+            jobs.append((hash_source, (dst.url, i, s.path), 0))
     for k in range(fmt.n_shards(n)):
         rows = len(fmt.shard_episodes(k, n)) * layout.rows
-        if (dst / fmt.unit_record_file(k)).exists():
+        if fmt.unit_record_file(k) in done:
             done_rows += rows
             continue
         jobs.append(
             (
                 build_shard,
-                (str(dst), k, shard_pieces(sources, k, n), ts.name, plan["formats"]),
+                (dst.url, k, shard_pieces(sources, k, n), ts.name, plan["formats"]),
                 rows,
             )
         )
@@ -301,4 +302,4 @@ def build(cfg: BuildConfig, command: str = "datapipe build") -> Path:
     if cfg.progress:
         dt = time.perf_counter() - t0
         print(f"{dst}: complete ({n} episodes, {n * layout.rows} rows, {dt:.1f} s this run)")
-    return dst
+    return dst.url

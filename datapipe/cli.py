@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shlex
 import sys
-from pathlib import Path
 
 import click
 
@@ -19,12 +18,10 @@ def main() -> None:
 
 
 @main.command("build")
-@click.option(
-    "--src", type=click.Path(path_type=Path), required=True, help="Folder of chunk_K.pt files."
-)
-@click.option(
-    "--dst", type=click.Path(path_type=Path), required=True, help="Store folder to write or finish."
-)
+@click.option("--src", metavar="PATH|URL", required=True,
+              help="Folder of chunk_K.pt files: a path or an fsspec URL (s3://bucket/mt30).")  # fmt: skip
+@click.option("--dst", metavar="PATH|URL", required=True,
+              help="Store folder to write or finish: a path or an fsspec URL.")  # fmt: skip
 @click.option("--format", "fmt", type=click.Choice(["zarr", "webdataset", "both"]), default="zarr",
               show_default=True, help="Which store formats to write.")  # fmt: skip
 @click.option("--workers", type=int, default=2, show_default=True,
@@ -44,17 +41,15 @@ def build_cmd(src, dst, fmt, workers, scheduler, task_set, no_progress) -> None:
 
 
 @main.command("info")
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store", metavar="STORE")
 def info_cmd(store) -> None:
     """Summarise STORE: counts per task, sizes, compression, version, completeness."""
     _run(lambda: click.echo(summary(store)))
 
 
 @main.command("repair")
-@click.argument("store", type=click.Path(path_type=Path))
-@click.option(
-    "--src", type=click.Path(path_type=Path), required=True, help="The chunks STORE was built from."
-)
+@click.argument("store", metavar="STORE")
+@click.option("--src", metavar="PATH|URL", required=True, help="The chunks STORE was built from.")
 def repair_cmd(store, src) -> None:
     """Rebuild the damaged shards of STORE (as found by verify-shards) from SRC."""
     from datapipe.repair import repair

@@ -37,6 +37,8 @@ ZARR_DIR = "episodes.zarr"
 WDS_DIR = "webdataset"
 BUILD_DIR = "_build"
 PLAN_FILE = f"{BUILD_DIR}/plan.json"
+UNITS_DIR = f"{BUILD_DIR}/units"  # one record per finished work unit
+SOURCES_DIR = f"{BUILD_DIR}/sources"  # one record per hashed source file
 
 ARRAYS = ("obs", "action", "reward", "task")
 ARRAY_NDIM = {"obs": 3, "action": 3, "reward": 2, "task": 1}  # store arrays: [E,T,O] .. [E]
@@ -105,8 +107,8 @@ def wds_key(episode: int) -> str:
 
 
 def unit_record_file(shard: int) -> str:
-    return f"{BUILD_DIR}/units/shard-{shard:06d}.json"
+    return f"{UNITS_DIR}/shard-{shard:06d}.json"
 
 
 def source_record_file(index: int) -> str:
-    return f"{BUILD_DIR}/sources/source-{index:04d}.json"
+    return f"{SOURCES_DIR}/source-{index:04d}.json"

@@ -8,11 +8,12 @@ from pathlib import Path
 
 from datapipe import format as fmt
 from datapipe.errors import IncompleteStoreError
+from datapipe.location import Location
 from datapipe.store import open_store
 
 
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+def _dir_bytes(root: Location, rel: str) -> int:
+    return sum(root.size(f) for f in root.find(rel))
 
 
 def _human(n: float) -> str:
@@ -23,10 +24,10 @@ def _human(n: float) -> str:
     return f"{n / 1000**exponent:.1f} {('KB', 'MB', 'GB', 'TB')[exponent - 1]}"
 
 
-def _incomplete_summary(root: Path, err: IncompleteStoreError) -> str:
-    plan = json.loads((root / fmt.PLAN_FILE).read_text())
+def _incomplete_summary(root: Location, err: IncompleteStoreError) -> str:
+    plan = json.loads(root.read_bytes(fmt.PLAN_FILE))
     total = fmt.n_shards(plan["n_episodes"])
-    done = len(list((root / fmt.BUILD_DIR / "units").glob("*.json")))
+    done = len(root.listdir(fmt.UNITS_DIR))
     return (
         f"store: {root}\nstatus: INCOMPLETE, {done} of {total} shards built\n"
         f"episodes: {plan['n_episodes']} planned\n{err}"
@@ -34,12 +35,12 @@ def _incomplete_summary(root: Path, err: IncompleteStoreError) -> str:
 
 
 def summary(path: str | Path) -> str:
-    """The text `datapipe info` prints for the store at `path`."""
-    root = Path(path)
+    """The text `datapipe info` prints for the store at `path` (a path or an fsspec URL)."""
+    root = Location(path)
     try:
-        store = open_store(root)
+        store = open_store(root.url)
     except IncompleteStoreError as e:
-        if (root / fmt.PLAN_FILE).exists():
+        if root.exists(fmt.PLAN_FILE):
             return _incomplete_summary(root, e)
         raise
     meta, ds = store.meta, store.meta["dataset"]
@@ -58,14 +59,14 @@ def summary(path: str | Path) -> str:
         if "zarr" not in meta["formats"]:
             break
         raw = math.prod(arr["shape"]) * 4
-        disk = _dir_bytes(root / fmt.ZARR_DIR / name)
+        disk = _dir_bytes(root, f"{fmt.ZARR_DIR}/{name}")
         ratio = raw / disk if disk else float("nan")
         shape = "x".join(map(str, arr["shape"]))
         lines.append(
             f"{name:8} {arr['dtype']:8} {shape:22} {_human(raw):>10} {_human(disk):>10} {ratio:6.2f}"
         )
     if "webdataset" in meta["formats"]:
-        lines.append(f"webdataset shards: {_human(_dir_bytes(root / fmt.WDS_DIR))}")
+        lines.append(f"webdataset shards: {_human(_dir_bytes(root, fmt.WDS_DIR))}")
     lines += ["", f"{'id':>3} {'task':28} {'episodes':>9} {'rows':>11}"]
     for t in store.index["tasks"]:
         lines.append(f"{t['id']:>3} {t['name']:28} {t['episodes']:>9} {t['rows']:>11}")

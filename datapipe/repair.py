@@ -8,12 +8,12 @@ store.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from datapipe import format as fmt
 from datapipe.build import shard_pieces
 from datapipe.errors import CorruptStoreError, SourceError
+from datapipe.location import Location
 from datapipe.source import scan_sources
 from datapipe.units import build_shard
 from datapipe.verify import Report, verify
@@ -50,12 +50,12 @@ def damaged_shards(report: Report) -> set[int]:
 
 def repair(store: str | Path, src: str | Path) -> tuple[list[int], Report]:
     """Rebuild every damaged shard of `store` from `src`; returns (shards, the new report)."""
-    root = Path(store)
-    report = verify(root)
+    root = Location(store)
+    report = verify(root.url)
     shards = sorted(damaged_shards(report))
     for p in report.problems:
         if p.kind == "unexpected-file":
-            (root / p.where).unlink(missing_ok=True)
+            root.remove(p.where)
     if shards:
         meta = report.meta
         sources, _ = scan_sources(src)
@@ -72,7 +72,7 @@ def repair(store: str | Path, src: str | Path) -> tuple[list[int], Report]:
         try:
             for k in shards:
                 record = build_shard(
-                    str(root),
+                    root.url,
                     k,
                     shard_pieces(sources, k, n),
                     meta["dataset"]["task_set"],
@@ -81,9 +81,9 @@ def repair(store: str | Path, src: str | Path) -> tuple[list[int], Report]:
                 for rel, info in record["files"].items():
                     if manifest.get(rel) != info:
                         raise CorruptStoreError(
-                            f"{root / rel}: rebuilt from {src}, but differs from the manifest: "
+                            f"{root.child(rel)}: rebuilt from {src}, but differs from the manifest: "
                             f"the source changed since the build. Rebuild the store."
                         )
         finally:
-            shutil.rmtree(root / fmt.BUILD_DIR, ignore_errors=True)  # the rebuilt units' records
-    return shards, verify(root)
+            root.remove_tree(fmt.BUILD_DIR)  # the rebuilt units' records
+    return shards, verify(root.url)

@@ -47,8 +47,8 @@ class _Array:
 
     def __init__(self, store: Store, name: str):
         self.name = name
-        meta_path = store.path / fmt.ZARR_DIR / name / "zarr.json"
-        meta = json.loads(meta_path.read_text())
+        meta_path = store.location.child(f"{fmt.ZARR_DIR}/{name}/zarr.json")
+        meta = json.loads(store.location.read_bytes(f"{fmt.ZARR_DIR}/{name}/zarr.json"))
         self.shape = tuple(meta["shape"])
         self.fill_value = meta["fill_value"]
         shard_shape = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
@@ -96,7 +96,7 @@ class ShardReader:
     ):
         if "zarr" not in store.formats:
             raise StoreVersionError(
-                f"{store.path}: was built without the Zarr arrays (formats {store.formats}); "
+                f"{store.url}: was built without the Zarr arrays (formats {store.formats}); "
                 f"rebuild with `datapipe build --format zarr` or use datapipe.WebDatasetStream."
             )
         self.store = store
@@ -115,33 +115,39 @@ class ShardReader:
 
     def close(self) -> None:
         while self._open:
-            os.close(self._open.popitem()[1][0])
+            fd = self._open.popitem()[1][0]
+            if fd is not None:
+                os.close(fd)
 
     def _error(self, name: str, shard: int, problem: str, chunk: int | None = None):
         rel = fmt.zarr_shard_file(name, shard)
         eps = fmt.shard_episodes(shard, self.store.n_episodes)
         where = f"chunk {chunk} (episode {eps.start + chunk})" if chunk is not None else "index"
         return CorruptStoreError(
-            f"{self.store.path}: array {name!r}, shard file {rel} (episodes "
+            f"{self.store.url}: array {name!r}, shard file {rel} (episodes "
             f"[{eps.start}, {eps.stop})), {where}: {problem}. Run `tools verify-shards "
-            f"{self.store.path}` and rebuild the damaged shard from the source."
+            f"{self.store.url}` and rebuild the damaged shard from the source."
         )
 
-    def _shard(self, name: str, shard: int) -> tuple[int, list]:
-        """The open file and checked index of one shard file of `name`."""
+    def _shard(self, name: str, shard: int) -> tuple[int | None, list]:
+        """The open file (None for a remote store) and checked index of one shard file."""
         hit = self._open.get((name, shard))
         if hit is not None:
             return hit
-        arr = self.arrays[name]
+        arr, loc, rel = self.arrays[name], self.store.location, fmt.zarr_shard_file(name, shard)
         try:
-            fd = os.open(self.store.path / fmt.zarr_shard_file(name, shard), os.O_RDONLY)
+            fd = os.open(loc.path(rel), os.O_RDONLY) if loc.local else None
+            size = os.fstat(fd).st_size if loc.local else loc.size(rel)
         except FileNotFoundError:
             raise self._error(name, shard, "shard file missing") from None
         try:
-            size = os.fstat(fd).st_size
             if size < arr.index_nbytes:
                 raise self._error(name, shard, f"file of {size} bytes is shorter than its index")
-            raw = os.pread(fd, arr.index_nbytes, size - arr.index_nbytes)
+            start = size - arr.index_nbytes
+            if fd is not None:
+                raw = os.pread(fd, arr.index_nbytes, start)
+            else:
+                raw = loc.read_range(rel, start, size)
             if not _crc_ok(raw):
                 raise self._error(name, shard, "crc32c mismatch in the shard index")
             index = np.frombuffer(raw, "<u8", count=2 * arr.n_inner).reshape(-1, 2)
@@ -149,31 +155,56 @@ class ShardReader:
             if np.any(index[full, 0] + index[full, 1] > size - arr.index_nbytes):
                 raise self._error(name, shard, "the index points past the end of the file")
         except BaseException:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
             raise
         if len(self._open) >= self.max_open_shards:  # close the oldest
-            os.close(self._open.pop(next(iter(self._open)))[0])
+            old = self._open.pop(next(iter(self._open)))[0]
+            if old is not None:
+                os.close(old)
         entry = self._open[(name, shard)] = (fd, index.tolist())
         return entry
+
+    def _fetch(self, name: str, episodes: list[int]) -> list[tuple[int, int, int, bytes | None]]:
+        """(shard, chunk, indexed size, encoded bytes or None if never written) of each
+        episode. Remote chunks come from concurrent ranged reads: one round trip in all."""
+        found, remote = [], []
+        for e in episodes:
+            shard, k = divmod(e, fmt.EPISODES_PER_SHARD)
+            fd, index = self._shard(name, shard)
+            offset, nbytes = index[k]
+            if offset == _EMPTY:
+                found.append((shard, k, 0, None))
+            elif fd is not None:
+                found.append((shard, k, nbytes, os.pread(fd, nbytes, offset)))
+            else:
+                remote.append(len(found))
+                found.append((shard, k, nbytes, offset))
+        if remote:
+            rels = [fmt.zarr_shard_file(name, found[j][0]) for j in remote]
+            starts = [found[j][3] for j in remote]
+            stops = [found[j][3] + found[j][2] for j in remote]
+            blobs = self.store.location.read_ranges(rels, starts, stops)
+            for j, blob in zip(remote, blobs, strict=True):
+                found[j] = (*found[j][:3], blob)
+        return found
 
     def read(self, name: str, episodes: np.ndarray, out: np.ndarray) -> None:
         """Decode episodes `episodes` of array `name` into `out[j]` ([T, D] or [T] each)."""
         arr = self.arrays[name]
         n, size = self.store.n_episodes, arr.chunk_nbytes
         scratch = self._scratch.get(name)
-        for j, e in enumerate(np.asarray(episodes, np.int64).tolist()):
+        episodes = np.asarray(episodes, np.int64).tolist()
+        for e in episodes:
             if not 0 <= e < n:
-                raise IndexError(f"episode {e} outside [0, {n}) of {self.store.path}")
-            shard, k = divmod(e, fmt.EPISODES_PER_SHARD)
-            fd, index = self._shard(name, shard)
-            offset, nbytes = index[k]
-            if offset == _EMPTY:  # never written: the fill value, as zarr-python reads it
+                raise IndexError(f"episode {e} outside [0, {n}) of {self.store.url}")
+        for j, (shard, k, nbytes, raw) in enumerate(self._fetch(name, episodes)):
+            if raw is None:  # never written: the fill value, as zarr-python reads it
                 out[j] = arr.fill_value
                 continue
-            raw = os.pread(fd, nbytes, offset)
             if len(raw) != nbytes or not _crc_ok(raw):
                 raise self._error(name, shard, "crc32c mismatch", chunk=k)
-            if int.from_bytes(raw[4:8], "little") != size or nbytes < 20:  # blosc header
+            if int.from_bytes(raw[4:8], "little") != size or len(raw) < 20:  # blosc header
                 raise self._error(name, shard, f"does not decode to {size} bytes", chunk=k)
             try:
                 blosc.decompress(memoryview(raw)[:-4], out[j] if scratch is None else scratch)

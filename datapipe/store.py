@@ -21,35 +21,35 @@ from datapipe.errors import (
     StoreNotFoundError,
     StoreVersionError,
 )
+from datapipe.location import Location
 
 
-def _load_json(path: Path) -> dict:
+def _load_json(loc: Location, rel: str) -> dict:
     try:
-        return json.loads(path.read_text())
+        return json.loads(loc.read_bytes(rel))
     except (OSError, ValueError) as e:
         raise CorruptStoreError(
-            f"{path}: unreadable ({type(e).__name__}: {e}); run `tools verify-shards "
-            f"{path.parent}` and rebuild the store with `datapipe build`."
+            f"{loc.child(rel)}: unreadable ({type(e).__name__}: {e}); run `tools verify-shards "
+            f"{loc}` and rebuild the store with `datapipe build`."
         ) from e
 
 
-def check_complete(root: Path) -> dict:
+def check_complete(root: Location) -> dict:
     """The metadata of the complete store at `root`, or an error saying how to get one."""
-    meta_path = root / fmt.META_FILE
-    if not meta_path.exists():
-        plan_path = root / fmt.PLAN_FILE
-        if plan_path.exists():
-            command = _load_json(plan_path).get("command", "datapipe build --src SRC --dst DST")
+    if not root.exists(fmt.META_FILE):
+        if root.exists(fmt.PLAN_FILE):
+            plan = _load_json(root, fmt.PLAN_FILE)
+            command = plan.get("command", "datapipe build --src SRC --dst DST")
             raise IncompleteStoreError(
                 f"{root}: the build of this store did not finish. Run `{command}` again to "
                 f"finish it; only the missing parts are built."
             )
-        if not root.exists():
+        if root.is_empty():
             raise StoreNotFoundError(f"{root}: no such store; build one with `datapipe build`.")
         raise StoreNotFoundError(
             f"{root}: not a datapipe store (no {fmt.META_FILE}); build one with `datapipe build`."
         )
-    meta = _load_json(meta_path)
+    meta = _load_json(root, fmt.META_FILE)
     version = meta.get("format_version")
     if version != fmt.FORMAT_VERSION:
         raise StoreVersionError(
@@ -65,10 +65,12 @@ class Store:
     """A complete store: dataset facts from its metadata, episodes read on demand."""
 
     def __init__(self, path: str | Path, meta: dict | None = None, index: dict | None = None):
-        """Open the store at `path`; `meta`/`index` skip the checks (for verify-shards only)."""
-        self.path = Path(path)
-        self.meta = check_complete(self.path) if meta is None else meta
-        self.index = _load_json(self.path / fmt.INDEX_FILE) if index is None else index
+        """Open the store at `path` (a local path or an fsspec URL such as s3://bucket/store);
+        `meta`/`index` skip the checks (for verify-shards only)."""
+        self.location = Location(path)
+        self.url: str = self.location.url  # absolute path, or the URL: what to show or pass on
+        self.meta = check_complete(self.location) if meta is None else meta
+        self.index = _load_json(self.location, fmt.INDEX_FILE) if index is None else index
         ds = self.meta["dataset"]
         self.n_episodes: int = ds["n_episodes"]
         self.episode_length: int = ds["rows_per_episode"]
@@ -81,9 +83,13 @@ class Store:
 
     def __repr__(self) -> str:
         return (
-            f"Store({str(self.path)!r}, episodes={self.n_episodes}, "
+            f"Store({self.url!r}, episodes={self.n_episodes}, "
             f"rows={self.episode_length}, tasks={len(self.task_names)})"
         )
+
+    def read_bytes(self, rel: str) -> bytes:
+        """File `rel` of the store (e.g. "meta.json"), whole."""
+        return self.location.read_bytes(rel)
 
     def episodes_of_task(self, task: int | str) -> np.ndarray:
         """Store episode ids of one task (by id or name), ascending."""
@@ -108,10 +114,10 @@ class Store:
 
         if "zarr" not in self.formats:
             raise StoreNotFoundError(
-                f"{self.path}: was built without the Zarr arrays (formats {self.formats}); "
+                f"{self.url}: was built without the Zarr arrays (formats {self.formats}); "
                 f"rebuild with `datapipe build --format zarr` or read its WebDataset shards."
             )
-        return zarr.open_group(self.path / fmt.ZARR_DIR, mode="r")
+        return zarr.open_group(self.location.child(fmt.ZARR_DIR), mode="r")
 
     def read_array(self, name: str, lo: int, hi: int) -> np.ndarray:
         """Episodes [lo, hi) of one array; CorruptStoreError if a checksum fails."""
@@ -123,15 +129,15 @@ class Store:
             shards = sorted({e_ // fmt.EPISODES_PER_SHARD for e_ in (lo, max(lo, hi - 1))})
             files = [fmt.zarr_shard_file(name, k) for k in shards]
             raise CorruptStoreError(
-                f"{self.path}: array {name!r}, episodes [{lo}, {hi}) in shard file(s) "
-                f"{', '.join(files)}: {e}. Run `tools verify-shards {self.path}` and rebuild "
+                f"{self.url}: array {name!r}, episodes [{lo}, {hi}) in shard file(s) "
+                f"{', '.join(files)}: {e}. Run `tools verify-shards {self.url}` and rebuild "
                 f"the damaged shards from the source."
             ) from e
 
     def read_episode(self, i: int) -> dict[str, np.ndarray]:
         """Episode `i` in the source layout: obs [T,O], action [T,A], reward [T], task [T]."""
         if not 0 <= i < self.n_episodes:
-            raise IndexError(f"episode {i} outside [0, {self.n_episodes}) of {self.path}")
+            raise IndexError(f"episode {i} outside [0, {self.n_episodes}) of {self.url}")
         out = {name: self.read_array(name, i, i + 1)[0] for name in ("obs", "action", "reward")}
         task = self.read_array("task", i, i + 1)[0]
         out["task"] = np.full(self.episode_length, task, np.int32)

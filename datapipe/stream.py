@@ -1,8 +1,8 @@
 """WebDatasetStream: training batches read sequentially from a store's WebDataset tars.
 
 For stores on object storage, or wherever random reads are slow: each reader streams whole
-tar shards (the `webdataset` library opens local paths and URLs alike, `pipe:` commands
-included), cuts slices from every episode, mixes them in a shuffle buffer and emits batches in
+tar shards (opened with fsspec, so local paths and s3://, gs://, ... URLs alike; `pipe:`
+commands through webdataset), cuts slices from every episode, mixes them in a shuffle buffer and emits batches in
 the SliceLoader layout (obs [H+1,B,O], action [H,B,A], reward [H,B,1], task [B]).
 
 Splitting: every pass shuffles the shard list with (seed, pass), identically everywhere, then
@@ -26,6 +26,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import torch
 import webdataset as wds
@@ -43,16 +44,24 @@ def _decode_npy(payload: bytes) -> np.ndarray:
     return np.load(io.BytesIO(gzip.decompress(payload)), allow_pickle=False)
 
 
+def _open_each(urls: list[str]) -> Iterator[dict]:
+    """{"url", "stream"} of each tar in turn, opened as it is reached and closed after."""
+    for url in urls:
+        opened = wds.gopen(url) if url.startswith("pipe:") else fsspec.open(url, "rb").open()
+        with opened as stream:
+            yield {"url": url, "stream": stream}
+
+
 class WebDatasetStream(torch.utils.data.IterableDataset):
     """An endless stream of `Batch`es (on CPU) from the WebDataset shards of a store.
 
     Args:
-        path_or_store: the store (its metadata is read locally).
+        path_or_store: the store: a path, an fsspec URL (s3://bucket/store) or an open Store.
         batch_size, horizon, seed, tasks, weights: as for SliceLoader.
         slices_per_episode: slices cut from each episode read (at full weight).
         shuffle_buffer: slices held for mixing (memory: ~(H+1) x 128 bytes each).
-        shard_urls: where to read the tars from, in shard order (default: the local files);
-            e.g. [f"pipe:aws s3 cp s3://bucket/store/{f} -" for f in ...].
+        shard_urls: where to read the tars from, in shard order (default: the store's own);
+            e.g. a mirror, or [f"pipe:aws s3 cp s3://bucket/store/{f} -" for f in ...].
     """
 
     def __init__(
@@ -71,7 +80,7 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
         store = path_or_store if isinstance(path_or_store, Store) else open_store(path_or_store)
         if "webdataset" not in store.formats:
             raise StoreNotFoundError(
-                f"{store.path}: was built without WebDataset shards (formats {store.formats}); "
+                f"{store.url}: was built without WebDataset shards (formats {store.formats}); "
                 f"rebuild with `datapipe build --format both`, or use datapipe.SliceLoader."
             )
         T = store.episode_length
@@ -84,7 +93,7 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
         self.shuffle_buffer = max(shuffle_buffer, batch_size)
         n_shards = fmt.n_shards(store.n_episodes)
         if shard_urls is None:
-            shard_urls = [str(store.path / fmt.wds_shard_file(k)) for k in range(n_shards)]
+            shard_urls = [store.location.child(fmt.wds_shard_file(k)) for k in range(n_shards)]
         if len(shard_urls) != n_shards:
             raise ValueError(f"{len(shard_urls)} shard URLs for a store of {n_shards} shards")
         self.shard_urls = list(shard_urls)
@@ -106,8 +115,8 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
         return [self.shard_urls[k] for k in order[me::readers]]
 
     def _episodes(self, urls: list[str]) -> Iterator[dict]:
-        samples = wds.tarfile_to_samples()(iter([{"url": u} for u in urls]))
-        for sample in samples:
+        files = wds.tariterators.tar_file_expander(_open_each(urls))
+        for sample in wds.tariterators.group_by_keys(files):
             where = f"{sample.get('__url__')}: sample {sample.get('__key__')}"
             try:
                 task = int(sample["task.cls"])
@@ -120,7 +129,7 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
             except (KeyError, ValueError, OSError, EOFError, zlib.error) as e:
                 raise CorruptStoreError(
                     f"{where}: unreadable ({type(e).__name__}: {e}). Run `tools verify-shards "
-                    f"{self.store.path}` and rebuild the damaged shard."
+                    f"{self.store.url}` and rebuild the damaged shard."
                 ) from e
             T, obs_dim = self.store.episode_length, self.store.obs_dim
             if ep["obs"].shape != (T, obs_dim) or ep["reward"].shape != (T,):

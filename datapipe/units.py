@@ -1,9 +1,11 @@
 """One build work unit: source episodes -> one shard of every array, then a commit record.
 
-A unit reads its episodes (memory-mapped, one chunk file at a time), checks them, writes
-the Zarr shard file of each array (encoded by datapipe.shardwriter) and the WebDataset tar
-of the same number, each atomically, and last writes its record. A unit without a record is redone from scratch on the next
-run, so a crash at any point loses at most the units in flight.
+A unit reads its episodes (byte ranges of one chunk file at a time: memory-mapped locally,
+ranged reads remotely), checks them, writes the Zarr shard file of each array (encoded by
+datapipe.shardwriter) and the WebDataset tar of the same number, each atomically, and last
+writes its record. A unit without a record is redone from scratch on the next run, so a crash
+at any point loses at most the units in flight. The destination is a path or an fsspec URL
+(see datapipe.location); units run on dask workers, which get it as a string.
 """
 
 from __future__ import annotations
@@ -12,14 +14,13 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import tarfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from datapipe import format as fmt
+from datapipe.location import Location
 from datapipe.shardwriter import encode_shard
 from datapipe.source import SourceFile, read_episodes, validate_episodes
 from datapipe.tasksets import get_task_set
@@ -34,13 +35,9 @@ class Piece:
     hi: int
 
 
-TMP_SUFFIX = ".tmp."  # temp files are ".{name}.tmp.{pid}" beside their target
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write `obj` as JSON to a temp file beside `path`, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+def write_json_atomic(loc: Location, rel: str, obj) -> dict:
+    """Publish `obj` as JSON file `rel` of `loc` atomically; its manifest entry."""
+    return _write_atomic(loc, rel, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
 
 def _sha256(data: bytes) -> str:
@@ -57,25 +54,18 @@ def _task_runs(ids: np.ndarray, first: int) -> list[list[int]]:
     ]
 
 
-def _write_atomic(path: Path, blob: bytes) -> dict:
-    """Write `blob` to a temp file beside `path`, rename it into place; its manifest entry."""
-    tmp = path.with_name(f".{path.name}{TMP_SUFFIX}{os.getpid()}")
-    try:
-        tmp.write_bytes(blob)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def _write_atomic(loc: Location, rel: str, blob: bytes) -> dict:
+    """Publish `blob` as file `rel` of `loc` atomically; its manifest entry."""
+    loc.write_atomic(rel, blob)
     return {"size": len(blob), "sha256": _sha256(blob)}
 
 
-def _write_zarr(root: Path, shard: int, arrays: dict) -> dict:
+def _write_zarr(root: Location, shard: int, arrays: dict) -> dict:
     files = {}
     for name in fmt.ARRAYS:
         data = arrays[name][:, 0] if name == "task" else arrays[name]
         rel = fmt.zarr_shard_file(name, shard)
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        files[rel] = _write_atomic(root / rel, encode_shard(name, data))
+        files[rel] = _write_atomic(root, rel, encode_shard(name, data))
     return files
 
 
@@ -85,7 +75,7 @@ def _npy_gz(array: np.ndarray) -> bytes:
     return gzip.compress(buf.getvalue(), compresslevel=fmt.WDS_GZIP_LEVEL, mtime=0)
 
 
-def _write_webdataset(root: Path, shard: int, first: int, arrays: dict) -> dict:
+def _write_webdataset(root: Location, shard: int, first: int, arrays: dict) -> dict:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for i in range(len(arrays["task"])):
@@ -101,14 +91,15 @@ def _write_webdataset(root: Path, shard: int, first: int, arrays: dict) -> dict:
                 info.size, info.mtime, info.mode = len(payload), 0, 0o644
                 tar.addfile(info, io.BytesIO(payload))
     rel = fmt.wds_shard_file(shard)
-    return {rel: _write_atomic(root / rel, buf.getvalue())}
+    return {rel: _write_atomic(root, rel, buf.getvalue())}
 
 
 def build_shard(
     dst: str, shard: int, pieces: list[Piece], task_set: str, formats: list[str]
 ) -> dict:
-    """Build shard `shard` of the store at `dst` from `pieces`; returns its commit record."""
-    root = Path(dst)
+    """Build shard `shard` of the store at `dst` (a path or URL) from `pieces`; returns its
+    commit record."""
+    root = Location(dst)
     parts = []
     for p in pieces:
         arrays = read_episodes(p.file.path, p.lo, p.hi)
@@ -129,7 +120,7 @@ def build_shard(
         "task_runs": _task_runs(arrays["task"][:, 0], first),
         "files": files,
     }
-    write_json_atomic(root / fmt.unit_record_file(shard), record)
+    write_json_atomic(root, fmt.unit_record_file(shard), record)
     return record
 
 
@@ -138,5 +129,5 @@ def hash_source(dst: str, index: int, path: str) -> dict:
     from datapipe.source import file_sha256
 
     record = {"index": index, "sha256": file_sha256(path)}
-    write_json_atomic(Path(dst) / fmt.source_record_file(index), record)
+    write_json_atomic(Location(dst), fmt.source_record_file(index), record)
     return record

@@ -23,6 +23,7 @@ import numpy as np
 
 from datapipe import format as fmt
 from datapipe.errors import DatapipeError
+from datapipe.location import Location
 from datapipe.shardreader import ShardReader
 from datapipe.source import read_episodes, scan_sources
 from datapipe.store import Store
@@ -80,19 +81,18 @@ class Report:
         return "\n".join(lines)
 
 
-def _json(root: Path, name: str, report: Report) -> dict | None:
-    path = root / name
-    if not path.exists():
+def _json(root: Location, name: str, report: Report) -> dict | None:
+    if not root.exists(name):
         report.add("missing-file", name, "metadata file is missing")
         return None
     try:
-        return json.loads(path.read_text())
+        return json.loads(root.read_bytes(name))
     except ValueError as e:
         report.add("metadata", name, f"not valid JSON (truncated or damaged): {e}")
         return None
 
 
-def _check_metadata(root: Path, report: Report) -> tuple[dict, dict, dict] | None:
+def _check_metadata(root: Location, report: Report) -> tuple[dict, dict, dict] | None:
     meta = _json(root, fmt.META_FILE, report)
     index = _json(root, fmt.INDEX_FILE, report)
     manifest = _json(root, fmt.MANIFEST_FILE, report)
@@ -161,29 +161,29 @@ def _expected_files(meta: dict) -> dict[str, list[int]]:
     return files
 
 
-def _check_manifest(root: Path, meta: dict, manifest: dict, report: Report, progress) -> set[str]:
+def _check_manifest(
+    root: Location, meta: dict, manifest: dict, report: Report, progress
+) -> set[str]:
     """sha256 of every data file; returns the missing ones (the rest are decoded after)."""
     listed, expected = manifest.get("files", {}), _expected_files(meta)
     for rel in sorted(expected.keys() - listed.keys()):
         report.add("manifest", fmt.MANIFEST_FILE, f"does not list {rel}")
     on_disk = {
-        str(p.relative_to(root))
+        rel
         for d in (fmt.ZARR_DIR, fmt.WDS_DIR)
-        if (root / d).exists()
-        for p in (root / d).rglob("*")
-        if p.is_file() and p.name != "zarr.json"
+        for rel in root.find(d)
+        if rel.rsplit("/", 1)[-1] != "zarr.json"
     }
     for rel in sorted(on_disk - expected.keys()):
         report.add("unexpected-file", rel, "not part of the store (a leftover temp file?)")
     missing = set()
     for rel in progress(sorted(expected), "files"):
-        path = root / rel
-        if not path.exists():
+        if rel not in on_disk:
             report.add("missing-file", rel, "data file is missing", expected[rel])
             missing.add(rel)
             continue
         h, size = hashlib.sha256(), 0
-        with open(path, "rb") as f:
+        with root.open(rel) as f:
             while block := f.read(1 << 24):
                 h.update(block)
                 size += len(block)
@@ -247,12 +247,12 @@ def _zarr_arrays(store: Store, reader: ShardReader, eps: range, report: Report) 
     return out if ok else None
 
 
-def _wds_arrays(root: Path, eps: range, report: Report) -> dict | None:
+def _wds_arrays(root: Location, eps: range, report: Report) -> dict | None:
     rel = fmt.wds_shard_file(eps.start // fmt.EPISODES_PER_SHARD)
     out = {k: [] for k in fmt.ARRAYS}
     keys = []
     try:
-        with tarfile.open(root / rel) as tar:
+        with root.open(rel) as f, tarfile.open(fileobj=f) as tar:
             for m in tar.getmembers():
                 key, ext = m.name.split(".", 1)
                 blob = tar.extractfile(m).read()
@@ -351,13 +351,14 @@ def verify(
     seed: int = 0,
     progress: bool = False,
 ) -> Report:
-    """Check the store at `path` (and against `src` if given); never raises on bad data."""
+    """Check the store at `path`, a path or an fsspec URL (and against `src` if given); never
+    raises on bad data."""
     from tqdm import tqdm
 
-    root = Path(path)
-    report = Report(str(root))
-    if not root.is_dir():
-        report.add("missing-file", str(root), "no such store directory")
+    root = Location(path)
+    report = Report(root.url)
+    if root.is_empty():
+        report.add("missing-file", root.url, "no such store directory")
         return report
     loaded = _check_metadata(root, report)
     if loaded is None:
@@ -371,7 +372,7 @@ def verify(
 
     missing = _check_manifest(root, meta, manifest, report, bar)
     try:
-        store = Store(root, meta=meta, index=index)
+        store = Store(root.url, meta=meta, index=index)
     except (KeyError, TypeError, ValueError) as e:
         report.add("metadata", fmt.META_FILE, f"missing or malformed field: {e}")
         return report

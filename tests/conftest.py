@@ -29,7 +29,7 @@ def make_source(dst: Path, episodes_per_task: int = 2, chunks: int = 2, **kw) ->
 def build_store(src: Path, dst: Path, formats=("zarr", "webdataset"), **kw) -> Path:
     kw.setdefault("workers", 0)
     kw.setdefault("progress", False)
-    return build(BuildConfig(src=src, dst=dst, formats=formats, **kw))
+    return Path(build(BuildConfig(src=src, dst=dst, formats=formats, **kw)))
 
 
 def load_chunk(path: Path) -> dict:

@@ -6,6 +6,7 @@ import gzip
 import io
 import json
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,7 +105,7 @@ def test_a_shard_of_task_zero_episodes_is_stored(tmp_path):
     data = load_chunk(src / "chunk_0.pt")
     save_chunk({k: v[:257] for k, v in data.items()}, src / "chunk_0.pt")
     store = open_store(build_store(src, tmp_path / "store"))
-    assert (store.path / fmt.zarr_shard_file("task", 0)).exists()
+    assert (Path(store.url) / fmt.zarr_shard_file("task", 0)).exists()
     np.testing.assert_array_equal(store.read_array("task", 0, 257), 0)
 
 

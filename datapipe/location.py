@@ -1,0 +1,164 @@
+"""Where a store lives: a local folder or a folder of an fsspec file system (s3://, gs://, ...).
+
+`Location` is the one place that turns store-relative names ("meta.json",
+"episodes.zarr/obs/c/3/0/0") into reads and writes, so that the build, the readers and
+verify-shards treat a local store and one on object storage alike. Local folders keep the
+fast paths they had (os.replace for atomic writes, plain files for reads); remote ones use
+fsspec, with credentials and endpoints from the usual places (for S3: the AWS_* environment
+variables or ~/.aws, which dask workers and torchrun ranks inherit or read likewise).
+
+Atomic writes: locally a temp file beside the target is renamed into place. An object store
+publishes an object whole or not at all (a single PUT, or a multipart upload at its
+completion), so a remote write goes straight to its name; nothing half-written is ever
+visible under a final name either way.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+TMP_SUFFIX = ".tmp."  # local temp files are ".{name}.tmp.{pid}" beside their target
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    """Whether `path` names a non-local fsspec location (has a protocol other than file://)."""
+    text = os.fspath(path)
+    return "://" in text and not text.startswith("file://")
+
+
+class Location:
+    """A folder given as a local path or an fsspec URL; file names below it are relative."""
+
+    def __init__(self, url: str | os.PathLike):
+        text = os.fspath(url)
+        fs, root = fsspec.core.url_to_fs(text)
+        self._fs, self._pid = fs, os.getpid()
+        self.local = isinstance(fs, LocalFileSystem)
+        self.root = root.rstrip("/") or root
+        # How to name it to a person or to another process (a dask worker, a torchrun rank).
+        self.url = self.root if self.local else fs.unstrip_protocol(self.root)
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        """The file system object, made anew in a forked child (fsspec's async file systems,
+        s3fs among them, cannot be used across a fork)."""
+        if self._pid != os.getpid():
+            self._fs, self._pid = fsspec.core.url_to_fs(self.url)[0], os.getpid()
+        return self._fs
+
+    def __repr__(self) -> str:
+        return f"Location({self.url!r})"
+
+    def __str__(self) -> str:
+        return self.url
+
+    def path(self, rel: str) -> str:
+        """The file system path of `rel` (for local locations, an ordinary path)."""
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def child(self, rel: str) -> str:
+        """The full name of `rel`, as `url` names the folder."""
+        return f"{self.url}/{rel}"
+
+    def exists(self, rel: str = "") -> bool:
+        if self.local:
+            return os.path.exists(self.path(rel))
+        return self.fs.exists(self.path(rel))
+
+    def is_empty(self) -> bool:
+        """True if nothing is stored under this folder (or it does not exist)."""
+        if self.local:
+            root = Path(self.root)
+            return not root.exists() or not any(root.iterdir())
+        self.fs.invalidate_cache(self.root)
+        return not self.fs.exists(self.root) or not self.fs.ls(self.root, detail=False)
+
+    def listdir(self, rel: str) -> set[str]:
+        """Names of the files directly in folder `rel`; empty if it does not exist."""
+        if self.local:
+            folder = Path(self.path(rel))
+            return {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+        self.fs.invalidate_cache(self.path(rel))  # other processes (workers) write here
+        try:
+            return {p.rsplit("/", 1)[-1] for p in self.fs.ls(self.path(rel), detail=False)}
+        except FileNotFoundError:
+            return set()
+
+    def find(self, rel: str) -> list[str]:
+        """Every file below folder `rel`, as names relative to this location."""
+        base = self.path(rel)
+        if self.local:
+            folder = Path(base)
+            if not folder.is_dir():
+                return []
+            return [str(p.relative_to(self.root)) for p in folder.rglob("*") if p.is_file()]
+        self.fs.invalidate_cache(base)
+        n = len(self.root) + 1
+        return [p[n:] for p in self.fs.find(base)]
+
+    def size(self, rel: str) -> int:
+        return os.path.getsize(self.path(rel)) if self.local else self.fs.size(self.path(rel))
+
+    def read_bytes(self, rel: str) -> bytes:
+        if self.local:
+            return Path(self.path(rel)).read_bytes()
+        return self.fs.cat_file(self.path(rel))
+
+    def read_range(self, rel: str, start: int, stop: int) -> bytes:
+        """Bytes [start, stop) of file `rel` (one ranged request remotely)."""
+        if self.local:
+            with open(self.path(rel), "rb") as f:
+                return os.pread(f.fileno(), stop - start, start)
+        return self.fs.cat_file(self.path(rel), start=start, end=stop)
+
+    def read_ranges(self, rels: list[str], starts: list[int], stops: list[int]) -> list[bytes]:
+        """Many byte ranges at once; remotely they are fetched concurrently."""
+        if self.local:
+            return [self.read_range(r, a, b) for r, a, b in zip(rels, starts, stops, strict=True)]
+        paths = [self.path(r) for r in rels]
+        return self.fs.cat_ranges(paths, starts, stops, on_error="raise")
+
+    def open(self, rel: str, mode: str = "rb"):
+        return open(self.path(rel), mode) if self.local else self.fs.open(self.path(rel), mode)
+
+    def write_atomic(self, rel: str, blob: bytes) -> None:
+        """Publish `blob` as file `rel` so that no reader ever sees part of it."""
+        if not self.local:
+            self.fs.pipe_file(self.path(rel), blob)
+            return
+        path = Path(self.path(rel))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}{TMP_SUFFIX}{os.getpid()}")
+        try:
+            tmp.write_bytes(blob)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def remove(self, rel: str) -> None:
+        """Delete file `rel`, if it exists."""
+        if self.local:
+            Path(self.path(rel)).unlink(missing_ok=True)
+        elif self.fs.exists(self.path(rel)):
+            self.fs.rm_file(self.path(rel))
+
+    def remove_tree(self, rel: str) -> None:
+        """Delete folder `rel` and everything in it, if it exists."""
+        path = self.path(rel)
+        if self.local:
+            import shutil
+
+            shutil.rmtree(path, ignore_errors=True)
+        elif self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    def remove_stale_temps(self) -> None:
+        """Delete temp files left by killed local writers (their units are redone)."""
+        if self.local and os.path.isdir(self.root):
+            for stale in Path(self.root).rglob(f".*{TMP_SUFFIX}*"):
+                stale.unlink()
