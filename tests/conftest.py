@@ -54,6 +54,20 @@ def store_digest(root: Path) -> dict[str, str]:
     }
 
 
+def remote_digest(url: str) -> dict[str, str]:
+    """store_digest of a store on an fsspec file system."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()
+    n = len(root.rstrip("/")) + 1
+    return {
+        p[n:]: hashlib.sha256(fs.cat_file(p)).hexdigest()
+        for p in sorted(fs.find(root))
+        if not p.endswith(CONFIG_FILE)
+    }
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """One intra-op torch thread for the whole suite: as fast as two for these small models on

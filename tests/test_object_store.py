@@ -4,13 +4,11 @@ and integrity checks as local stores, and byte for byte equal to them."""
 
 from __future__ import annotations
 
-import hashlib
-
 import fsspec
 import numpy as np
 import pytest
 import torch
-from conftest import build_store, store_digest
+from conftest import build_store, remote_digest, store_digest
 
 import datapipe
 from datapipe import format as fmt
@@ -19,18 +17,6 @@ from datapipe.shardreader import ShardReader
 from datapipe.verify import verify
 
 SMALL = {"cache_gb": 90e-6, "refill_size": 8, "refill_every": 4}
-
-
-def remote_digest(url: str) -> dict[str, str]:
-    """store_digest of a store on an fsspec file system."""
-    fs, root = fsspec.core.url_to_fs(url)
-    fs.invalidate_cache()
-    n = len(root.rstrip("/")) + 1
-    return {
-        p[n:]: hashlib.sha256(fs.cat_file(p)).hexdigest()
-        for p in sorted(fs.find(root))
-        if not p.endswith(fmt.CONFIG_FILE)
-    }
 
 
 def _flip_remote_byte(url: str, offset: int) -> None:
