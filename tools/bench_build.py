@@ -2,15 +2,15 @@
 
 In one run on the same source: the time to merely read every source episode (memory-mapped,
 in the build's 256-episode blocks, no checks, no encoding), then `datapipe build` with each
-worker count as a subprocess. For each build: wall time, rows/s, raw MB/s, the peak summed RSS
-of the whole process tree (sampled every 20 ms) and the largest single process's peak RSS
-(getrusage of the waited-for children).
+worker count as a subprocess: on a dask LocalCluster, or with `cluster=True` on a real
+`dask scheduler` with that many `dask worker` processes started for it (tools.dask_cluster).
+For each build: wall time, rows/s, raw MB/s, the peak summed RSS of every process involved
+(sampled every 20 ms) and the largest single process's peak RSS.
 """
 
 from __future__ import annotations
 
 import contextlib
-import resource
 import shutil
 import subprocess
 import sys
@@ -37,16 +37,31 @@ def read_pass(src: Path) -> tuple[float, int, int]:
     return time.perf_counter() - t0, rows, nbytes
 
 
-def _tree_rss(proc: psutil.Process) -> int:
+def _rss(roots: list[psutil.Process], peaks: dict[int, int]) -> int:
+    """Summed RSS of `roots` and their descendants now; updates each process's peak."""
     total = 0
-    for p in [proc, *proc.children(recursive=True)]:
+    for root in roots:
         with contextlib.suppress(psutil.NoSuchProcess):
-            total += p.memory_info().rss
+            for p in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    rss = p.memory_info().rss
+                    total += rss
+                    peaks[p.pid] = max(peaks.get(p.pid, 0), rss)
     return total
 
 
-def timed_build(src: Path, dst: Path, workers: int, formats: str) -> dict:
+def timed_build(src: Path, dst: Path, workers: int, formats: str, cluster: bool = False) -> dict:
+    """One `datapipe build` subprocess, timed and sampled."""
     shutil.rmtree(dst, ignore_errors=True)
+    if not cluster:
+        return _timed(src, dst, ["--workers", str(workers)], workers, formats, [])
+    from tools.dask_cluster import local_dask_cluster
+
+    with local_dask_cluster(workers) as (address, pids):
+        return _timed(src, dst, ["--scheduler", address], workers, formats, pids)
+
+
+def _timed(src: Path, dst: Path, how: list[str], workers: int, formats: str, pids) -> dict:
     cmd = [
         sys.executable,
         "-m",
@@ -56,33 +71,34 @@ def timed_build(src: Path, dst: Path, workers: int, formats: str) -> dict:
         str(src),
         "--dst",
         str(dst),
-        "--workers",
-        str(workers),
+        *how,
         "--format",
         formats,
         "--no-progress",
     ]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd)
-    ps, peak_tree = psutil.Process(proc.pid), 0
+    roots = [psutil.Process(pid) for pid in (proc.pid, *pids)]
+    peak_tree, peaks = 0, {}
     while proc.poll() is None:
-        peak_tree = max(peak_tree, _tree_rss(ps))
+        peak_tree = max(peak_tree, _rss(roots, peaks))
         time.sleep(0.02)
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed with exit code {proc.returncode}")
-    peak_single = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     return {
         "workers": workers,
         "seconds": wall,
         "peak_tree_rss": peak_tree,
-        "peak_proc_rss": peak_single,
+        "peak_proc_rss": max(peaks.values()),
     }
 
 
-def bench_build(src: Path, work: Path, workers=(1, 2), formats: str = "zarr") -> dict:
+def bench_build(
+    src: Path, work: Path, workers=(1, 2), formats: str = "zarr", cluster: bool = False
+) -> dict:
     read_s, rows, nbytes = read_pass(src)
-    builds = [timed_build(src, work / f"store-w{w}", w, formats) for w in workers]
+    builds = [timed_build(src, work / f"store-w{w}", w, formats, cluster) for w in workers]
     for b in builds:
         b["rows_per_s"] = rows / b["seconds"]
         b["MB_per_s"] = nbytes / b["seconds"] / 1e6

@@ -107,10 +107,10 @@ def make_teacher_cmd(size, out, seed, train_steps, shards) -> None:
 
 
 @main.command("verify-shards")
-@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("store", metavar="STORE")
 @click.option(
     "--src",
-    type=click.Path(path_type=Path),
+    metavar="PATH|URL",
     default=None,
     help="Source chunks: compare episodes with them bit for bit.",
 )
@@ -121,7 +121,8 @@ def make_teacher_cmd(size, out, seed, train_steps, shards) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the compared sample.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify_shards_cmd(store, src, deep, sample, seed, as_json) -> None:
-    """Prove STORE complete and uncorrupted; list every problem and exit 1 if any."""
+    """Prove STORE (a path or an fsspec URL) complete and uncorrupted; list every problem and
+    exit 1 if any."""
     from datapipe.verify import verify
 
     report = verify(store, src=src, deep=deep, sample=sample, seed=seed, progress=not as_json)
@@ -159,11 +160,13 @@ def bench_codecs_cmd(src, episodes) -> None:
 @click.option(
     "--format", "formats", default="zarr", show_default=True, help="zarr, webdataset or both."
 )
-def bench_build_cmd(src, work, workers, formats) -> None:
+@click.option("--cluster", is_flag=True,
+              help="Build on a real `dask scheduler` + `dask worker` processes started for it.")  # fmt: skip
+def bench_build_cmd(src, work, workers, formats, cluster) -> None:
     """Build throughput and peak RSS against a plain read of the same sources."""
     from tools.bench_build import bench_build
 
-    r = bench_build(src, work, tuple(int(w) for w in workers.split(",")), formats)
+    r = bench_build(src, work, tuple(int(w) for w in workers.split(",")), formats, cluster)
     click.echo(
         f"source: {r['rows']} rows, {r['raw_bytes'] / 1e9:.2f} GB raw; "
         f"read pass {r['read_seconds']:.1f} s"
