@@ -198,6 +198,7 @@ def _commit(
     rows = plan["layout"]["rows"]
     index = _index(records, ts, rows)
     files = {rel: info for rec in records for rel, info in rec["files"].items()}
+    dst.remove_stale_temps()  # of a worker lost mid-write, whose unit was redone elsewhere
     write_json_atomic(dst, fmt.INDEX_FILE, index)
     write_json_atomic(dst, fmt.MANIFEST_FILE, {"files": dict(sorted(files.items()))})
     config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}

@@ -4,12 +4,16 @@ from and into local folders or an S3-compatible server."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
-from conftest import store_digest
+from conftest import build_store, make_source, store_digest
 
+from datapipe import format as fmt
 from tools.dask_cluster import local_dask_cluster
 
 
@@ -35,3 +39,28 @@ def test_build_on_a_running_cluster_equals_the_local_build(
     dst = tmp_path / "cluster-store"
     _build(str(small_source), str(dst), cluster)
     assert store_digest(dst) == store_digest(small_store)
+
+
+def test_a_lost_worker_is_retried_and_the_store_is_the_same(tmp_path):
+    """SIGKILL one of two workers once the build is under way: its units are rerun on the
+    other, and the store equals an in-process build, without leftovers of the dead worker."""
+    src = make_source(tmp_path / "src", episodes_per_task=60, chunks=3)  # 1,800 eps, 8 units
+    reference = build_store(src, tmp_path / "reference")
+    dst = tmp_path / "store"
+    with local_dask_cluster(2) as (address, pids):
+        build = subprocess.Popen(
+            [sys.executable, "-m", "datapipe.cli", "build", "--src", str(src), "--dst", str(dst),
+             "--format", "both", "--scheduler", address, "--no-progress"],
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        units = dst / fmt.UNITS_DIR
+        deadline = time.monotonic() + 120
+        while not (units.is_dir() and any(units.iterdir())) and time.monotonic() < deadline:
+            assert build.poll() is None, build.stderr.read()[-3000:]
+            time.sleep(0.05)
+        os.kill(pids[-1], signal.SIGKILL)  # a worker dies mid-build
+        _, err = build.communicate(timeout=300)
+    assert build.returncode == 0, err[-3000:]
+    assert not (dst / fmt.BUILD_DIR).exists()  # committed
+    assert store_digest(dst) == store_digest(reference)
