@@ -1,16 +1,25 @@
 """Reading MT30-format source chunks: discovery, structure checks and per-episode checks.
 
-A source directory holds `chunk_0.pt` .. `chunk_{K-1}.pt`, each a torch-saved TensorDict
-(or dict) with batch [N, T]: obs f32 [N,T,O], action f32 [N,T,A], reward f32 [N,T],
-task i32 [N,T]. Files are always opened memory-mapped, so only the episodes being read
-are ever in RAM.
+A source folder (a local path or an fsspec URL: s3://, gs://, ...) holds `chunk_0.pt` ..
+`chunk_{K-1}.pt`, each a torch-saved TensorDict (or dict) with batch [N, T]: obs f32 [N,T,O],
+action f32 [N,T,A], reward f32 [N,T], task i32 [N,T].
+
+A chunk is a zip archive: `<name>/data.pkl` describes every tensor (storage key, dtype, offset,
+shape, strides) and `<name>/data/<key>` holds each storage, uncompressed. We read the zip
+directory and unpickle data.pkl with an unpickler that imports and runs nothing (the tensor
+rebuild becomes a plain record; TensorDict classes, old or new, become inert stand-ins), so
+neither torch nor pickle code execution is on the data path. Episodes [lo, hi) of a key are
+then one byte range of the file: read from the local file, or with one ranged request from an
+object store. Only the episodes being read are ever in RAM. Credentials and endpoints come
+from the storage's standard environment (AWS_* variables for s3://) or the fsspec config.
 """
 
 from __future__ import annotations
 
 import hashlib
+import posixpath
 import re
-from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +28,12 @@ import numpy as np
 from datapipe.errors import SourceError
 from datapipe.format import SOURCE_DTYPES, SOURCE_KEYS
 from datapipe.tasksets import TaskSet
+from datapipe.torchzip import REFETCH, ChunkTensor, describe, read_index
 
 _CHUNK_RE = re.compile(r"^chunk_(\d+)\.pt$")
-_REFETCH = "re-download or regenerate it"
+_MIB = 1 << 20
+_INDEX_OPEN = {"block_size": 1 << 16, "cache_type": "blockcache"}  # object stores: the zip
+# directory, data.pkl and the storage headers come in a few cached 64 KiB reads
 
 
 @dataclass(frozen=True)
@@ -29,7 +41,7 @@ class SourceFile:
     """One chunk file and where its episodes land in the store."""
 
     name: str
-    path: str
+    path: str  # absolute local path or full URL: usable by any worker process
     size: int
     episodes: int
     start: int  # store index of its first episode
@@ -45,47 +57,58 @@ class Layout:
     action_dim: int
 
 
-def open_chunk(path: str | Path) -> Mapping:
-    """The chunk at `path`, memory-mapped; a clear SourceError if it cannot be read."""
-    import torch
+# --- files: local paths and fsspec URLs --------------------------------------------------------
 
-    path = Path(path)
+
+def _filesystem(path: str | Path):
+    """(filesystem, path inside it, is local) for a local path or an fsspec URL."""
+    from fsspec.core import url_to_fs
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, inner = url_to_fs(str(path))
+    return fs, inner, isinstance(fs, LocalFileSystem)
+
+
+@contextmanager
+def _opened(fs, inner: str, local: bool, where: str, **remote):
+    """The file open for binary reads; a SourceError naming it if it cannot be opened."""
     try:
-        data = torch.load(path, mmap=True, weights_only=False, map_location="cpu")
-    except ModuleNotFoundError as e:
+        f = open(inner, "rb") if local else fs.open(inner, "rb", **remote)  # noqa: SIM115
+    except OSError as e:
         raise SourceError(
-            f"{path}: reading it needs the module {e.name!r}: pip install {e.name}"
+            f"{where}: cannot be opened ({type(e).__name__}: {e}). Check that it exists and is "
+            f"readable (object stores: credentials and endpoint come from the standard "
+            f"environment, e.g. AWS_* variables, or the fsspec config)."
         ) from e
-    except Exception as e:
-        raise SourceError(
-            f"{path}: cannot be read as a torch-saved TensorDict ({type(e).__name__}: {e}). "
-            f"It may be truncated or not an MT30 chunk: {_REFETCH}."
-        ) from e
-    if not isinstance(data, Mapping) and not hasattr(data, "keys"):
-        raise SourceError(
-            f"{path}: holds a {type(data).__name__}, not a TensorDict of obs/action/reward/task: "
-            f"is this an MT30 chunk?"
-        )
-    return data
+    with f:
+        yield f
 
 
-def check_structure(data: Mapping, path: str | Path) -> tuple[int, Layout]:
-    """(episodes, layout) of an opened chunk after checking keys, dtypes and shapes."""
-    import torch
+def _read_local(f, start: int, nbytes: int) -> np.ndarray:
+    """Bytes [start, start + nbytes) of an open local file, read straight into a new array."""
+    buf = np.empty(nbytes, np.uint8)
+    f.seek(start)
+    view, done = memoryview(buf), 0
+    while done < nbytes and (got := f.readinto(view[done:])):
+        done += got
+    return buf[:done]
 
+
+def check_structure(data: dict, path: str | Path) -> tuple[int, Layout]:
+    """(episodes, layout) of a chunk index after checking keys, dtypes and shapes."""
     keys = set(data.keys())
     if keys != SOURCE_KEYS:
-        missing, extra = sorted(SOURCE_KEYS - keys), sorted(keys - SOURCE_KEYS)
+        missing, extra = sorted(SOURCE_KEYS - keys), sorted(keys - SOURCE_KEYS, key=str)
         raise SourceError(
             f"{path}: keys must be exactly {sorted(SOURCE_KEYS)}; missing {missing}, "
-            f"unexpected {extra}. This is not an MT30-format chunk: {_REFETCH}."
+            f"unexpected {extra}. This is not an MT30-format chunk: {REFETCH}."
         )
     for key, dtype in SOURCE_DTYPES.items():
         t = data[key]
-        if not isinstance(t, torch.Tensor) or str(t.dtype) != f"torch.{dtype}":
-            got = getattr(t, "dtype", type(t).__name__)
+        if not isinstance(t, ChunkTensor) or t.dtype != dtype:
+            got = f"torch.{t.dtype}" if isinstance(t, ChunkTensor) else describe(t)
             raise SourceError(
-                f"{path}: {key} must be a torch.{dtype} tensor, got {got}: {_REFETCH}."
+                f"{path}: {key} must be a torch.{dtype} tensor, got {got}: {REFETCH}."
             )
     obs, action, reward, task = (data[k] for k in ("obs", "action", "reward", "task"))
     if obs.ndim != 3 or action.ndim != 3 or reward.ndim != 2 or task.ndim != 2:
@@ -98,28 +121,47 @@ def check_structure(data: Mapping, path: str | Path) -> tuple[int, Layout]:
         if tuple(data[key].shape[:2]) != (n, rows):
             raise SourceError(
                 f"{path}: {key} has batch shape {list(data[key].shape[:2])} but obs has "
-                f"{[n, rows]}: every key must have the same [episodes, rows]: {_REFETCH}."
+                f"{[n, rows]}: every key must have the same [episodes, rows]: {REFETCH}."
             )
     if n == 0 or rows < 2:
         raise SourceError(f"{path}: holds {n} episodes of {rows} rows; nothing to build.")
+    for key in SOURCE_DTYPES:
+        t = data[key]
+        if 0 < t.stride[0] < t.span(0, 1)[1] // t.np_dtype.itemsize:
+            raise SourceError(
+                f"{path}: {key} is stored with its episodes interleaved (strides {list(t.stride)}), "
+                f"so an episode is not one byte range. Save it again with every tensor "
+                f"contiguous (tensor.contiguous()) or {REFETCH}."
+            )
     return n, Layout(rows=rows, obs_dim=obs.shape[2], action_dim=action.shape[2])
 
 
-def _quick_id(path: Path, size: int) -> str:
+def _cat(fs, inner: str, start: int, end: int) -> bytes:
+    """Bytes [start, end) in one ranged request (s3fs takes start/end as keywords only, and
+    reads the whole file for an empty range)."""
+    return fs.cat_file(inner, start=start, end=end) if end > start else b""
+
+
+def _quick_id(fs, inner: str, size: int) -> str:
     h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-        f.seek(max(0, size - (1 << 20)))
-        h.update(f.read(1 << 20))
+    h.update(_cat(fs, inner, 0, min(size, _MIB)))
+    h.update(_cat(fs, inner, max(0, size - _MIB), size))
     return h.hexdigest()
 
 
 def scan_sources(src: str | Path) -> tuple[list[SourceFile], Layout]:
-    """Every chunk under `src`, checked for structure and for one shared layout."""
-    src = Path(src)
-    if not src.is_dir():
+    """Every chunk under `src` (a local folder or a URL), checked for structure and for one
+    shared layout."""
+    fs, root, local = _filesystem(src)
+    fs.invalidate_cache(root)  # list what is there now, not what this process saw before
+    if not fs.isdir(root):
         raise SourceError(f"{src}: no such source directory; pass the folder holding chunk_K.pt")
-    found = sorted((int(m.group(1)), p) for p in src.iterdir() if (m := _CHUNK_RE.match(p.name)))
+    found = []
+    for entry in fs.ls(root, detail=True):
+        m = _CHUNK_RE.match(posixpath.basename(entry["name"].rstrip("/")))
+        if m and entry["type"] == "file":
+            found.append((int(m.group(1)), entry))
+    found.sort(key=lambda item: item[0])
     if not found:
         raise SourceError(
             f"{src}: no chunk_K.pt files found. Pass the folder of the MT30 chunks, or make a "
@@ -128,35 +170,61 @@ def scan_sources(src: str | Path) -> tuple[list[SourceFile], Layout]:
     numbers = [k for k, _ in found]
     if numbers != list(range(len(found))):
         missing = sorted(set(range(max(numbers) + 1)) - set(numbers))
+        repeated = sorted({k for k in numbers if numbers.count(k) > 1})
         raise SourceError(
-            f"{src}: chunk numbers must run 0..K-1 with none missing; missing "
-            f"{', '.join(f'chunk_{k}.pt' for k in missing)}. Copy the missing files in."
+            f"{src}: chunk numbers must run 0..K-1 with none missing or repeated; missing "
+            f"{', '.join(f'chunk_{k}.pt' for k in missing)}"
+            + (f"; repeated numbers {repeated}" if repeated else "")
+            + ". Copy the missing files in."
         )
     files, layout, start = [], None, 0
-    for _, path in found:
-        n, this = check_structure(open_chunk(path), path)
+    for _, entry in found:
+        inner, size = entry["name"], int(entry["size"])
+        name = posixpath.basename(inner)
+        where = str(Path(inner).resolve()) if local else fs.unstrip_protocol(inner)
+        with _opened(fs, inner, local, where, **_INDEX_OPEN) as f:
+            n, this = check_structure(read_index(f, where), where)
         if layout is None:
-            layout, first = this, path.name
+            layout, first = this, name
         elif this != layout:
             raise SourceError(
-                f"{path}: episodes of {this.rows} rows, obs {this.obs_dim}, action "
+                f"{where}: episodes of {this.rows} rows, obs {this.obs_dim}, action "
                 f"{this.action_dim} differ from {first} ({layout.rows} rows, obs "
                 f"{layout.obs_dim}, action {layout.action_dim}): every chunk of a dataset "
                 f"must share one layout. Build different datasets into different stores."
             )
-        size = path.stat().st_size
-        files.append(
-            SourceFile(path.name, str(path.resolve()), size, n, start, _quick_id(path, size))
-        )
+        files.append(SourceFile(name, where, size, n, start, _quick_id(fs, inner, size)))
         start += n
     return files, layout
 
 
 def read_episodes(path: str | Path, lo: int, hi: int) -> dict[str, np.ndarray]:
-    """Episodes [lo, hi) of one chunk as owned numpy arrays; the mapping is released after."""
-    data = open_chunk(path)
-    out = {key: np.array(data[key][lo:hi].numpy(), copy=True) for key in SOURCE_KEYS}
-    del data
+    """Episodes [lo, hi) of one chunk (a local path or a URL) as owned numpy arrays: one byte
+    range per key, read from the local file or with one ranged request from an object store."""
+    fs, inner, local = _filesystem(path)
+    where = str(path)
+    out = {}
+    with _opened(fs, inner, local, where, **_INDEX_OPEN) as f:
+        data = read_index(f, where)
+        n, _ = check_structure(data, where)
+        if not 0 <= lo <= hi <= n:
+            raise SourceError(f"{where}: episodes [{lo}, {hi}) asked for, but it holds {n}.")
+        for key in SOURCE_DTYPES:
+            t = data[key]
+            start, nbytes = t.span(lo, hi)
+            if local:
+                buf = _read_local(f, start, nbytes)
+            else:
+                buf = np.frombuffer(_cat(fs, inner, start, start + nbytes), np.uint8).copy()
+            if buf.size != nbytes:
+                raise SourceError(
+                    f"{where}: {key} of episodes [{lo}, {hi}) runs past the end of the file "
+                    f"(truncated or changed since it was scanned): {REFETCH}."
+                )
+            view = t.view(buf, hi - lo)
+            whole = view.flags.c_contiguous and view.nbytes == buf.nbytes
+            array = buf.view(view.dtype).reshape(view.shape) if whole else np.array(view)
+            out[key] = array.astype(array.dtype.newbyteorder("="), copy=False)
     return out
 
 
@@ -168,7 +236,7 @@ def validate_episodes(arrays: dict, file: SourceFile, lo: int, task_set: TaskSet
             f"{file.path}, episode {lo + i} (store episode {file.start + lo + i}): {what}. {fix}"
         )
 
-    corrupt = f"The file is corrupt: {_REFETCH}."
+    corrupt = f"The file is corrupt: {REFETCH}."
     bad_obs = ~np.isfinite(arrays["obs"]).all(axis=(1, 2))
     if bad_obs.any():
         i = int(np.argmax(bad_obs))
@@ -222,9 +290,10 @@ def validate_episodes(arrays: dict, file: SourceFile, lo: int, task_set: TaskSet
 
 
 def file_sha256(path: str | Path, block: int = 1 << 24) -> str:
-    """sha256 of a file, read in bounded blocks."""
+    """sha256 of a file (a local path or a URL), read in bounded blocks."""
+    fs, inner, local = _filesystem(path)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with _opened(fs, inner, local, str(path), block_size=block, cache_type="none") as f:
         while chunk := f.read(block):
             h.update(chunk)
     return h.hexdigest()

@@ -1,17 +1,28 @@
-"""Bad source input: every case fails with the file, the episode and a fix, and leaves no
-store that looks complete."""
+"""Reading source chunks: the inert parser reads exactly what torch.load reads and never runs
+pickled code; bad source input fails with the file, the episode and a fix, and leaves no store
+that looks complete. (Chunks on object storage: test_source_remote.py.)"""
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
+import types
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import build_store, load_chunk, make_source, save_chunk
 
 from datapipe import format as fmt
 from datapipe.errors import IncompleteStoreError, SourceError, StoreNotFoundError
+from datapipe.source import read_episodes, scan_sources
 from datapipe.store import open_store
+
+SAMPLE = Path(__file__).parents[1] / "data" / "mt30-sample"
 
 
 @pytest.fixture
@@ -126,3 +137,184 @@ def test_unknown_dims_need_a_task_set(tmp_path):
     _edit(src, lambda d: d.__setitem__("obs", torch.cat([d["obs"], d["obs"][..., :1] * 0], -1)),
           name="chunk_0.pt")  # fmt: skip
     _fails(src, tmp_path, "obs dim 25", "--task-set")
+
+
+# --- the chunk parser: what torch.load reads, without running anything -------------------------
+
+
+def _bits_equal(got: dict, expected: dict) -> bool:
+    return got.keys() == set(expected) and all(
+        got[k].dtype == np.asarray(expected[k]).dtype
+        and got[k].shape == np.shape(expected[k])
+        and got[k].tobytes() == np.asarray(expected[k]).tobytes()  # NaN payloads too
+        for k in got
+    )
+
+
+def test_parser_reads_the_sample_exactly_as_torch_load():
+    files, _ = scan_sources(SAMPLE)
+    for f in files:
+        td = torch.load(f.path, weights_only=False)
+        for lo, hi in ((0, f.episodes), (7, 29), (f.episodes - 1, f.episodes)):
+            got = read_episodes(f.path, lo, hi)
+            assert _bits_equal(got, {k: td[k][lo:hi].numpy() for k in fmt.SOURCE_KEYS})
+            assert all(a.flags.writeable and a.flags.c_contiguous for a in got.values())
+
+
+def _tensors(n: int = 6, rows: int = 9) -> dict:
+    """Small chunk tensors in awkward but legal layouts: obs and reward are strided views of
+    one shared storage, task is expanded over the rows (stride 0)."""
+    g = torch.Generator().manual_seed(0)
+    both = torch.randn(n, rows, 25, generator=g)
+    both[:, 0, 24] = float("nan")
+    action = torch.randn(n, rows, 6, generator=g)
+    action[:, 0] = float("nan")
+    task = torch.arange(n, dtype=torch.int32)[:, None].expand(n, rows)
+    return {"obs": both[..., :24], "action": action, "reward": both[..., 24], "task": task}
+
+
+class _TensorDict2023:
+    """Pickles the way the 2023 tensordict of the official chunks did: NEWOBJ of its class,
+    then BUILD with its __dict__ (no _make_td, no __reduce__)."""
+
+    def __init__(self, tensors: dict, batch_size):
+        self._tensordict, self._batch_size = tensors, torch.Size(batch_size)
+        self._device, self._is_shared, self._is_memmap = None, False, False
+
+
+def _save_2023(tensors: dict, path: Path, monkeypatch) -> None:
+    """torch.save a _TensorDict2023 as class `tensordict_2023.tensordict.TensorDict`, a module
+    that exists only while saving: the reader can never import it."""
+    module = types.ModuleType("tensordict_2023.tensordict")
+    module.TensorDict = type("TensorDict", (_TensorDict2023,), {"__module__": module.__name__})
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "tensordict_2023", types.ModuleType("tensordict_2023"))
+        m.setitem(sys.modules, module.__name__, module)
+        torch.save(module.TensorDict(tensors, tensors["task"].shape), path)
+    assert "tensordict_2023" not in sys.modules
+
+
+@pytest.mark.parametrize("container", ["TensorDict", "dict", "OrderedDict", "TensorDict-2023"])
+def test_parser_reads_every_container_exactly_as_torch_load(tmp_path, container, monkeypatch):
+    from tensordict import TensorDict
+
+    tensors, path = _tensors(), tmp_path / "chunk_0.pt"
+    if container == "TensorDict-2023":
+        _save_2023(tensors, path, monkeypatch)
+        expected = tensors  # torch.load cannot read it without that tensordict
+    else:
+        wrap = {"TensorDict": lambda d: TensorDict(d, batch_size=[6, 9]), "dict": dict}
+        torch.save(wrap.get(container, OrderedDict)(tensors), path)
+        expected = torch.load(path, weights_only=False)
+    for lo, hi in ((0, 6), (2, 5), (5, 6)):
+        got = read_episodes(path, lo, hi)
+        assert _bits_equal(got, {k: expected[k][lo:hi].numpy() for k in fmt.SOURCE_KEYS})
+    (file,), layout = scan_sources(tmp_path)
+    assert (file.episodes, layout.rows, layout.obs_dim, layout.action_dim) == (6, 9, 24, 6)
+
+
+def test_big_endian_chunks_read_as_native_values(tmp_path):
+    """A chunk written on a big-endian machine (byteorder record "big"): same values."""
+    path = tmp_path / "chunk_0.pt"
+    torch.save(_tensors(), path)
+    with zipfile.ZipFile(path) as z:
+        members = [(i.filename, z.read(i)) for i in z.infolist()]
+    with zipfile.ZipFile(path, "w") as z:
+        for name, blob in members:
+            if "/data/" in name:  # every storage here holds 4-byte values
+                blob = np.frombuffer(blob, "<u4").astype(">u4").tobytes()
+            z.writestr(name, b"big" if name.endswith("/byteorder") else blob)
+    expected = torch.load(path, weights_only=False)
+    got = read_episodes(path, 1, 4)
+    assert _bits_equal(got, {k: expected[k][1:4].numpy() for k in fmt.SOURCE_KEYS})
+    assert _bits_equal(got, {k: v[1:4].numpy() for k, v in _tensors().items()})
+
+
+class _Call:
+    """Pickles as the call fn(arg): what a malicious chunk makes torch.load run."""
+
+    def __init__(self, fn, arg):
+        self.fn, self.arg = fn, arg
+
+    def __reduce__(self):
+        return self.fn, (self.arg,)
+
+
+@pytest.mark.parametrize("protocol", [2, 4])  # GLOBAL and STACK_GLOBAL
+@pytest.mark.parametrize("place", ["whole file", "obs"])
+@pytest.mark.parametrize("fn", [os.system, exec, eval], ids=["os.system", "exec", "eval"])
+def test_pickled_code_never_runs(tmp_path, protocol, place, fn):
+    marker = tmp_path / "it-ran"
+    arg = f"touch {marker}" if fn is os.system else f"open({str(marker)!r}, 'w').close()"
+    payload = _Call(fn, arg)
+    src = tmp_path / "src"
+    src.mkdir()
+    chunk = payload if place == "whole file" else {**_tensors(), "obs": payload}
+    torch.save(chunk, src / "chunk_0.pt", pickle_protocol=protocol)
+    with pytest.raises(SourceError, match=rf"chunk_0\.pt: .*{fn.__name__}"):
+        scan_sources(src)
+    with pytest.raises(SourceError, match=fn.__name__):
+        read_episodes(src / "chunk_0.pt", 0, 1)
+    assert not marker.exists()
+
+
+def test_hand_written_inst_and_build_opcodes_stay_inert(tmp_path):
+    marker = tmp_path / "it-ran"
+    # protocol 0: INST os.system("touch ..."), then BUILD (a __setstate__ call) on the result
+    pkl = f"(S'touch {marker}'\nios\nsystem\n(dp0\nb.".encode()
+    with zipfile.ZipFile(tmp_path / "chunk_0.pt", "w") as z:
+        z.writestr("archive/data.pkl", pkl)
+    with pytest.raises(SourceError, match=r"holds a os\.system, not a TensorDict"):
+        scan_sources(tmp_path)
+    assert not marker.exists()
+
+
+def _rezip(path: Path, keep=lambda name: True, compression=zipfile.ZIP_STORED, cut=None):
+    with zipfile.ZipFile(path) as z:
+        members = [(i.filename, z.read(i)) for i in z.infolist()]
+    with zipfile.ZipFile(path, "w", compression) as z:
+        for name, blob in members:
+            if keep(name):
+                z.writestr(name, blob[: len(blob) // 2] if cut and name.endswith(cut) else blob)
+
+
+def _bad_obs(key, fn):
+    def edit(path):
+        tensors = _tensors()
+        tensors[key] = fn(tensors[key])
+        torch.save(tensors, path)
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda p: _rezip(p, compression=zipfile.ZIP_DEFLATED), "is compressed"),
+        (lambda p: _rezip(p, keep=lambda n: not n.endswith("data/1")), "data/1 is missing"),
+        (
+            lambda p: _rezip(p, cut="data/1"),
+            "action needs 1296 bytes of storage, the file holds 648",
+        ),
+        (
+            _bad_obs("obs", lambda t: t.transpose(0, 1).contiguous().transpose(0, 1)),
+            "obs is stored with its episodes interleaved",
+        ),
+        (_bad_obs("obs", lambda t: t.bfloat16()), "got torch.bfloat16"),
+        (_bad_obs("obs", lambda t: t.numpy()), "obs must be a torch.float32 tensor, got a"),
+    ],
+    ids=["compressed", "storage-missing", "storage-short", "interleaved", "bfloat16", "numpy"],
+)
+def test_damaged_or_foreign_archives_are_refused(tmp_path, damage, message):
+    path = tmp_path / "chunk_0.pt"
+    torch.save(_tensors(), path)
+    damage(path)
+    with pytest.raises(SourceError, match=r"chunk_0\.pt") as info:
+        scan_sources(tmp_path)
+    assert message in str(info.value)
+
+
+def test_reading_outside_the_chunk_is_refused(tmp_path):
+    torch.save(_tensors(), tmp_path / "chunk_0.pt")
+    with pytest.raises(SourceError, match=r"episodes \[4, 7\) asked for, but it holds 6"):
+        read_episodes(tmp_path / "chunk_0.pt", 4, 7)

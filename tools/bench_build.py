@@ -1,7 +1,7 @@
 """Build throughput and memory: `tools bench-build`.
 
-In one run on the same source: the time to merely read every source episode (memory-mapped,
-in the build's 256-episode blocks, no checks, no encoding), then `datapipe build` with each
+In one run on the same source: the time to merely read every source episode (as the build
+reads them, in 256-episode blocks, no checks, no encoding), then `datapipe build` with each
 worker count as a subprocess: on a dask LocalCluster, or with `cluster=True` on a real
 `dask scheduler` with that many `dask worker` processes started for it (tools.dask_cluster).
 For each build: wall time, rows/s, raw MB/s, the peak summed RSS of every process involved
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import psutil
 
-from datapipe.format import EPISODES_PER_SHARD, SOURCE_KEYS
-from datapipe.source import open_chunk, scan_sources
+from datapipe.format import EPISODES_PER_SHARD
+from datapipe.source import read_episodes, scan_sources
 
 
 def read_pass(src: Path) -> tuple[float, int, int]:
@@ -29,10 +29,8 @@ def read_pass(src: Path) -> tuple[float, int, int]:
     t0, nbytes = time.perf_counter(), 0
     for f in files:
         for lo in range(0, f.episodes, EPISODES_PER_SHARD):
-            data = open_chunk(f.path)
-            for key in SOURCE_KEYS:
-                nbytes += data[key][lo : lo + EPISODES_PER_SHARD].numpy().copy().nbytes
-            del data
+            arrays = read_episodes(f.path, lo, min(lo + EPISODES_PER_SHARD, f.episodes))
+            nbytes += sum(a.nbytes for a in arrays.values())
     rows = sum(f.episodes for f in files) * layout.rows
     return time.perf_counter() - t0, rows, nbytes
 

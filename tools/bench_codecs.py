@@ -25,14 +25,15 @@ CANDIDATES = {
 
 def _episodes(src: Path, key: str, limit: int) -> list[np.ndarray]:
     """`limit` episodes spread evenly over every chunk (so over the whole task mix)."""
-    from datapipe.source import open_chunk, scan_sources
+    from datapipe.source import read_episodes, scan_sources
 
     files, _ = scan_sources(src)
     total = sum(f.episodes for f in files)
     out = []
     for i in np.linspace(0, total - 1, min(limit, total)).astype(int):
         f = next(f for f in files if f.start <= i < f.start + f.episodes)
-        out.append(np.ascontiguousarray(open_chunk(f.path)[key][int(i - f.start)].numpy()))
+        lo = int(i - f.start)
+        out.append(read_episodes(f.path, lo, lo + 1)[key][0])
     return out
 
 
