@@ -10,8 +10,9 @@ import subprocess
 import sys
 import time
 
+import fsspec
 import pytest
-from conftest import build_store, make_source, store_digest
+from conftest import build_store, make_source, remote_digest, store_digest
 
 from datapipe import format as fmt
 from tools.dask_cluster import local_dask_cluster
@@ -64,3 +65,13 @@ def test_a_lost_worker_is_retried_and_the_store_is_the_same(tmp_path):
     assert build.returncode == 0, err[-3000:]
     assert not (dst / fmt.BUILD_DIR).exists()  # committed
     assert store_digest(dst) == store_digest(reference)
+
+
+def test_cluster_build_from_and_into_s3_equals_the_local_build(
+    small_source, small_store, s3_bucket, cluster
+):
+    """Workers read their byte ranges of the chunks from the S3 server and write their shards
+    back to it (the workers inherit the endpoint and credentials from the environment)."""
+    fsspec.filesystem("s3").put(f"{small_source}/", f"{s3_bucket}/src/", recursive=True)
+    _build(f"{s3_bucket}/src", f"{s3_bucket}/store", cluster)
+    assert remote_digest(f"{s3_bucket}/store") == store_digest(small_store)
