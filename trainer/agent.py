@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from trainer.checkpoint import detect_model_size, load_model_state, read_checkpoint
 from trainer.math import RunningScale, soft_ce, two_hot_inv
@@ -137,6 +137,70 @@ def reward_distillation_loss(
     return loss, (r_student.detach() - r_teacher).abs().mean()
 
 
+def world_model_loss(
+    model: WorldModel,
+    obs: Tensor,
+    action: Tensor,
+    reward: Tensor,
+    targets: Tensor,
+    next_z: Tensor,
+    task: Tensor,
+    teacher: WorldModel | None = None,
+    d_coef: float = 0.0,
+    distill: DistillSteps = "first",
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """The loss of the model step (spec D.2 step 5), plus d_coef times the reward-distillation
+    loss (D.5) with a teacher (with d_coef = 0 that loss is only computed for the log).
+
+    Returns (total, zs [H+1, B, L], the logged losses as tensors).
+    """
+    cfg = model.cfg
+    zs, consistency, reward_loss, value_loss = model_losses(
+        model, obs, action, reward, targets, next_z, task, cfg.rho
+    )
+    total = (
+        cfg.consistency_coef * consistency
+        + cfg.reward_coef * reward_loss
+        + cfg.value_coef * value_loss
+    )
+    logged = {"consistency_loss": consistency, "reward_loss": reward_loss, "value_loss": value_loss}
+    if teacher is not None:
+        if d_coef:
+            distill_loss, agreement = reward_distillation_loss(
+                model, teacher, obs, action, task, distill
+            )
+            total = total + d_coef * distill_loss
+        else:
+            with torch.no_grad():
+                distill_loss, agreement = reward_distillation_loss(
+                    model, teacher, obs, action, task, distill
+                )
+        logged |= {"distill_loss": distill_loss, "reward_agreement": agreement}
+    return total, zs, logged
+
+
+class UpdateLosses(nn.Module):
+    """The two losses of an update that are back-propagated, as the forward of one module.
+
+    DistributedDataParallel averages a backward pass's gradients across ranks only when the
+    loss came out of the forward of the module it wraps, and the world model is used through
+    its methods (encode, next, Q, ...), never a forward. This module's forward is that entry:
+    `losses("model", ...)` is `world_model_loss`, `losses("pi", ...)` is `pi_loss`. In one
+    process it is called directly: the same operations in the same order.
+    """
+
+    def __init__(self, model: WorldModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, kind: str, *args: Any) -> Any:
+        if kind == "model":
+            return world_model_loss(self.model, *args)
+        if kind == "pi":
+            return pi_loss(self.model, *args)
+        raise ValueError(f"kind must be 'model' or 'pi', got {kind!r}")
+
+
 def prepare_teacher(model: WorldModel, dtype: torch.dtype | None = None) -> WorldModel:
     """Freeze a world model for use as a teacher: eval mode, no gradients, optional dtype."""
     model.eval().requires_grad_(False)
@@ -174,6 +238,9 @@ class TDMPC2Agent:
         self.scale = RunningScale(cfg.tau).to(self.device)
         self.discount = torch.tensor(cfg.discounts, dtype=torch.float32, device=self.device)
         self.model.eval()
+        # Both backward passes start from a call of this module (DDP wraps it, see
+        # trainer.distributed); `self.model` stays the plain world model.
+        self.losses: nn.Module = UpdateLosses(self.model)
 
     @classmethod
     def from_checkpoint(
@@ -211,27 +278,9 @@ class TDMPC2Agent:
             targets = td_targets(model, next_z, reward, self.discount[task].unsqueeze(-1), task)
 
         model.train()
-        zs, consistency, reward_loss, value_loss = model_losses(
-            model, obs, action, reward, targets, next_z, task, cfg.rho
+        total, zs, logged = self.losses(
+            "model", obs, action, reward, targets, next_z, task, teacher, d_coef, distill
         )
-        total = (
-            cfg.consistency_coef * consistency
-            + cfg.reward_coef * reward_loss
-            + cfg.value_coef * value_loss
-        )
-        info: dict[str, float] = {}
-        if teacher is not None:
-            if d_coef:
-                distill_loss, agreement = reward_distillation_loss(
-                    model, teacher, obs, action, task, distill
-                )
-                total = total + d_coef * distill_loss
-            else:
-                with torch.no_grad():
-                    distill_loss, agreement = reward_distillation_loss(
-                        model, teacher, obs, action, task, distill
-                    )
-            info |= {"distill_loss": _scalar(distill_loss), "reward_agreement": _scalar(agreement)}
         total.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
         self.optim.step()
@@ -240,10 +289,11 @@ class TDMPC2Agent:
         pi_info = self.update_pi(zs.detach(), task)
         model.soft_update_target_Q(cfg.tau)
         model.eval()
+        info = {k: _scalar(v) for k, v in logged.items()}
         return {
-            "consistency_loss": _scalar(consistency),
-            "reward_loss": _scalar(reward_loss),
-            "value_loss": _scalar(value_loss),
+            "consistency_loss": info.pop("consistency_loss"),
+            "reward_loss": info.pop("reward_loss"),
+            "value_loss": info.pop("value_loss"),
             "termination_loss": 0.0,
             "total_loss": _scalar(total),
             "grad_norm": _scalar(grad_norm),
@@ -258,7 +308,7 @@ class TDMPC2Agent:
         code it is added to the next model step (spec D.4).
         """
         cfg = self.cfg
-        loss, info = pi_loss(self.model, zs, task, self.scale, cfg.entropy_coef, cfg.rho)
+        loss, info = self.losses("pi", zs, task, self.scale, cfg.entropy_coef, cfg.rho)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model._pi.parameters(), cfg.grad_clip_norm)
         self.pi_optim.step()
