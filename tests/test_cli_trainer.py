@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 from click.testing import CliRunner
 from conftest import build_store, make_source
@@ -113,6 +117,18 @@ def test_trainer_cli_end_to_end(tmp_path):
 
     result = invoke("train", "--shards", tmp_path / "missing", "--out", tmp_path / "m", *small)
     assert result.exit_code == 1 and "datapipe build" in result.output
+
+
+def test_python_m_trainer_is_the_command_torchrun_starts():
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer", "distill", "--help"],
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Usage: trainer distill" in result.stdout and "--ddp-check" in result.stdout
+    assert "on each rank" in result.stdout and "fsspec URL" in result.stdout
 
 
 def test_tools_make_teacher_writes_an_official_file(tmp_path):

@@ -103,6 +103,8 @@ def test_train_writes_run_folder(store, tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 4 and 0 <= summary["data_wait"] < 1
     assert summary["peak_rss_bytes"] > 0 and summary["peak_vram_bytes"] is None
+    assert summary["world_size"] == 1 and summary["global_batch_size"] == 8
+    assert saved["world_size"] == 1 and saved["other_ranks"] == []
 
 
 def test_reward_loss_falls(store, tmp_path):
@@ -149,6 +151,22 @@ def test_linear_schedule(store, teacher, tmp_path):
     )
 
 
+def test_store_at_a_url(store, tmp_path, s3_bucket):
+    """--shards takes an fsspec URL as given (a Path would fold s3://b into s3:/b)."""
+    import fsspec
+
+    url = f"{s3_bucket}/store"
+    fsspec.filesystem("s3").put(str(store), url.removeprefix("s3://"), recursive=True)
+    assert config(url, tmp_path).shards == url
+    assert config(store, tmp_path).shards == str(store)
+    saved = read_training_checkpoint(train(config(url, tmp_path / "run", steps=2)))
+    assert saved["store"]["path"] == url
+    local = read_training_checkpoint(train(config(store, tmp_path / "local", steps=2)))
+    assert saved["store"]["meta_sha256"] == local["store"]["meta_sha256"]
+    assert local["store"]["path"] == str(store.resolve())
+    assert_same_weights(tmp_path / "run" / "checkpoint.pt", tmp_path / "local" / "checkpoint.pt")
+
+
 # -- resume ---------------------------------------------------------------------------------------
 
 
@@ -179,6 +197,16 @@ def test_resume_reproduces_the_uninterrupted_run(store, teacher, tmp_path, monke
     assert a["loader"] == b["loader"]
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
     assert torch.equal(a["agent"]["scale"]["value"], b["agent"]["scale"]["value"])
+
+
+def test_checkpoint_from_before_data_parallel_training_resumes(store, tmp_path):
+    ckpt = train(config(store, tmp_path / "run", steps=2))
+    old = torch.load(ckpt, weights_only=True)
+    for key in ("world_size", "other_ranks", "global_batch_size"):
+        del old[key]
+    save_atomic(old, ckpt)
+    train(config(store, tmp_path / "run", steps=3, resume=True))
+    assert read_training_checkpoint(ckpt)["step"] == 3
 
 
 def test_resume_refuses_other_math(store, teacher, tmp_path):

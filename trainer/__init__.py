@@ -8,6 +8,7 @@ agent      -- TDMPC2Agent: optimisers, the update step, reward distillation
 train      -- the training loop behind `trainer train` / `trainer distill`
 runstate   -- our training checkpoints (exact resume) and export to the official format
 runlog     -- metrics files, step timing, peak memory
+distributed -- data-parallel training under torchrun (DDP, per-rank streams)
 envs       -- the 30 MT30 environments
 cli        -- the `trainer` command
 """

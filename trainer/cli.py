@@ -46,7 +46,7 @@ def _option(name: str, *decls: str, **kw: Any) -> Callable:
 def _run_options(fn: Callable) -> Callable:
     """Options shared by `train` and `distill`, in --help order."""
     options = [
-        _option("shards", type=click.Path(path_type=Path), required=True),
+        _option("shards", type=str, required=True),
         _option("out", type=click.Path(path_type=Path)),
         _option("steps", type=int),
         _option("batch_size", type=int),
@@ -64,6 +64,7 @@ def _run_options(fn: Callable) -> Callable:
         _option("resume", is_flag=True),
         _option("tensorboard", is_flag=True),
         _option("progress", "--progress/--no-progress"),
+        _option("ddp_check", is_flag=True),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -72,7 +73,14 @@ def _run_options(fn: Callable) -> Callable:
 
 @click.group()
 def main() -> None:
-    """Train and distil TD-MPC2 world models on a datapipe store; export checkpoints."""
+    """Train and distil TD-MPC2 world models on a datapipe store; export checkpoints.
+
+    \b
+    Data-parallel on N processes (gloo on CPU, nccl on CUDA; one GPU per process):
+      torchrun --nproc-per-node N -m trainer distill --shards S --teacher T.pt ...
+    Every rank trains on its own --batch-size slices (global batch N x B); rank 0 writes
+    the run folder.
+    """
 
 
 @main.command("train")

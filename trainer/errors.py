@@ -24,3 +24,7 @@ class ResumeError(TrainError, ValueError):
 
 class DivergedError(TrainError, FloatingPointError):
     """A loss became NaN or infinite; the run stopped at that step."""
+
+
+class ReplicaMismatchError(TrainError, RuntimeError):
+    """Data-parallel ranks hold different model states, or drew the same batch (--ddp-check)."""

@@ -110,6 +110,20 @@ class MetricsLog:
         self.close()
 
 
+class NullLog:
+    """MetricsLog's stand-in on the ranks other than 0 of a data-parallel run: only rank 0
+    writes the run folder."""
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        pass
+
+    def __enter__(self) -> NullLog:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
 class StepTimer:
     """Seconds spent waiting for the loader and in the update, per log window and in total."""
 

@@ -9,9 +9,14 @@ dict of plain values and tensors, readable with `torch.load(..., weights_only=Tr
     config        the resolved TrainConfig, as a dict
     model_config  the student's ModelConfig, as a dict
     agent         TDMPC2Agent.state_dict(): model, both optimisers, running scale, leftover grad
-    loader        SliceLoader.state_dict(): where the data stream is
-    rng           torch CPU (and CUDA) generator states, numpy's and python's
-    store         identity of the store: path, format version, sha256 of meta.json, sources
+                  (the same on every rank of a data-parallel run)
+    loader        SliceLoader.state_dict(): where the data stream is (of rank 0)
+    rng           torch CPU (and CUDA) generator states, numpy's and python's (of rank 0)
+    world_size    number of ranks that trained (1 without torchrun)
+    other_ranks   [{"loader": ..., "rng": ...}] of ranks 1 .. world_size-1, for an exact resume
+    global_batch_size   batch_size x world_size
+    store         identity of the store: location (path or URL), format version, sha256 of
+                  meta.json, sources
     teacher       identity of the teacher file (path, sha256, size) or None
     torch_version the torch that wrote it
 
@@ -61,11 +66,12 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def store_identity(store: Store) -> dict[str, Any]:
     """What makes a store's data what it is: its meta.json (which lists every source file's
-    sha256) and format version. The path is recorded, but a moved store is the same store."""
+    sha256) and format version. The location (a local path or a URL) is recorded, but a
+    moved or copied store is the same store."""
     return {
-        "path": str(Path(store.path).resolve()),
+        "path": store.url,
         "format_version": store.meta.get("format_version"),
-        "meta_sha256": file_sha256(Path(store.path) / META_FILE),
+        "meta_sha256": hashlib.sha256(store.read_bytes(META_FILE)).hexdigest(),
         "sources": [
             {"name": s.get("name"), "sha256": s.get("sha256")}
             for s in store.meta.get("sources", [])
@@ -193,6 +199,8 @@ def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"version {FORMAT_VERSION}; export its weights with `trainer export` and start a "
             f"new run from them with --init"
         )
+    obj.setdefault("world_size", 1)  # written before data-parallel training: one process
+    obj.setdefault("other_ranks", [])
     return obj
 
 

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -32,11 +33,19 @@ from trainer.checkpoint import (
     load_checkpoint,
     load_model_state,
 )
+from trainer.distributed import (
+    DataParallelUpdate,
+    Ranks,
+    check_replicas,
+    process_group,
+    stream_seed,
+)
 from trainer.errors import DivergedError, IncompatibleDataError, ResumeError, TrainConfigError
 from trainer.model import WorldModel
 from trainer.presets import PRESETS, ModelConfig
 from trainer.runlog import (
     MetricsLog,
+    NullLog,
     StepTimer,
     peak_rss_bytes,
     peak_vram_bytes,
@@ -66,7 +75,11 @@ TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
 class TrainConfig:
     """Settings of one training or distillation run. Defaults run at toy scale on CPU."""
 
-    shards: Path = field(metadata={"help": "Store folder written by `datapipe build`."})
+    shards: str = field(
+        metadata={
+            "help": "Store written by `datapipe build`: a folder or an fsspec URL (s3://b/store)."
+        }
+    )
     out: Path = field(
         default=Path("runs/train"),
         metadata={"help": "Run folder: checkpoint, config.json, metrics."},
@@ -75,7 +88,10 @@ class TrainConfig:
         default=1000,
         metadata={"help": "Gradient updates in the whole run (a resumed run continues to it)."},
     )
-    batch_size: int = field(default=256, metadata={"help": "Slices per batch (B)."})
+    batch_size: int = field(
+        default=256,
+        metadata={"help": "Slices per batch on each rank (B); N torchrun ranks step on N x B."},
+    )
     horizon: int = field(
         default=3, metadata={"help": "Latent rollout length H (the official value is 3)."}
     )
@@ -113,7 +129,8 @@ class TrainConfig:
         default="float32", metadata={"help": "Teacher dtype: float32, bfloat16/float16 (CUDA)."}
     )
     threads: int = field(
-        default=0, metadata={"help": "torch CPU threads; 0: torch's default (one per core)."}
+        default=0,
+        metadata={"help": "torch CPU threads per rank; 0: torch's default (one per core)."},
     )
     compile: bool = field(
         default=False, metadata={"help": "torch.compile the student's networks (CUDA only)."}
@@ -122,7 +139,8 @@ class TrainConfig:
         default=False, metadata={"help": "bfloat16 autocast in the update (CUDA only)."}
     )
     cache_gb: float = field(
-        default=1.0, metadata={"help": "RAM for the loader's pool of decoded episodes, GB."}
+        default=1.0,
+        metadata={"help": "RAM for the loader's pool of decoded episodes, GB (per rank)."},
     )
     log_every: int = field(
         default=100, metadata={"help": "Steps between metric rows (and one at the end)."}
@@ -137,9 +155,18 @@ class TrainConfig:
         default=False, metadata={"help": "Also log to OUT/tensorboard (pip install tensorboard)."}
     )
     progress: bool = field(default=True, metadata={"help": "Draw a progress bar."})
+    ddp_check: bool = field(
+        default=False,
+        metadata={
+            "help": "torchrun: after every step verify that all ranks hold the same model and "
+            "optimiser state and drew different batches (slow; for debugging)."
+        },
+    )
 
     def __post_init__(self) -> None:
-        for name in ("shards", "out", "init", "teacher"):  # accept str paths
+        # The store may be a URL: a Path would fold "s3://b" into "s3:/b".
+        object.__setattr__(self, "shards", os.fspath(self.shards))
+        for name in ("out", "init", "teacher"):  # accept str paths
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))
@@ -205,7 +232,8 @@ class TrainConfig:
     @property
     def math_fields(self) -> tuple[str, ...]:
         """Settings a resumed run must share with the original, because they change the
-        numbers (the store and the teacher are compared by content, not by path)."""
+        numbers (the store and the teacher are compared by content, not by path). The number
+        of ranks may change: the data streams are then re-derived (see `_rank_stream`)."""
         fields = (
             "batch_size", "horizon", "seed", "model_size", "init", "teacher_size", "d_coef",
             "d_schedule", "distill", "teacher_dtype", "compile", "amp", "cache_gb",
@@ -233,14 +261,24 @@ def train(cfg: TrainConfig) -> Path:
     Without a teacher this is plain offline TD-MPC2 training; with one, the student's loss
     gains `d_coef * MSE(r_student, r_teacher)` (spec D.5). Metrics go to OUT/metrics.csv and
     .jsonl (and TensorBoard), checkpoints to OUT/checkpoint.pt every save_every steps.
+
+    Started by torchrun (WORLD_SIZE > 1), every rank runs this function: DDP keeps the student
+    identical on all ranks, each rank loads the teacher and samples its own batches, and only
+    rank 0 reads and writes OUT (`trainer.distributed`).
     """
     cfg = cfg.resolve()
-    device = torch.device(cfg.device)
+    ranks = Ranks.from_env()
+    device = ranks.device(cfg.device)
+    with process_group(ranks, device):
+        return _train(cfg, ranks, device)
+
+
+def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)  # process-wide; on a shared CPU 1 can beat 2-3x
     if cfg.tensorboard:
         summary_writer_class()  # fail now, not after loading everything
-    previous = _previous_run(cfg)
+    previous = ranks.on_main(lambda: _previous_run(cfg))  # rank 0 owns OUT; all get its answer
 
     # The store decides the dims; an --init student or a teacher must have been built for them.
     store = open_store(cfg.shards)
@@ -260,8 +298,9 @@ def train(cfg: TrainConfig) -> Path:
         init_state = read_official(cfg.init)
         check_fits("--init student", cfg.init, init_state, store)
 
-    # Student (seeded), teacher (frozen; its construction leaves the student's random stream
-    # alone, so a distillation run with d_coef=0 is plain training), loader (seeded).
+    # Student (seeded alike on every rank), teacher (frozen; its construction leaves the
+    # student's random stream alone, so a distillation run with d_coef=0 is plain training),
+    # loader (seeded per rank, see _rank_stream).
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
@@ -276,38 +315,58 @@ def train(cfg: TrainConfig) -> Path:
         teacher_id["size"] = teacher.cfg.model_size
     if cfg.compile:
         _compile(agent.model)
+    stream = _rank_stream(cfg, ranks, previous)
     loader = SliceLoader(
         store,
         batch_size=cfg.batch_size,
         horizon=cfg.horizon,
         device=device,
-        seed=cfg.seed,
+        seed=stream.seed,
         cache_gb=cfg.cache_gb,
     )
     start = 0
     if previous is not None:
         agent.load_state_dict(previous["agent"])
-        loader.load_state_dict(previous["loader"])
-        set_rng_state(previous["rng"], device)
         start = previous["step"]
+    if stream.loader is not None:
+        loader.load_state_dict(stream.loader)
+    if stream.rng is not None:
+        set_rng_state(stream.rng, device)
+    elif stream.reseed:
+        _seed_all(stream.seed)
+    update = DataParallelUpdate(agent, teacher, ranks) if ranks.distributed else agent.update
 
     description = {
         "config": cfg.to_dict(),
         "model_config": dataclasses.asdict(model_cfg),
         "store": store_id,
         "teacher": teacher_id,
+        "world_size": ranks.world_size,
+        "global_batch_size": cfg.batch_size * ranks.world_size,
     }
-    _write_json(
-        cfg.out / CONFIG_FILE, {**description, "start_step": start, "torch": str(torch.__version__)}
-    )
+    if ranks.is_main:
+        _write_json(
+            cfg.out / CONFIG_FILE,
+            {**description, "start_step": start, "torch": str(torch.__version__)},
+        )
+        if stream.notice:
+            print(stream.notice)
+        print(_start_line(cfg, ranks, start))
 
     def save(step: int) -> None:
-        state = {
-            "agent": agent.state_dict(),
-            "loader": loader.state_dict(),
-            "rng": rng_state(device),
-        }
-        write_training_checkpoint(cfg.checkpoint_path, step=step, **state, **description)
+        """Every rank hands its stream position to rank 0, which writes the checkpoint."""
+        streams = ranks.gather({"loader": loader.state_dict(), "rng": rng_state(device)})
+        if ranks.is_main:
+            write_training_checkpoint(
+                cfg.checkpoint_path,
+                step=step,
+                agent=agent.state_dict(),
+                loader=streams[0]["loader"],
+                rng=streams[0]["rng"],
+                other_ranks=streams[1:],
+                **description,
+            )
+        ranks.barrier()  # no rank runs ahead of a checkpoint that may yet fail
 
     # The loop. On CUDA the loader copies batch k+1 while the update runs on batch k.
     autocast = (
@@ -317,19 +376,34 @@ def train(cfg: TrainConfig) -> Path:
         torch.cuda.reset_peak_memory_stats(device)
     last_saved = start if previous is not None else None
     timer = StepTimer(start)
+    checked = 0
+    log = (
+        MetricsLog(cfg.out, cfg.tensorboard, start if previous is not None else None)
+        if ranks.is_main
+        else NullLog()
+    )
     with (
         loader,
-        MetricsLog(cfg.out, cfg.tensorboard, start if previous is not None else None) as log,
-        tqdm(total=cfg.steps, initial=start, unit="step", disable=not cfg.progress) as bar,
+        log,
+        tqdm(
+            total=cfg.steps,
+            initial=start,
+            unit="step",
+            disable=not (cfg.progress and ranks.is_main),
+        ) as bar,
     ):
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.perf_counter()
-            obs, action, reward, task = next(loader)
+            batch = next(loader)
             t1 = time.perf_counter()
             d_coef = cfg.d_coef_at(step - 1)
             with autocast:
-                info = agent.update(obs, action, reward, task, teacher, d_coef, cfg.distill)
+                info = update(*batch, teacher, d_coef, cfg.distill)
+            info = ranks.mean(info, device)  # the losses of the global batch, on every rank
             timer.add(wait=t1 - t0, busy=time.perf_counter() - t1)
+            if cfg.ddp_check:
+                check_replicas(agent, tuple(batch), step, ranks)
+                checked += 1
             if teacher is not None:
                 info["d_coef"] = d_coef
             bad = {k: v for k, v in info.items() if not math.isfinite(v)}
@@ -348,15 +422,70 @@ def train(cfg: TrainConfig) -> Path:
                 last_saved = step
             bar.update(1)
 
+    peaks = ranks.gather((peak_rss_bytes(), peak_vram_bytes(device)))
+    if not ranks.is_main:
+        return cfg.checkpoint_path
     summary = {
         **timer.totals(),
-        "peak_rss_bytes": peak_rss_bytes(),
-        "peak_vram_bytes": peak_vram_bytes(device),
+        "world_size": ranks.world_size,
+        "batch_size": cfg.batch_size,
+        "global_batch_size": cfg.batch_size * ranks.world_size,
+        "peak_rss_bytes": max(rss for rss, _ in peaks),
+        "peak_vram_bytes": None if peaks[0][1] is None else max(v for _, v in peaks),
         "device": cfg.device,
     }
+    if ranks.distributed:
+        summary["peak_rss_bytes_per_rank"] = [rss for rss, _ in peaks]
+    if cfg.ddp_check:
+        summary["ddp_check"] = {"steps": checked, "ranks": ranks.world_size, "passed": True}
     _write_json(cfg.out / SUMMARY_FILE, summary)
     print(_summary_line(summary, cfg))
     return cfg.checkpoint_path
+
+
+@dataclass(frozen=True)
+class _Stream:
+    """Where one rank's random draws come from (see `_rank_stream`)."""
+
+    seed: int  # of the rank's loader, and of its update noise when `reseed`
+    loader: dict[str, Any] | None  # loader state to continue, or None: a fresh stream
+    rng: dict[str, Any] | None  # generator states to continue
+    reseed: bool  # seed torch/numpy/python with `seed` before the first update
+    notice: str | None = None  # what rank 0 says about it
+
+
+def _rank_stream(cfg: TrainConfig, ranks: Ranks, previous: dict[str, Any] | None) -> _Stream:
+    """This rank's data and update-noise stream.
+
+    A new run: `stream_seed(seed, rank, world size)`, which for a single rank is the run's
+    seed and its generators as model init left them (so one process draws what it always
+    did). A resume with the checkpoint's number of ranks: each rank continues its own saved
+    stream exactly. A resume with another number of ranks: the model, optimisers and step
+    continue, and every rank starts a fresh stream derived from (seed, rank, world size,
+    step), which no earlier stream of the run shares.
+    """
+    if previous is None:
+        seed = stream_seed(cfg.seed, ranks.rank, ranks.world_size)
+        return _Stream(seed, None, None, reseed=ranks.distributed)
+    saved = [{"loader": previous["loader"], "rng": previous["rng"]}, *previous["other_ranks"]]
+    if len(saved) == ranks.world_size:
+        mine = saved[ranks.rank]
+        return _Stream(mine["loader"]["seed"], mine["loader"], mine["rng"], reseed=False)
+    step = previous["step"]
+    notice = (
+        f"{cfg.checkpoint_path}: written by {len(saved)} rank(s), resumed by "
+        f"{ranks.world_size}: model, optimisers and step {step} continue; each rank's data "
+        f"stream is re-derived from (seed {cfg.seed}, rank, {ranks.world_size} ranks, step "
+        f"{step}), so the batches differ from those of an uninterrupted run"
+    )
+    seed = stream_seed(cfg.seed, ranks.rank, ranks.world_size, step)
+    return _Stream(seed, None, None, reseed=True, notice=notice)
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 # -- checks ------------------------------------------------------------------------------------
@@ -387,7 +516,7 @@ def check_fits(what: str, path: Path, state: dict[str, Any], store: Store) -> No
     if differ:
         task_set = store.meta.get("dataset", {}).get("task_set", "?")
         raise IncompatibleDataError(
-            f"{what} {path} was built for another dataset than the store {store.path} "
+            f"{what} {path} was built for another dataset than the store {store.url} "
             f"(task set {task_set}, {wanted['n_tasks']} tasks): {'; '.join(differ)} "
             f"(checkpoint vs store). Use a checkpoint trained on this task set, or a store "
             f"built from the matching data with `datapipe build`."
@@ -489,12 +618,26 @@ def _diverged_message(
     return f"non-finite loss at step {step} ({values}): the run stopped; {where}"
 
 
+def _start_line(cfg: TrainConfig, ranks: Ranks, start: int) -> str:
+    what = "distill" if cfg.teacher is not None else "train"
+    batch = f"batch {cfg.batch_size}"
+    if ranks.distributed:
+        batch = (
+            f"batch {cfg.batch_size} per rank x {ranks.world_size} ranks = global batch "
+            f"{cfg.batch_size * ranks.world_size}"
+        )
+    return f"{cfg.out}: {what} from step {start} to {cfg.steps}, {batch}, on {cfg.device}"
+
+
 def _summary_line(summary: dict[str, Any], cfg: TrainConfig) -> str:
     if not summary["steps"]:
         return f"{cfg.out}: already at step {cfg.steps}, nothing to do"
     vram = summary["peak_vram_bytes"]
+    where = cfg.device
+    if summary["world_size"] > 1:
+        where += f" x {summary['world_size']} ranks (global batch {summary['global_batch_size']})"
     return (
-        f"{cfg.out}: {summary['steps']} steps in {summary['seconds']:.1f} s on {cfg.device}: "
+        f"{cfg.out}: {summary['steps']} steps in {summary['seconds']:.1f} s on {where}: "
         f"{summary['steps_per_s']:.2f} steps/s, {summary['data_wait']:.1%} waiting for data, "
         f"peak RSS {summary['peak_rss_bytes'] / 2**30:.2f} GiB"
         + ("" if vram is None else f", peak VRAM {vram / 2**30:.2f} GiB")
