@@ -259,6 +259,47 @@ def bench_verify_cmd(store, faults_store, work, per_kind) -> None:
             click.echo(f"{row['fault']:40} {row['injected']:>8} {row['detected']:>8}")
 
 
+@main.command("bench-ddp")
+@click.option("--shards", required=True, help="Store to train on (path or URL).")
+@click.option("--work", type=click.Path(path_type=Path), default=Path("/tmp/bench-ddp"),
+              show_default=True, help="Scratch folder for the run folders and their logs.")  # fmt: skip
+@click.option("--ranks", type=int, default=2, show_default=True,
+              help="Ranks of the data-parallel run (compared with 1).")  # fmt: skip
+@click.option("--model-size", type=click.Choice(["1", "5", "19", "48", "317"]), default="1",
+              show_default=True, help="Student size.")  # fmt: skip
+@click.option("--batch-size", type=int, default=256, show_default=True,
+              help="Slices per rank, the same in both runs.")  # fmt: skip
+@click.option("--steps", type=int, default=60, show_default=True, help="Steps of each run.")
+@click.option("--warmup", type=int, default=10, show_default=True,
+              help="First steps left out of the medians.")  # fmt: skip
+@click.option("--teacher", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              default=None, help="Distil from this teacher (default: plain training).")  # fmt: skip
+@click.option("--json-out", type=click.Path(path_type=Path), default=None,
+              help="Also write the rows as JSON here.")  # fmt: skip
+def bench_ddp_cmd(shards, work, ranks, model_size, batch_size, steps, warmup, teacher, json_out):
+    """Per-step time of N-rank CPU training (torchrun, gloo) against 1 rank and against N
+    independent 1-rank runs at once; the same batch per rank."""
+    import json
+
+    from tools.bench_ddp import BenchDDPConfig, bench_ddp
+
+    cfg = BenchDDPConfig(shards=shards, work=work, ranks=ranks, model_size=int(model_size),
+                         batch_size=batch_size, steps=steps, warmup=warmup, teacher=teacher)  # fmt: skip
+    try:
+        rows = bench_ddp(cfg)
+    except (RuntimeError, ValueError) as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(f"{'config':12} {'slices/step':>11} {'median step ms':>14} {'data wait ms':>12} "
+               f"{'samples/s':>10} {'step ratio':>10} {'peak RSS GB':>11} {'load 1m':>7}")  # fmt: skip
+    for r in rows:
+        click.echo(f"{r['config']:12} {r['slices_per_step']:>11} {r['median_step_ms']:>14.1f} "
+                   f"{r['median_data_wait_ms']:>12.2f} {r['samples_per_s']:>10.0f} "
+                   f"{r['step_ratio']:>10.2f} {r['peak_rss_gb']:>11.2f} {r['load_1min']:>7.2f}")  # fmt: skip
+    if json_out is not None:
+        json_out.write_text(json.dumps({"config": {k: str(v) for k, v in vars(cfg).items()},
+                                        "rows": rows}, indent=1))  # fmt: skip
+
+
 @main.command("bench-envs")
 @click.option("--steps", type=int, default=1000, show_default=True, help="Agent steps per task.")
 @click.option("--tasks", default="mt30", show_default=True, help="mt30 or comma-separated names.")
