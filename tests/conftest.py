@@ -45,6 +45,22 @@ def save_chunk(data: dict, path: Path) -> None:
     torch.save(TensorDict(data, batch_size=[n, rows]), path)
 
 
+def crash_second_unit(monkeypatch) -> None:
+    """Make the next in-process build raise KeyboardInterrupt at its second work unit, as if
+    killed there; `monkeypatch.undo()` restores the real unit."""
+    from datapipe import units
+
+    real, calls = units.build_shard, []
+
+    def crash_on_second(*args):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return real(*args)
+
+    monkeypatch.setattr("datapipe.build.build_shard", crash_on_second)
+
+
 def store_digest(root: Path) -> dict[str, str]:
     """sha256 of every file of a store but the build config (which names the command)."""
     return {

@@ -12,10 +12,16 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import build_store, load_chunk, make_source, save_chunk, store_digest
+from conftest import (
+    build_store,
+    crash_second_unit,
+    load_chunk,
+    make_source,
+    save_chunk,
+    store_digest,
+)
 
 from datapipe import format as fmt
-from datapipe import units
 from datapipe.cli import main as datapipe_cli
 from datapipe.errors import DestinationError, IncompleteStoreError
 from datapipe.store import open_store
@@ -120,21 +126,13 @@ def test_mt80_layout_comes_from_the_data(tmp_path):
 def test_interrupted_build_resumes_to_an_identical_store(
     small_source, small_store, tmp_path, monkeypatch
 ):
-    real, calls = units.build_shard, []
-
-    def crash_on_second(*args):
-        calls.append(args[1])
-        if len(calls) == 2:
-            raise KeyboardInterrupt("simulated crash")
-        return real(*args)
-
-    monkeypatch.setattr("datapipe.build.build_shard", crash_on_second)
+    crash_second_unit(monkeypatch)
     dst = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         build_store(small_source, dst)
     with pytest.raises(IncompleteStoreError, match="datapipe build"):
         open_store(dst)
-    monkeypatch.setattr("datapipe.build.build_shard", real)
+    monkeypatch.undo()
     done_before = {p.name for p in (dst / fmt.BUILD_DIR / "units").iterdir()}
     assert len(done_before) == 1
     build_store(small_source, dst)

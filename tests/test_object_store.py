@@ -8,7 +8,7 @@ import fsspec
 import numpy as np
 import pytest
 import torch
-from conftest import build_store, remote_digest, store_digest
+from conftest import build_store, crash_second_unit, remote_digest, store_digest
 
 import datapipe
 from datapipe import format as fmt
@@ -53,23 +53,13 @@ def test_build_into_s3_equals_the_local_build(small_source, small_store, s3_buck
 def test_interrupted_s3_build_resumes_to_an_identical_store(
     small_source, small_store, s3_bucket, monkeypatch
 ):
-    from datapipe import units
-
-    real, calls = units.build_shard, []
-
-    def crash_on_second(*args):
-        calls.append(args[1])
-        if len(calls) == 2:
-            raise KeyboardInterrupt("simulated crash")
-        return real(*args)
-
-    monkeypatch.setattr("datapipe.build.build_shard", crash_on_second)
+    crash_second_unit(monkeypatch)
     url = f"{s3_bucket}/resumed"
     with pytest.raises(KeyboardInterrupt):
         build_store(small_source, url)
     with pytest.raises(IncompleteStoreError, match="datapipe build"):
         datapipe.open_store(url)
-    monkeypatch.setattr("datapipe.build.build_shard", real)
+    monkeypatch.undo()
     build_store(small_source, url)
     assert remote_digest(url) == store_digest(small_store)
 
