@@ -51,4 +51,8 @@ def local_dask_cluster(n_workers: int, timeout: float = 60) -> Iterator[tuple[st
             for p in reversed(procs):
                 p.terminate()
             for p in procs:
-                p.wait(timeout=30)
+                try:
+                    p.wait(timeout=2)
+                except subprocess.TimeoutExpired:  # a worker waiting on a scheduler now gone
+                    p.kill()
+                    p.wait()
