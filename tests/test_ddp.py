@@ -15,6 +15,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -313,3 +314,40 @@ def test_torchrun_error_on_rank_0_stops_every_rank(run_inputs, whole_run):
     """Rank 0 alone reads the run folder; its refusal reaches the other rank (no hang)."""
     result = torchrun(2, *run_inputs, whole_run[0], "--steps", "8", ok=False)
     assert "already holds a run" in result.stderr and "pass --resume" in result.stderr
+
+
+def test_two_nodes_of_one_rank_train_as_one_node_of_two(run_inputs, whole_run, tmp_path):
+    """The README's multi-node form: a torchrun launcher per node with --nnodes 2 and a static
+    rendezvous at node 0. Ranks 0 and 1 are the same ranks as in the one-node run, so the
+    result is that run's, bit for bit."""
+    store, teacher = run_inputs
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    out = tmp_path / "run"
+    common = [
+        "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port,
+        "-m", "trainer", "distill", "--shards", str(store), "--teacher", str(teacher),
+        "--out", str(out), "--batch-size", "4", "--device", "cpu", "--log-every", "1",
+        "--save-every", "3", "--threads", "1", "--no-progress", "--steps", "6",
+    ]  # fmt: skip
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank"]
+    nodes = [
+        subprocess.Popen(
+            [*launch, str(node), *common],
+            cwd=ROOT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], "\n".join(outputs)
+    assert "x 2 ranks = global batch 8" in outputs[0]
+    whole = flat(read_training_checkpoint(whole_run[0] / "checkpoint.pt")["agent"])
+    nodes_run = flat(read_training_checkpoint(out / "checkpoint.pt")["agent"])
+    assert whole.keys() == nodes_run.keys()
+    assert all(torch.equal(whole[k], nodes_run[k]) for k in whole)
+    assert losses(out) == losses(whole_run[0])
