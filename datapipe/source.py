@@ -198,24 +198,48 @@ def scan_sources(src: str | Path) -> tuple[list[SourceFile], Layout]:
     return files, layout
 
 
-def read_episodes(path: str | Path, lo: int, hi: int) -> dict[str, np.ndarray]:
-    """Episodes [lo, hi) of one chunk (a local path or a URL) as owned numpy arrays: one byte
-    range per key, read from the local file or with one ranged request from an object store."""
-    fs, inner, local = _filesystem(path)
-    where = str(path)
-    out = {}
-    with _opened(fs, inner, local, where, **_INDEX_OPEN) as f:
-        data = read_index(f, where)
-        n, _ = check_structure(data, where)
-        if not 0 <= lo <= hi <= n:
-            raise SourceError(f"{where}: episodes [{lo}, {hi}) asked for, but it holds {n}.")
+class ChunkReader:
+    """One chunk (a local path or a URL) held open with its index parsed once, for reading
+    many episode ranges: each `read` is one byte range per key, a local read or one ranged
+    request to an object store."""
+
+    def __init__(self, path: str | Path):
+        fs, self._inner, self._local = _filesystem(path)
+        self._fs, self.where = fs, str(path)
+        self._opened = _opened(fs, self._inner, self._local, self.where, **_INDEX_OPEN)
+        self._file = self._opened.__enter__()
+        try:
+            self._index = read_index(self._file, self.where)
+            self.episodes, self.layout = check_structure(self._index, self.where)
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> ChunkReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._opened.__exit__(None, None, None)
+
+    def read(self, lo: int, hi: int) -> dict[str, np.ndarray]:
+        """Episodes [lo, hi) as owned, native-byte-order numpy arrays."""
+        where = self.where
+        if not 0 <= lo <= hi <= self.episodes:
+            raise SourceError(
+                f"{where}: episodes [{lo}, {hi}) asked for, but it holds {self.episodes}."
+            )
+        out = {}
         for key in SOURCE_DTYPES:
-            t = data[key]
+            t = self._index[key]
             start, nbytes = t.span(lo, hi)
-            if local:
-                buf = _read_local(f, start, nbytes)
+            if self._local:
+                buf = _read_local(self._file, start, nbytes)
             else:
-                buf = np.frombuffer(_cat(fs, inner, start, start + nbytes), np.uint8).copy()
+                raw = _cat(self._fs, self._inner, start, start + nbytes)
+                buf = np.frombuffer(raw, np.uint8).copy()
             if buf.size != nbytes:
                 raise SourceError(
                     f"{where}: {key} of episodes [{lo}, {hi}) runs past the end of the file "
@@ -225,7 +249,13 @@ def read_episodes(path: str | Path, lo: int, hi: int) -> dict[str, np.ndarray]:
             whole = view.flags.c_contiguous and view.nbytes == buf.nbytes
             array = buf.view(view.dtype).reshape(view.shape) if whole else np.array(view)
             out[key] = array.astype(array.dtype.newbyteorder("="), copy=False)
-    return out
+        return out
+
+
+def read_episodes(path: str | Path, lo: int, hi: int) -> dict[str, np.ndarray]:
+    """Episodes [lo, hi) of one chunk (a local path or a URL) as owned numpy arrays."""
+    with ChunkReader(path) as chunk:
+        return chunk.read(lo, hi)
 
 
 def validate_episodes(arrays: dict, file: SourceFile, lo: int, task_set: TaskSet) -> None:

@@ -11,6 +11,7 @@ seeded sample, or all of them with `deep`). Problems are collected, never raised
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -25,7 +26,7 @@ from datapipe import format as fmt
 from datapipe.errors import DatapipeError
 from datapipe.location import Location
 from datapipe.shardreader import ShardReader
-from datapipe.source import read_episodes, scan_sources
+from datapipe.source import ChunkReader, scan_sources
 from datapipe.store import Store
 
 
@@ -323,9 +324,11 @@ def _bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 def _check_source(a: dict, eps: range, picks, sources, report: Report, rel: str) -> None:
+    """Compare the picked episodes with the source, through `sources`: {SourceFile: its open
+    ChunkReader} (a chunk's index is parsed once, not once per episode)."""
     for e in picks:
         f = next(s for s in sources if s.start <= e < s.start + s.episodes)
-        src = read_episodes(f.path, e - f.start, e - f.start + 1)
+        src = sources[f].read(e - f.start, e - f.start + 1)
         i = e - eps.start
         for name in fmt.ARRAYS:
             stored = (
@@ -401,34 +404,37 @@ def verify(
             f"array metadata unreadable or not format v1: {e}",
         )
         return report
-    for k in bar(range(meta["n_shards"]), "shards"):
-        eps = fmt.shard_episodes(k, n)
-        zarr_a = wds_a = None
-        if (
-            "zarr" in meta["formats"]
-            and not {fmt.zarr_shard_file(a, k) for a in fmt.ARRAYS} & missing
-        ):
-            zarr_a = _zarr_arrays(store, reader, eps, report)
-            if zarr_a is not None:
-                _check_values(zarr_a, eps, f"{fmt.ZARR_DIR} shard {k}", store, report)
-        if "webdataset" in meta["formats"] and fmt.wds_shard_file(k) not in missing:
-            wds_a = _wds_arrays(root, eps, report)
-            if wds_a is not None:
-                _check_values(wds_a, eps, fmt.wds_shard_file(k), store, report)
-        if zarr_a is not None and wds_a is not None:
-            for name in fmt.ARRAYS:
-                if not _bits_equal(zarr_a[name], wds_a[name]):
-                    report.add(
-                        "format-mismatch",
-                        fmt.wds_shard_file(k),
-                        f"{name} differs from the Zarr array",
-                        [eps.start, eps.stop],
-                    )
-        arrays = zarr_a if zarr_a is not None else wds_a
-        if sources is not None and arrays is not None:
-            here = sorted(e for e in picks if e in eps)
-            _check_source(arrays, eps, here, sources, report, f"shard {k}")
-        report.count("shards")
+    with contextlib.ExitStack() as held:  # the source chunks, each opened once
+        if sources is not None:
+            sources = {s: held.enter_context(ChunkReader(s.path)) for s in sources}
+        for k in bar(range(meta["n_shards"]), "shards"):
+            eps = fmt.shard_episodes(k, n)
+            zarr_a = wds_a = None
+            if (
+                "zarr" in meta["formats"]
+                and not {fmt.zarr_shard_file(a, k) for a in fmt.ARRAYS} & missing
+            ):
+                zarr_a = _zarr_arrays(store, reader, eps, report)
+                if zarr_a is not None:
+                    _check_values(zarr_a, eps, f"{fmt.ZARR_DIR} shard {k}", store, report)
+            if "webdataset" in meta["formats"] and fmt.wds_shard_file(k) not in missing:
+                wds_a = _wds_arrays(root, eps, report)
+                if wds_a is not None:
+                    _check_values(wds_a, eps, fmt.wds_shard_file(k), store, report)
+            if zarr_a is not None and wds_a is not None:
+                for name in fmt.ARRAYS:
+                    if not _bits_equal(zarr_a[name], wds_a[name]):
+                        report.add(
+                            "format-mismatch",
+                            fmt.wds_shard_file(k),
+                            f"{name} differs from the Zarr array",
+                            [eps.start, eps.stop],
+                        )
+            arrays = zarr_a if zarr_a is not None else wds_a
+            if sources is not None and arrays is not None:
+                here = sorted(e for e in picks if e in eps)
+                _check_source(arrays, eps, here, sources, report, f"shard {k}")
+            report.count("shards")
     if reader is not None:
         reader.close()
     return report

@@ -15,6 +15,7 @@ import pytest
 from conftest import build_store, make_source, remote_digest, store_digest
 
 from datapipe import format as fmt
+from datapipe.verify import verify
 from tools.dask_cluster import local_dask_cluster
 
 
@@ -75,3 +76,4 @@ def test_cluster_build_from_and_into_s3_equals_the_local_build(
     fsspec.filesystem("s3").put(f"{small_source}/", f"{s3_bucket}/src/", recursive=True)
     _build(f"{s3_bucket}/src", f"{s3_bucket}/store", cluster)
     assert remote_digest(f"{s3_bucket}/store") == store_digest(small_store)
+    assert verify(f"{s3_bucket}/store", src=f"{s3_bucket}/src", deep=True).ok
