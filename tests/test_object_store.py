@@ -80,6 +80,23 @@ def test_webdataset_stream_reads_s3_exactly_as_local(labelled_store, s3_labelled
         assert all(torch.equal(s, t) for s, t in zip(a, b, strict=True))
 
 
+def test_dataloader_workers_stream_from_s3(labelled_store, s3_labelled):
+    """Forked DataLoader workers open the S3 tars themselves (fsspec's S3 file system cannot
+    cross a fork) and together yield what the same workers yield from the local copy."""
+
+    def take(path):
+        stream = datapipe.WebDatasetStream(path, batch_size=16, seed=2, shuffle_buffer=16)
+        loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
+        batches = []
+        for batch in loader:
+            batches.append(batch)
+            if len(batches) == 6:
+                return batches
+
+    for a, b in zip(take(labelled_store), take(s3_labelled), strict=True):
+        assert all(torch.equal(s, t) for s, t in zip(a, b, strict=True))
+
+
 def test_s3_store_verifies_and_a_flipped_byte_is_caught(labelled_store, s3_bucket):
     fs = fsspec.filesystem("s3")
     url = f"{s3_bucket}/store"
