@@ -18,6 +18,7 @@ from datapipe.errors import (
     CorruptStoreError,
     DatapipeError,
     IncompleteStoreError,
+    StorageAccessError,
     StoreNotFoundError,
     StoreVersionError,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "DatapipeError",
     "IncompleteStoreError",
     "SliceLoader",
+    "StorageAccessError",
     "Store",
     "StoreNotFoundError",
     "StoreVersionError",

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from datapipe import __version__
 from datapipe import format as fmt
-from datapipe.errors import BuildWriteError, DestinationError, SourceError
-from datapipe.location import Location
+from datapipe.errors import BuildWriteError, DatapipeError, DestinationError, SourceError
+from datapipe.location import Location, is_storage_error
 from datapipe.source import Layout, SourceFile, scan_sources
 from datapipe.tasksets import TaskSet, get_task_set, match_task_set
 from datapipe.units import Piece, build_shard, hash_source, write_json_atomic
@@ -268,6 +268,16 @@ def build(cfg: BuildConfig, command: str = "datapipe build") -> str:
     ts = resolve_task_set(cfg.task_set, layout, cfg.src)
     plan = make_plan(sources, layout, ts, cfg.formats)
     dst = Location(cfg.dst)
+    try:
+        return _build(cfg, dst, sources, layout, ts, plan, command)
+    except Exception as e:
+        if dst.local or isinstance(e, DatapipeError) or not is_storage_error(e):
+            raise
+        raise dst.access_error(e, "building the store") from e
+
+
+def _build(cfg, dst: Location, sources, layout: Layout, ts: TaskSet, plan, command) -> str:
+    """Prepare or resume `dst`, run the missing units, commit; see build()."""
     if not prepare_destination(dst, plan, command):
         print(f"{dst}: already complete; nothing to do.")
         return dst.url

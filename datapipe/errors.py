@@ -36,3 +36,7 @@ class StoreVersionError(DatapipeError, ValueError):
 
 class CorruptStoreError(DatapipeError, ValueError):
     """Stored bytes fail their checksum or do not decode."""
+
+
+class StorageAccessError(DatapipeError, OSError):
+    """Object storage could not be reached or refused a request (no bucket, no credentials)."""

@@ -21,13 +21,23 @@ from pathlib import Path
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from datapipe.errors import StorageAccessError
+
 TMP_SUFFIX = ".tmp."  # local temp files are ".{name}.tmp.{pid}" beside their target
+# Where the exceptions of remote file systems' client libraries come from (they are not all
+# OSErrors: botocore's connection and credential errors, for one).
+_STORAGE_CLIENTS = ("botocore", "aiobotocore", "aiohttp", "google", "gcsfs", "azure", "adlfs")
 
 
 def is_url(path: str | os.PathLike) -> bool:
     """Whether `path` names a non-local fsspec location (has a protocol other than file://)."""
     text = os.fspath(path)
     return "://" in text and not text.startswith("file://")
+
+
+def is_storage_error(e: BaseException) -> bool:
+    """Whether `e` came from talking to a file system (rather than from a bug or bad data)."""
+    return isinstance(e, OSError) or type(e).__module__.split(".")[0] in _STORAGE_CLIENTS
 
 
 class Location:
@@ -55,6 +65,15 @@ class Location:
 
     def __str__(self) -> str:
         return self.url
+
+    def access_error(self, e: BaseException, doing: str) -> StorageAccessError:
+        """A StorageAccessError for failure `e` of a remote location while `doing`."""
+        return StorageAccessError(
+            f"{self.url}: {doing} failed ({type(e).__name__}: {e}). Check that the bucket "
+            f"exists and that credentials and endpoint are set where this runs (s3://: the "
+            f"AWS_* environment variables or ~/.aws, AWS_ENDPOINT_URL for S3-compatible "
+            f"servers; other protocols: their fsspec configuration)."
+        )
 
     def path(self, rel: str) -> str:
         """The file system path of `rel` (for local locations, an ordinary path)."""

@@ -17,11 +17,12 @@ import numpy as np
 from datapipe import format as fmt
 from datapipe.errors import (
     CorruptStoreError,
+    DatapipeError,
     IncompleteStoreError,
     StoreNotFoundError,
     StoreVersionError,
 )
-from datapipe.location import Location
+from datapipe.location import Location, is_storage_error
 
 
 def _load_json(loc: Location, rel: str) -> dict:
@@ -67,10 +68,15 @@ class Store:
     def __init__(self, path: str | Path, meta: dict | None = None, index: dict | None = None):
         """Open the store at `path` (a local path or an fsspec URL such as s3://bucket/store);
         `meta`/`index` skip the checks (for verify-shards only)."""
-        self.location = Location(path)
-        self.url: str = self.location.url  # absolute path, or the URL: what to show or pass on
-        self.meta = check_complete(self.location) if meta is None else meta
-        self.index = _load_json(self.location, fmt.INDEX_FILE) if index is None else index
+        self.location = loc = Location(path)
+        self.url: str = loc.url  # absolute path, or the URL: what to show or pass on
+        try:
+            self.meta = check_complete(loc) if meta is None else meta
+            self.index = _load_json(loc, fmt.INDEX_FILE) if index is None else index
+        except Exception as e:
+            if loc.local or isinstance(e, DatapipeError) or not is_storage_error(e):
+                raise
+            raise loc.access_error(e, "opening the store") from e
         ds = self.meta["dataset"]
         self.n_episodes: int = ds["n_episodes"]
         self.episode_length: int = ds["rows_per_episode"]

@@ -12,7 +12,7 @@ from conftest import build_store, crash_second_unit, remote_digest, store_digest
 
 import datapipe
 from datapipe import format as fmt
-from datapipe.errors import CorruptStoreError, IncompleteStoreError
+from datapipe.errors import CorruptStoreError, IncompleteStoreError, StorageAccessError
 from datapipe.shardreader import ShardReader
 from datapipe.verify import verify
 
@@ -119,3 +119,11 @@ def test_s3_store_verifies_and_a_flipped_byte_is_caught(labelled_store, s3_bucke
     assert [(p.kind, p.where, p.episodes) for p in report.problems if p.kind == "checksum"] == [
         ("checksum", fmt.zarr_shard_file("action", 1), [266, 267])
     ]
+
+
+def test_a_missing_bucket_is_named_with_the_fix(small_source, s3_server):
+    with pytest.raises(StorageAccessError, match=r"s3://no-such-bucket-7/x: building") as err:
+        build_store(small_source, "s3://no-such-bucket-7/x")
+    assert "bucket exists" in str(err.value) and "AWS_ENDPOINT_URL" in str(err.value)
+    with pytest.raises(datapipe.StoreNotFoundError, match="s3://no-such-bucket-7/x: no such"):
+        datapipe.open_store("s3://no-such-bucket-7/x")
