@@ -97,7 +97,7 @@ def test_dataloader_workers_stream_from_s3(labelled_store, s3_labelled):
         assert all(torch.equal(s, t) for s, t in zip(a, b, strict=True))
 
 
-def test_s3_store_verifies_and_a_flipped_byte_is_caught(labelled_store, s3_bucket):
+def test_s3_store_verifies_a_flipped_byte_is_caught_and_repaired(labelled_store, s3_bucket):
     fs = fsspec.filesystem("s3")
     url = f"{s3_bucket}/store"
     fs.put(str(labelled_store), url.removeprefix("s3://"), recursive=True)
@@ -119,6 +119,11 @@ def test_s3_store_verifies_and_a_flipped_byte_is_caught(labelled_store, s3_bucke
     assert [(p.kind, p.where, p.episodes) for p in report.problems if p.kind == "checksum"] == [
         ("checksum", fmt.zarr_shard_file("action", 1), [266, 267])
     ]
+    from datapipe.repair import repair
+
+    shards, report = repair(url, labelled_store.parent / "src")  # the store's source folder
+    assert shards == [1] and report.ok, report.to_text()
+    assert remote_digest(url) == store_digest(labelled_store)
 
 
 def test_a_missing_bucket_is_named_with_the_fix(small_source, s3_server):
