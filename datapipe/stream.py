@@ -97,7 +97,7 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
         if len(shard_urls) != n_shards:
             raise ValueError(f"{len(shard_urls)} shard URLs for a store of {n_shards} shards")
         self.shard_urls = list(shard_urls)
-        counts = [len(store.episodes_of_task(t)) for t in range(len(store.task_names))]
+        counts = [task["episodes"] for task in store.index["tasks"]]  # per task id
         probs = task_probabilities(counts, store.task_names, tasks, weights)
         share = np.asarray(counts, np.float64) / max(1, sum(counts))
         rate = np.divide(probs, share, out=np.zeros_like(probs), where=share > 0)
