@@ -15,6 +15,10 @@ through zarr-python 3.1.6, 452 / 2,108 with the `zarrs` 0.2.3 codec pipeline, an
 26,189 here (crc32c checked throughout); the loader's pool needs thousands per second.
 `Store.read_array` (zarr-python) stays the reference reader, and the tests compare the two.
 
+A store on object storage is read the same way through fsspec: a shard's index with one
+ranged request when the shard is first used, then each call's chunks with concurrent ranged
+requests (one round trip per call, not one per episode).
+
 One reader serves one thread (it keeps open files and a small cache of shard indexes).
 """
 
