@@ -29,12 +29,6 @@ TMP_SUFFIX = ".tmp."  # local temp files are ".{name}.tmp.{pid}" beside their ta
 _STORAGE_CLIENTS = ("botocore", "aiobotocore", "aiohttp", "google", "gcsfs", "azure", "adlfs")
 
 
-def is_url(path: str | os.PathLike) -> bool:
-    """Whether `path` names a non-local fsspec location (has a protocol other than file://)."""
-    text = os.fspath(path)
-    return "://" in text and not text.startswith("file://")
-
-
 def is_storage_error(e: BaseException) -> bool:
     """Whether `e` came from talking to a file system (rather than from a bug or bad data)."""
     return isinstance(e, OSError) or type(e).__module__.split(".")[0] in _STORAGE_CLIENTS
