@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
@@ -206,8 +207,6 @@ def bench_build_cmd(src, work, workers, formats, cluster) -> None:
 def bench_loader_cmd(store, src, batch_sizes, horizon, cache_gb, seconds, approaches, threads,
                      refill_every, json_out):  # fmt: skip
     """Batches/s, transitions/s and peak RSS: SliceLoader vs the official torchrl path vs numpy."""
-    import json
-
     from tools.bench_loader import BenchLoaderConfig, bench_loader
 
     cfg = BenchLoaderConfig(store=store, src=src, batch_sizes=tuple(batch_sizes), horizon=horizon,
@@ -223,9 +222,7 @@ def bench_loader_cmd(store, src, batch_sizes, horizon, cache_gb, seconds, approa
         click.echo(f"{r['approach']:9} {r['batch_size']:5d} {r['batches_per_s']:10.0f} "
                    f"{r['transitions_per_s']:14.0f} {r['peak_rss_gb']:12.2f} "
                    f"{r['peak_pss_gb']:12.2f} {r['setup_s']:8.1f}")  # fmt: skip
-    if json_out is not None:
-        json_out.write_text(json.dumps({"config": {k: str(v) for k, v in vars(cfg).items()},
-                                        "rows": rows}, indent=1))  # fmt: skip
+    _write_rows(json_out, cfg, rows)
 
 
 @main.command("bench-verify")
@@ -279,8 +276,6 @@ def bench_verify_cmd(store, faults_store, work, per_kind) -> None:
 def bench_ddp_cmd(shards, work, ranks, model_size, batch_size, steps, warmup, teacher, json_out):
     """Per-step time of N-rank CPU training (torchrun, gloo) against 1 rank and against N
     independent 1-rank runs at once; the same batch per rank."""
-    import json
-
     from tools.bench_ddp import BenchDDPConfig, bench_ddp
 
     cfg = BenchDDPConfig(shards=shards, work=work, ranks=ranks, model_size=int(model_size),
@@ -295,9 +290,14 @@ def bench_ddp_cmd(shards, work, ranks, model_size, batch_size, steps, warmup, te
         click.echo(f"{r['config']:12} {r['slices_per_step']:>11} {r['median_step_ms']:>14.1f} "
                    f"{r['median_data_wait_ms']:>12.2f} {r['samples_per_s']:>10.0f} "
                    f"{r['step_ratio']:>10.2f} {r['peak_rss_gb']:>11.2f} {r['load_1min']:>7.2f}")  # fmt: skip
+    _write_rows(json_out, cfg, rows)
+
+
+def _write_rows(json_out: Path | None, cfg, rows: list[dict]) -> None:
+    """A benchmark's config and result rows as JSON, if --json-out was given."""
     if json_out is not None:
-        json_out.write_text(json.dumps({"config": {k: str(v) for k, v in vars(cfg).items()},
-                                        "rows": rows}, indent=1))  # fmt: skip
+        config = {k: str(v) for k, v in vars(cfg).items()}
+        json_out.write_text(json.dumps({"config": config, "rows": rows}, indent=1))
 
 
 @main.command("bench-envs")
