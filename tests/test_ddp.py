@@ -228,15 +228,22 @@ def run_inputs(tmp_path_factory) -> tuple[Path, Path]:
     return store, make_teacher(1, root / "teacher.pt", seed=7, shards=store)
 
 
+def distill_args(store: Path, teacher: Path, out: Path, *args: str) -> list[str]:
+    """`-m trainer distill` on 4 slices per rank, as every torchrun test here starts it."""
+    return [
+        "-m", "trainer", "distill", "--shards", str(store), "--teacher", str(teacher),
+        "--out", str(out), "--batch-size", "4", "--device", "cpu", "--log-every", "1",
+        "--save-every", "3", "--threads", "1", "--no-progress", *args,
+    ]  # fmt: skip
+
+
 def torchrun(
     nproc: int, store: Path, teacher: Path, out: Path, *args: str, ok: bool = True
 ) -> subprocess.CompletedProcess:
     """`torchrun --nproc-per-node nproc -m trainer distill` on 4 slices per rank."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-        str(nproc), "-m", "trainer", "distill", "--shards", str(store), "--teacher",
-        str(teacher), "--out", str(out), "--batch-size", "4", "--device", "cpu",
-        "--log-every", "1", "--save-every", "3", "--threads", "1", "--no-progress", *args,
+        str(nproc), *distill_args(store, teacher, out, *args),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -327,9 +334,7 @@ def test_two_nodes_of_one_rank_train_as_one_node_of_two(run_inputs, whole_run, t
     out = tmp_path / "run"
     common = [
         "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", port,
-        "-m", "trainer", "distill", "--shards", str(store), "--teacher", str(teacher),
-        "--out", str(out), "--batch-size", "4", "--device", "cpu", "--log-every", "1",
-        "--save-every", "3", "--threads", "1", "--no-progress", "--steps", "6",
+        *distill_args(store, teacher, out, "--steps", "6"),
     ]  # fmt: skip
     launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank"]
     nodes = [
