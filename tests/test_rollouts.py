@@ -109,3 +109,22 @@ def test_bad_arguments():
         make_mt30_dmc("/nonexistent", policy="greedy")
     with pytest.raises(ValueError, match="walker-walk-backwards"):
         make_mt30_dmc("/nonexistent", tasks="walker-fly")
+
+
+def test_checkpoint_policy_noise_levels_cycle_over_episodes(tmp_path):
+    """Episode k uses noise[k % n]: with stds (0, 1) episodes 0 and 2 act with the policy
+    mean alone, episode 1 is far from it."""
+    torch.manual_seed(0)
+    ckpt = tmp_path / "tiny.pt"
+    save_official(WorldModel(ModelConfig.for_size(1)), ckpt)
+    from tools.rollouts import _set_policy
+
+    _set_policy(str(ckpt))
+    data = rollout_task("pendulum-spin", 0, 3, seed=0, policy=str(ckpt), noise=(0.0, 1.0))
+    again = rollout_task("pendulum-spin", 2, 3, seed=0, policy=str(ckpt), noise=(0.0, 1.0))
+    np.testing.assert_array_equal(data["action"][2], again["action"][0])  # a function of k
+    mean = data["action"][0, 1:, 0]
+    assert np.abs(mean).max() < 1 and data["action"][1, 1:, 0].std() > 2 * mean.std()
+    _set_policy("random")
+    with pytest.raises(ValueError, match="--noise needs one or more finite stds"):
+        make_mt30_dmc(tmp_path / "x", policy=str(ckpt), noise=(-0.1,))

@@ -51,7 +51,19 @@ def main() -> None:
     show_default=True,
     help="With --physics dmc: rollout processes; 0: this process; -1: one per core.",
 )
-def make_mt30_cmd(dst, episodes_per_task, chunks, seed, task_set, physics, policy, workers) -> None:
+@click.option(
+    "--noise",
+    default="0.3",
+    show_default=True,
+    help="With a checkpoint --policy: exploration std(s), comma-separated; episode k of every "
+    "task uses the (k mod n)-th.",
+)
+@click.option(
+    "--tasks", default="mt30", show_default=True, help="With --physics dmc: mt30 or task names."
+)
+def make_mt30_cmd(
+    dst, episodes_per_task, chunks, seed, task_set, physics, policy, workers, noise, tasks
+) -> None:
     """Write a dataset in exactly the official MT30 chunk format."""
     try:
         if physics == "dmc":
@@ -59,7 +71,13 @@ def make_mt30_cmd(dst, episodes_per_task, chunks, seed, task_set, physics, polic
                 raise ValueError("--physics dmc makes the 30 MT30 tasks only; drop --task-set")
             from tools.rollouts import make_mt30_dmc
 
-            paths = make_mt30_dmc(dst, episodes_per_task, chunks, seed, policy, workers)
+            try:
+                stds = tuple(float(x) for x in noise.split(","))
+            except ValueError:
+                raise ValueError(f"--noise {noise!r}: give numbers, e.g. 0.1,0.3,1.0") from None
+            paths = make_mt30_dmc(
+                dst, episodes_per_task, chunks, seed, policy, workers, tasks, stds
+            )
         else:
             cfg = MakeConfig(
                 dst=dst,

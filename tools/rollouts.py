@@ -12,8 +12,11 @@ episode (resets alone draw from its RandomState), and the policy's noise is seed
 (seed, task, episode).
 
 Policies: `random` (uniform in [-1, 1] on the active dims), `noise` (smooth AR(1) noise, its
-level drawn per episode), or a checkpoint path (policy mean plus Gaussian noise, std 0.3,
-clipped to [-1, 1]).
+level drawn per episode), or a checkpoint path (policy mean plus Gaussian noise, clipped to
+[-1, 1]). With a checkpoint, `noise` lists exploration stds: episode k of every task uses
+`noise[k % len(noise)]`, so one dataset mixes near-expert and near-random behaviour, as MT30
+mixes replay data from agents of every quality. The std of each episode is a pure function of
+its index too.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from datapipe.tasksets import MT30
 from tools.make_mt30 import save_chunk
 
 POLICIES = ("random", "noise")
-CHECKPOINT_NOISE_STD = 0.3  # exploration noise around the checkpoint's policy mean
+CHECKPOINT_NOISE_STD = (0.3,)  # default exploration std(s) around the checkpoint's policy mean
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,14 @@ def _actions(policy: str, rng: np.random.Generator, steps: int, dims: int) -> np
     return None
 
 
-def rollout_task(task: str, lo: int, hi: int, seed: int, policy: str) -> dict[str, np.ndarray]:
+def rollout_task(
+    task: str,
+    lo: int,
+    hi: int,
+    seed: int,
+    policy: str,
+    noise: tuple[float, ...] = CHECKPOINT_NOISE_STD,
+) -> dict[str, np.ndarray]:
     """Episodes lo..hi-1 of `task` in the official row layout (arrays [n, 501, .])."""
     import torch
 
@@ -103,13 +113,14 @@ def rollout_task(task: str, lo: int, hi: int, seed: int, policy: str) -> dict[st
     for i in range(n):
         rng = np.random.default_rng([seed, env.task_id, lo + i])
         plan = _actions(policy, rng, EPISODE_LENGTH, env.action_dim)
+        std = noise[(lo + i) % len(noise)]
         obs[i, 0] = env.reset()
         for k in range(1, rows):
             if plan is not None:
                 a = plan[k - 1]
             else:
                 a = _policy_mean(obs[i, k - 1], task_id)[: env.action_dim]
-                a = np.clip(a + CHECKPOINT_NOISE_STD * rng.normal(size=a.shape), -1.0, 1.0)
+                a = np.clip(a + std * rng.normal(size=a.shape), -1.0, 1.0)
             action[i, k, : env.action_dim] = a
             obs[i, k], reward[i, k], _, _ = env.step(action[i, k])
     action[:, 0] = np.nan
@@ -160,6 +171,7 @@ def make_mt30_dmc(
     policy: str = "random",
     workers: int = -1,
     tasks: str | list[str] | None = None,
+    noise: tuple[float, ...] = CHECKPOINT_NOISE_STD,
 ) -> list[Path]:
     """Roll out `policy` on the MT30 tasks and write chunk_0.pt .. into `dst`; returns the paths.
 
@@ -176,6 +188,9 @@ def make_mt30_dmc(
         raise ValueError(
             f"--chunks {chunks} is more than the {len(names) * episodes_per_task} episodes"
         )
+    noise = tuple(float(x) for x in noise)
+    if not noise or not all(np.isfinite(x) and x >= 0 for x in noise):
+        raise ValueError(f"--noise needs one or more finite stds >= 0; got {noise}")
     if policy not in POLICIES and not Path(policy).is_file():
         raise ValueError(
             f"--policy must be one of {', '.join(POLICIES)} or a checkpoint file; got {policy!r}"
@@ -201,10 +216,10 @@ def make_mt30_dmc(
             _set_policy(policy)
         for k, jobs in enumerate(per_chunk):
             if pool is not None:
-                parts = list(pool.map(_rollout_job, [(*job, seed, policy) for job in jobs]))
+                parts = list(pool.map(_rollout_job, [(*job, seed, policy, noise) for job in jobs]))
             else:
                 with one_torch_thread():
-                    parts = [rollout_task(*job, seed, policy) for job in jobs]
+                    parts = [rollout_task(*job, seed, policy, noise) for job in jobs]
             path = dst / f"chunk_{k}.pt"
             save_chunk(parts, path)
             paths.append(path)
