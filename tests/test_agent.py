@@ -142,7 +142,7 @@ def test_distillation_with_zero_coefficient_equals_plain_training():
     assert state_equal(plain.state_dict(), distilled.state_dict())
     for p, d in zip(plain_infos, distill_infos, strict=True):
         assert {k: d[k] for k in p} == p
-        assert d["distill_loss"] > 0 and d["reward_agreement"] > 0
+        assert d["distill_loss"] > 0 and d["reward_mae_teacher"] > 0
 
 
 def test_distillation_trains_the_student_and_never_the_teacher():

@@ -175,7 +175,7 @@ def world_model_loss(
                 distill_loss, agreement = reward_distillation_loss(
                     model, teacher, obs, action, task, distill
                 )
-        logged |= {"distill_loss": distill_loss, "reward_agreement": agreement}
+        logged |= {"distill_loss": distill_loss, "reward_mae_teacher": agreement}
     return total, zs, logged
 
 
