@@ -26,7 +26,7 @@ from trainer.runlog import UPDATE_METRICS, read_metrics
 from trainer.runstate import read_training_checkpoint
 from trainer.train import TrainConfig, train
 
-LOSSES = (*UPDATE_METRICS, "distill_loss", "reward_agreement", "d_coef")
+LOSSES = (*UPDATE_METRICS, "distill_loss", "reward_mae_teacher", "d_coef")
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,22 @@ def losses(run: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if k in ("step", *LOSSES)} for row in read_metrics(run)]
 
 
+def interrupt_at_update_5(store: Path, out: Path, kw: dict, monkeypatch) -> None:
+    """Run `config(store, out, **kw)` and stop it with KeyboardInterrupt inside update 5."""
+    update, calls = TDMPC2Agent.update, []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return update(self, *args, **kwargs)
+
+    monkeypatch.setattr(TDMPC2Agent, "update", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(store, out, **kw))
+    monkeypatch.setattr(TDMPC2Agent, "update", update)
+
+
 def weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return read_training_checkpoint(checkpoint)["agent"]["model"]
 
@@ -96,7 +112,7 @@ def test_train_writes_run_folder(store, tmp_path):
     assert [r["step"] for r in rows] == [2, 4]
     assert set(UPDATE_METRICS) | {"steps_per_s", "data_wait"} <= set(rows[0])
     header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert header[0] == "step" and "reward_agreement" in header
+    assert header[0] == "step" and "reward_mae_teacher" in header
     config_json = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config_json["config"]["batch_size"] == 8
     assert config_json["model_config"]["episode_lengths"] == [500] * 30
@@ -121,7 +137,7 @@ def test_distill_with_zero_coef_equals_plain_training(store, teacher, tmp_path):
     rows_plain, rows_distill = losses(tmp_path / "plain"), losses(tmp_path / "distill")
     for a, b in zip(rows_plain, rows_distill, strict=True):
         assert {k: b[k] for k in a} == a
-        assert "distill_loss" in b and b["reward_agreement"] > 0
+        assert "distill_loss" in b and b["reward_mae_teacher"] > 0
     assert_same_weights(plain, distilled)
 
 
@@ -175,21 +191,9 @@ def test_resume_reproduces_the_uninterrupted_run(store, teacher, tmp_path, monke
     whole = train(config(store, tmp_path / "whole", **kw))
 
     # Interrupt the second run during update 5: the checkpoint is at step 3, the logs at 4.
-    update, calls = TDMPC2Agent.update, []
-
-    def interrupted(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return update(self, *args, **kwargs)
-
-    monkeypatch.setattr(TDMPC2Agent, "update", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train(config(store, tmp_path / "split", **kw))
+    interrupt_at_update_5(store, tmp_path / "split", kw, monkeypatch)
     assert read_training_checkpoint(tmp_path / "split" / "checkpoint.pt")["step"] == 3
     assert [r["step"] for r in read_metrics(tmp_path / "split")] == [1, 2, 3, 4]
-    monkeypatch.setattr(TDMPC2Agent, "update", update)
-
     split = train(config(store, tmp_path / "split", resume=True, **kw))
     assert losses(tmp_path / "split") == losses(tmp_path / "whole")
     assert_same_weights(whole, split)
@@ -367,3 +371,59 @@ def test_cuda_amp_compile_bf16_teacher(store, teacher, tmp_path):
     )
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["peak_vram_bytes"] > 0
+
+
+EVAL = dict(eval_every=3, eval_tasks="cartpole-balance,pendulum-swingup", eval_episodes=2)
+
+
+def test_eval_during_training_rows_best_model_and_summary(store, teacher, tmp_path):
+    from trainer.checkpoint import load_checkpoint as load_official
+    from trainer.runlog import read_evals
+
+    run = tmp_path / "run"
+    train(config(store, run, steps=7, teacher=teacher, d_coef=0.4, **EVAL))
+    rows = read_evals(run)
+    assert [r["step"] for r in rows] == [0, 3, 6, 7]  # step 0, every 3, the last step
+    for r in rows:
+        assert set(r["returns"]) == {"cartpole-balance", "pendulum-swingup"}
+        assert all(len(v) == 2 for v in r["returns"].values())
+        scores = [sum(v) / len(v) / 10 for v in r["returns"].values()]
+        assert r["normalized_score"] == pytest.approx(sum(scores) / 2)
+    csv_lines = (run / "evals.csv").read_text().splitlines()
+    assert csv_lines[0] == "step,normalized_score,wall_s,cartpole-balance,pendulum-swingup"
+    assert [int(line.split(",")[0]) for line in csv_lines[1:]] == [0, 3, 6, 7]
+    best = max(rows, key=lambda r: r["normalized_score"])  # first of equal scores wins
+    info = json.loads((run / "best.json").read_text())
+    assert info["step"] == best["step"] and info["normalized_score"] == best["normalized_score"]
+    assert load_official(run / "best.pt", size=1).cfg.model_size == 1
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["final_eval"] == rows[-1]
+    assert summary["final_losses"]["total_loss"] == read_metrics(run)[-1]["total_loss"]
+    assert "distill_loss" in summary["final_losses"] and 0 < summary["eval_share"] < 1
+
+
+def test_eval_during_training_leaves_training_unchanged(store, tmp_path):
+    plain = train(config(store, tmp_path / "plain", steps=4))
+    evaluated = train(config(store, tmp_path / "eval", steps=4, **EVAL))
+    assert losses(tmp_path / "plain") == losses(tmp_path / "eval")
+    assert_same_weights(plain, evaluated)
+
+
+def test_resume_keeps_eval_rows_and_best(store, tmp_path, monkeypatch):
+    from trainer.runlog import read_evals
+
+    kw = dict(steps=6, save_every=3, **EVAL)
+    train(config(store, tmp_path / "whole", **kw))
+    interrupt_at_update_5(store, tmp_path / "split", kw, monkeypatch)
+    train(config(store, tmp_path / "split", resume=True, **kw))
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731
+    assert strip(read_evals(tmp_path / "split")) == strip(read_evals(tmp_path / "whole"))
+    best = [json.loads((tmp_path / r / "best.json").read_text()) for r in ("whole", "split")]
+    assert best[0] == best[1]
+
+
+def test_eval_settings_are_checked(store, tmp_path):
+    with pytest.raises(TrainConfigError, match="eval_tasks: unknown task"):
+        config(store, tmp_path, eval_every=2, eval_tasks="walker-fly")
+    with pytest.raises(TrainConfigError, match="eval_every must be >= 0"):
+        config(store, tmp_path, eval_every=-1)

@@ -63,6 +63,10 @@ def _run_options(fn: Callable) -> Callable:
         _option("save_every", type=int),
         _option("resume", is_flag=True),
         _option("tensorboard", is_flag=True),
+        _option("eval_every", type=int),
+        _option("eval_tasks", type=str),
+        _option("eval_episodes", type=int),
+        _option("eval_mpc", "--eval-mpc/--no-eval-mpc"),
         _option("progress", "--progress/--no-progress"),
         _option("ddp_check", is_flag=True),
     ]

@@ -5,7 +5,11 @@ Files in the run folder:
 
     metrics.csv    one row per log step, columns COLUMNS (empty where a value is absent)
     metrics.jsonl  the same rows as JSON objects (absent values left out)
-    tensorboard/   event files (with --tensorboard), one scalar per metric
+    evals.csv      one row per evaluation during training (--eval-every): step, normalized
+                   score, wall seconds, then the mean return of every evaluated task
+    evals.jsonl    the same rows with every episode's return: {"step", "normalized_score",
+                   "returns": {task: [return, ...]}, "wall_s"}
+    tensorboard/   event files (with --tensorboard), one scalar per metric (train/..., eval/...)
 
 A resumed run first drops the rows written after its checkpoint, so the files read as if
 the run had never stopped.
@@ -39,14 +43,17 @@ UPDATE_METRICS = (
     "pi_scaled_entropy",
     "pi_scale",
 )
-# Spec D.5: logged when a teacher is given (reward_agreement = mean |r_student - r_teacher|).
-DISTILL_METRICS = ("distill_loss", "reward_agreement", "d_coef")
+# Spec D.5: logged when a teacher is given; reward_mae_teacher = mean |r_student - r_teacher|
+# on the batch (lower: closer to the teacher).
+DISTILL_METRICS = ("distill_loss", "reward_mae_teacher", "d_coef")
 # Speed over the steps since the previous row; data_wait = share of that time spent in the loader.
 SPEED_METRICS = ("steps_per_s", "data_wait")
 COLUMNS = ("step", *UPDATE_METRICS, *DISTILL_METRICS, *SPEED_METRICS)
 
 CSV_FILE = "metrics.csv"
 JSONL_FILE = "metrics.jsonl"
+EVAL_CSV_FILE = "evals.csv"
+EVAL_JSONL_FILE = "evals.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 
@@ -110,6 +117,57 @@ class MetricsLog:
         self.close()
 
 
+class EvalLog:
+    """Appends evaluation rows to the run folder's evals.csv and evals.jsonl (and TensorBoard
+    as eval/normalized_score, eval/<task>). The CSV columns are fixed by `tasks`."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        tasks: tuple[str, ...],
+        tensorboard: bool = False,
+        resume_step: int | None = None,
+    ) -> None:
+        self.run_dir, self.tasks = Path(run_dir), tuple(tasks)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._header = ",".join(("step", "normalized_score", "wall_s", *self.tasks)) + "\n"
+        csv_path, jsonl_path = self.run_dir / EVAL_CSV_FILE, self.run_dir / EVAL_JSONL_FILE
+        if resume_step is None:
+            csv_path.write_text(self._header)
+            jsonl_path.write_text("")
+        else:
+            _truncate_csv(csv_path, resume_step, self._header)
+            _truncate_jsonl(jsonl_path, resume_step)
+        self._csv_path, self._jsonl_path = csv_path, jsonl_path
+        self._tb = None
+        if tensorboard:
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = summary_writer_class()(str(self.run_dir / TENSORBOARD_DIR), purge_step=purge)
+
+    def write(self, row: dict[str, Any]) -> None:
+        means = [float(sum(r) / len(r)) for r in (row["returns"][t] for t in self.tasks)]
+        values = [row["normalized_score"], row["wall_s"], *means]
+        with open(self._csv_path, "a", newline="") as f:
+            f.write(",".join([str(row["step"]), *(repr(float(v)) for v in values)]) + "\n")
+        with open(self._jsonl_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            self._tb.add_scalar("eval/normalized_score", row["normalized_score"], row["step"])
+            for task, mean in zip(self.tasks, means, strict=True):
+                self._tb.add_scalar(f"eval/{task}", mean, row["step"])
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+    def __enter__(self) -> EvalLog:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
 class NullLog:
     """MetricsLog's stand-in on the ranks other than 0 of a data-parallel run: only rank 0
     writes the run folder."""
@@ -160,17 +218,26 @@ class StepTimer:
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The rows of a run's metrics.jsonl, in order."""
-    lines = (Path(run_dir) / JSONL_FILE).read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    return _read_jsonl(Path(run_dir) / JSONL_FILE)
+
+
+def read_evals(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of a run's evals.jsonl, in order ([] when the run does not evaluate)."""
+    path = Path(run_dir) / EVAL_JSONL_FILE
+    return _read_jsonl(path) if path.exists() else []
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _fmt(value: float | None) -> str:
     return "" if value is None else repr(value)
 
 
-def _truncate_csv(path: Path, last_step: int) -> None:
+def _truncate_csv(path: Path, last_step: int, header: str | None = None) -> None:
     lines = path.read_text().splitlines(keepends=True) if path.exists() else []
-    header = ",".join(COLUMNS) + "\n"
+    header = header or ",".join(COLUMNS) + "\n"
     if lines and lines[0] != header:
         raise TrainConfigError(
             f"{path} has other columns than this trainer writes; move it away to resume"

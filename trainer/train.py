@@ -41,14 +41,20 @@ from trainer.distributed import (
     stream_seed,
 )
 from trainer.errors import DivergedError, IncompatibleDataError, ResumeError, TrainConfigError
+from trainer.evaluate import resolve_tasks
 from trainer.model import WorldModel
 from trainer.presets import PRESETS, ModelConfig
 from trainer.runlog import (
+    DISTILL_METRICS,
+    UPDATE_METRICS,
+    EvalLog,
     MetricsLog,
     NullLog,
     StepTimer,
     peak_rss_bytes,
     peak_vram_bytes,
+    read_evals,
+    read_metrics,
     summary_writer_class,
 )
 from trainer.runstate import (
@@ -62,6 +68,7 @@ from trainer.runstate import (
     teacher_identity,
     write_training_checkpoint,
 )
+from trainer.traineval import EvalProtocol, TrainingEval
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
@@ -154,6 +161,25 @@ class TrainConfig:
     tensorboard: bool = field(
         default=False, metadata={"help": "Also log to OUT/tensorboard (pip install tensorboard)."}
     )
+    eval_every: int = field(
+        default=0,
+        metadata={
+            "help": "Evaluate the student every N steps (and at step 0 and the last step) on "
+            "dm_control; 0: never. Keeps best.pt, the best-scoring model."
+        },
+    )
+    eval_tasks: str = field(
+        default="mt30",
+        metadata={"help": "Tasks of those evaluations: mt30 or comma-separated names."},
+    )
+    eval_episodes: int = field(default=1, metadata={"help": "Episodes per task per evaluation."})
+    eval_mpc: bool = field(
+        default=False,
+        metadata={
+            "help": "Plan with MPPI in those evaluations (about 170 s per episode per CPU core); "
+            "default: the policy mean."
+        },
+    )
     progress: bool = field(default=True, metadata={"help": "Draw a progress bar."})
     ddp_check: bool = field(
         default=False,
@@ -171,9 +197,15 @@ class TrainConfig:
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))
         problems = []
-        for name in ("steps", "batch_size", "horizon", "log_every", "save_every"):
+        for name in ("steps", "batch_size", "horizon", "log_every", "save_every", "eval_episodes"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.eval_every < 0:
+            problems.append(f"eval_every must be >= 0 (got {self.eval_every})")
+        try:
+            resolve_tasks(self.eval_tasks)
+        except ValueError as e:
+            problems.append(f"eval_tasks: {e}")
         if self.threads < 0:
             problems.append(f"threads must be >= 0 (got {self.threads})")
         for name, value, choices in (
@@ -239,6 +271,14 @@ class TrainConfig:
             "d_schedule", "distill", "teacher_dtype", "compile", "amp", "cache_gb",
         )  # fmt: skip
         return (*fields, "steps") if self.d_schedule == "linear" else fields
+
+    @property
+    def eval_protocol(self) -> EvalProtocol | None:
+        """What evaluations during training run (None without --eval-every). The env seed is
+        the run's seed, as in the official training loop."""
+        if not self.eval_every:
+            return None
+        return EvalProtocol.of(self.eval_tasks, self.eval_episodes, self.eval_mpc, self.seed)
 
     def d_coef_at(self, done: int) -> float:
         """Distillation weight of the update that follows `done` finished updates."""
@@ -364,6 +404,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
                 loader=streams[0]["loader"],
                 rng=streams[0]["rng"],
                 other_ranks=streams[1:],
+                eval=None if evals is None else evals.state_dict(),
                 **description,
             )
         ranks.barrier()  # no rank runs ahead of a checkpoint that may yet fail
@@ -377,14 +418,26 @@ def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
     last_saved = start if previous is not None else None
     timer = StepTimer(start)
     checked = 0
-    log = (
-        MetricsLog(cfg.out, cfg.tensorboard, start if previous is not None else None)
-        if ranks.is_main
-        else NullLog()
-    )
+    resume_step = start if previous is not None else None
+    log = MetricsLog(cfg.out, cfg.tensorboard, resume_step) if ranks.is_main else NullLog()
+    evals = None
+    protocol = cfg.eval_protocol
+    if protocol is not None and ranks.is_main:
+        eval_log = EvalLog(cfg.out, protocol.tasks, cfg.tensorboard, resume_step)
+        saved = None if previous is None else previous.get("eval")
+        evals = TrainingEval(protocol, cfg.eval_every, cfg.out, eval_log, saved)
+
+    def evaluate_now(step: int) -> None:
+        """Rank 0 evaluates the student; the other ranks wait for it."""
+        if evals is not None:
+            row = evals.run(agent.model, step)
+            bar.write(f"{cfg.out}: step {step}: normalized score {row['normalized_score']:.2f}")
+        ranks.barrier()
+
     with (
         loader,
         log,
+        evals.log if evals is not None else contextlib.nullcontext(),
         tqdm(
             total=cfg.steps,
             initial=start,
@@ -392,6 +445,8 @@ def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
             disable=not (cfg.progress and ranks.is_main),
         ) as bar,
     ):
+        if protocol is not None and previous is None:
+            evaluate_now(0)
         for step in range(start + 1, cfg.steps + 1):
             t0 = time.perf_counter()
             batch = next(loader)
@@ -417,6 +472,8 @@ def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
                 )
             if bad:
                 raise DivergedError(_diverged_message(step, bad, cfg, last_saved))
+            if protocol is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+                evaluate_now(step)
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save(step)
                 last_saved = step
@@ -433,7 +490,12 @@ def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
         "peak_rss_bytes": max(rss for rss, _ in peaks),
         "peak_vram_bytes": None if peaks[0][1] is None else max(v for _, v in peaks),
         "device": cfg.device,
+        **_final_rows(cfg.out),
     }
+    if evals is not None:
+        train_s = summary["seconds"] or 0.0
+        summary["eval_seconds"] = evals.seconds
+        summary["eval_share"] = evals.seconds / (train_s + evals.seconds) if evals.seconds else 0.0
     if ranks.distributed:
         summary["peak_rss_bytes_per_rank"] = [rss for rss, _ in peaks]
     if cfg.ddp_check:
@@ -441,6 +503,19 @@ def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
     _write_json(cfg.out / SUMMARY_FILE, summary)
     print(_summary_line(summary, cfg))
     return cfg.checkpoint_path
+
+
+def _final_rows(out: Path) -> dict[str, Any]:
+    """The run's last losses and last evaluation, read back from its logs (so that a run
+    resumed at its last step reports them too)."""
+    rows = read_metrics(out)
+    last = rows[-1] if rows else {}
+    evals = read_evals(out)
+    return {
+        "final_step": last.get("step"),
+        "final_losses": {k: last[k] for k in (*UPDATE_METRICS, *DISTILL_METRICS) if k in last},
+        "final_eval": evals[-1] if evals else None,
+    }
 
 
 @dataclass(frozen=True)

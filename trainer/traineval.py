@@ -1,0 +1,136 @@
+"""Evaluation during training: `--eval-every N` of `trainer train` / `trainer distill`.
+
+Owns when a run evaluates its student (step 0 of a new run, every N steps, the last step),
+what it keeps of each evaluation (a row in the run's eval logs, `trainer.runlog.EvalLog`)
+and the best-scoring model (`best.pt`, an official new-API file, with `best.json` saying
+which step and score it is).
+
+The evaluation itself is `trainer.evaluate.evaluate`, the code of `trainer eval`: every
+episode of the chosen tasks in this process, in lockstep (one fixed batch composition, so
+the returns do not depend on anything but the model, the seed and the protocol). The env
+seed is the run's seed, as the official training loop evaluates with `cfg.seed`. Random
+generators are saved and restored around it and the model's train/eval mode is put back, so
+a run with evaluation trains exactly as one without (tested bit for bit).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from trainer.checkpoint import save_official
+from trainer.evaluate import evaluate, resolve_tasks
+from trainer.model import WorldModel
+from trainer.runlog import EvalLog
+
+BEST_FILE = "best.pt"
+BEST_INFO_FILE = "best.json"
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    """What one evaluation during training runs; the same for every eval of a run."""
+
+    tasks: tuple[str, ...]
+    episodes: int
+    mpc: bool
+    seed: int
+
+    @classmethod
+    def of(cls, tasks: str, episodes: int, mpc: bool, seed: int) -> EvalProtocol:
+        return cls(tuple(resolve_tasks(tasks)), episodes, mpc, seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tasks": list(self.tasks),
+            "episodes": self.episodes,
+            "mpc": self.mpc,
+            "seed": self.seed,
+            "action_selection": "MPPI (official parameters)" if self.mpc else "policy mean",
+        }
+
+
+class TrainingEval:
+    """Evaluates the live student at the scheduled steps, logs each result and keeps the
+    best model. `state_dict()` (the best so far) goes into the training checkpoint."""
+
+    def __init__(
+        self,
+        protocol: EvalProtocol,
+        every: int,
+        out: Path,
+        log: EvalLog,
+        state: dict[str, Any] | None = None,
+    ) -> None:
+        self.protocol, self.every, self.out, self.log = protocol, every, Path(out), log
+        state = state or {}
+        self.best_step: int | None = state.get("best_step")
+        self.best_score: float | None = state.get("best_score")
+        self.seconds = 0.0  # wall time of the evaluations run by this process
+
+    def due(self, step: int, last: int) -> bool:
+        return step % self.every == 0 or step == last
+
+    def run(self, model: WorldModel, step: int) -> dict[str, Any]:
+        """Evaluate `model` now; log the row, keep it as best.pt if it scores highest."""
+        t0 = time.perf_counter()
+        training = model.training
+        with _random_state_kept():
+            result = evaluate(
+                model,
+                list(self.protocol.tasks),
+                self.protocol.episodes,
+                self.protocol.mpc,
+                seed=self.protocol.seed,
+                workers=0,
+            )
+        model.train(training)
+        wall = time.perf_counter() - t0
+        self.seconds += wall
+        row = {
+            "step": step,
+            "normalized_score": result.normalized_score,
+            "returns": {t.task: t.returns for t in result.tasks},
+            "wall_s": wall,
+        }
+        self.log.write(row)
+        if self.best_score is None or row["normalized_score"] > self.best_score:
+            self.best_step, self.best_score = step, row["normalized_score"]
+            save_official(model, self.out / BEST_FILE)
+            info = {"step": step, "normalized_score": self.best_score}
+            info["protocol"] = self.protocol.to_dict()
+            _write_text(self.out / BEST_INFO_FILE, json.dumps(info, indent=2) + "\n")
+        return row
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_step": self.best_step, "best_score": self.best_score}
+
+
+class _random_state_kept:
+    """Restore torch (CPU and CUDA), numpy and Python generators on exit: `evaluate` seeds
+    torch with the env seed, and training must continue as if it had not run."""
+
+    def __enter__(self) -> None:
+        self._fork = torch.random.fork_rng(
+            devices=list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        )
+        self._fork.__enter__()
+        self._np, self._py = np.random.get_state(), random.getstate()
+
+    def __exit__(self, *exc: Any) -> None:
+        np.random.set_state(self._np)
+        random.setstate(self._py)
+        self._fork.__exit__(*exc)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
