@@ -1,0 +1,229 @@
+"""Tests for trainer.experiment: spec checks, run folders equal to `trainer train/distill`,
+resume after SIGKILL of the whole process group, and the report's numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_store, make_source
+
+from tools.make_teacher import make_teacher
+from trainer.experiment import SpecError, load_spec, run_experiment
+from trainer.runlog import read_evals, read_metrics
+from trainer.runstate import read_training_checkpoint
+from trainer.train import TrainConfig, train
+
+TASKS = ["cartpole-balance", "pendulum-swingup"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("exp_store")
+    return build_store(
+        make_source(root / "src", episodes_per_task=2, chunks=1), root / "s", formats=("zarr",)
+    )
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, store) -> Path:
+    path = tmp_path_factory.mktemp("exp_teacher") / "t.pt"
+    return make_teacher(1, path, seed=3, train_steps=3, shards=store, batch_size=8, device="cpu")
+
+
+def spec_text(store: Path, teacher: Path, steps: int = 6, extra: str = "") -> str:
+    return f"""
+[base]
+shards = "{store}"
+steps = {steps}
+batch_size = 8
+eval_every = 3
+eval_tasks = {json.dumps(TASKS)}
+eval_episodes = 1
+seeds = [1, 2]
+save_every = 3
+log_every = 1
+cache_gb = 0.05
+device = "cpu"
+{extra}
+[[arm]]
+name = "scratch"
+
+[[arm]]
+name = "distill"
+teacher = "{teacher}"
+d_coef = 0.4
+
+[[arm]]
+name = "teacher"
+kind = "reference"
+checkpoint = "{teacher}"
+seeds = [1]
+"""
+
+
+def write_spec(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "spec.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, store, teacher) -> Path:
+    """An uninterrupted experiment: 2 arms x 2 seeds and a reference arm, 2 jobs."""
+    root = tmp_path_factory.mktemp("exp")
+    spec = write_spec(root, spec_text(store, teacher))
+    return run_experiment(spec, root / "out", jobs=2, progress=False)
+
+
+def model_state(run: Path) -> dict:
+    ckpt = read_training_checkpoint(run / "checkpoint.pt")
+    return {"model": ckpt["agent"]["model"], "step": ckpt["step"], "loader": ckpt["loader"]}
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    sa, sb = model_state(a), model_state(b)
+    assert sa["step"] == sb["step"] and sa["loader"] == sb["loader"]
+    assert sa["model"].keys() == sb["model"].keys()
+    for k, x in sa["model"].items():
+        y = sb["model"][k]
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, k
+
+    def strip(rows):
+        return [
+            {k: v for k, v in r.items() if k not in ("wall_s", "steps_per_s", "data_wait")}
+            for r in rows
+        ]
+
+    assert strip(read_metrics(a)) == strip(read_metrics(b))
+    assert strip(read_evals(a)) == strip(read_evals(b))
+
+
+def test_run_folders_equal_trainer_runs(finished, store, teacher, tmp_path):
+    """Each arm x seed folder is what `trainer train/distill` with those settings writes."""
+    common = dict(shards=store, steps=6, batch_size=8, eval_every=3, eval_tasks=",".join(TASKS),
+                  eval_episodes=1, save_every=3, log_every=1, cache_gb=0.05, device="cpu",
+                  threads=1, progress=False)  # fmt: skip
+    train(TrainConfig(**common, seed=2, out=tmp_path / "scratch"))
+    assert_same_run(finished / "scratch" / "seed2", tmp_path / "scratch")
+    train(TrainConfig(**common, seed=1, teacher=teacher, d_coef=0.4, out=tmp_path / "distill"))
+    assert_same_run(finished / "distill" / "seed1", tmp_path / "distill")
+    reference = json.loads((finished / "teacher" / "seed1" / "eval.json").read_text())
+    assert [t["task"] for t in reference["tasks"]] == TASKS
+
+
+def test_report_numbers_equal_the_run_folders(finished):
+    report = json.loads((finished / "report.json").read_text())
+    for arm in ("scratch", "distill"):
+        for seed in (1, 2):
+            last = read_evals(finished / arm / f"seed{seed}")[-1]
+            scores = [sum(r) / len(r) / 10 for r in last["returns"].values()]
+            assert last["normalized_score"] == pytest.approx(sum(scores) / len(scores))
+            run = report["arms"][arm]["runs"][str(seed)]
+            assert run["status"] == "finished" and run["final_step"] == 6
+            assert run["final_score"] == last["normalized_score"]
+    ref = json.loads((finished / "teacher" / "seed1" / "eval.json").read_text())
+    assert report["arms"]["teacher"]["runs"]["1"]["final_score"] == ref["normalized_score"]
+    for arm in ("scratch", "distill"):
+        finals = [report["arms"][arm]["runs"][s]["final_score"] for s in ("1", "2")]
+        assert report["arms"][arm]["final"]["mean"] == pytest.approx(sum(finals) / 2)
+    diff = report["comparisons"]["distill"]["diff_mean"]
+    assert diff == pytest.approx(
+        report["arms"]["distill"]["final"]["mean"] - report["arms"]["scratch"]["final"]["mean"]
+    )
+    assert (finished / "report.md").is_file()
+
+
+def test_rerun_keeps_finished_runs(finished, store, teacher):
+    before = {p: p.stat().st_mtime_ns for p in finished.glob("*/seed*/checkpoint.pt")}
+    spec = finished.parent / "spec.toml"
+    run_experiment(spec, finished, jobs=1, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in finished.glob("*/seed*/checkpoint.pt")} == before
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_process_group_then_rerun_is_bit_identical(store, teacher, tmp_path):
+    spec = write_spec(tmp_path, spec_text(store, teacher, steps=40))
+    command = [sys.executable, "-m", "trainer.cli", "experiment", str(spec), "--jobs", "2",
+               "--no-progress"]  # fmt: skip
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    proc = subprocess.Popen([*command, "--out", str(killed)], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 240
+    ckpt = killed / "scratch" / "seed1" / "checkpoint.pt"
+    while time.monotonic() < deadline:  # kill once the first run is past its first checkpoint
+        if ckpt.is_file() and 3 <= read_training_checkpoint(ckpt)["step"] < 30:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "report.json").exists()
+    subprocess.run([*command, "--out", str(killed)], check=True, capture_output=True)
+    subprocess.run([*command, "--out", str(whole)], check=True, capture_output=True)
+    for arm in ("scratch/seed1", "scratch/seed2", "distill/seed1", "distill/seed2"):
+        assert_same_run(killed / arm, whole / arm)
+
+
+def test_plan_order_kinds_and_threads(store, teacher, tmp_path):
+    exp = load_spec(write_spec(tmp_path, spec_text(store, teacher)), tmp_path / "out", jobs=2)
+    assert [r.name for r in exp.runs] == [
+        "scratch/seed1", "distill/seed1", "teacher/seed1", "scratch/seed2", "distill/seed2",
+    ]  # fmt: skip
+    assert [a["kind"] for a in exp.arms] == ["train", "distill", "reference"]
+    assert exp.runs[0].config.threads == max(1, (os.cpu_count() or 1) // 2)
+    assert exp.eval["tasks"] == TASKS and exp.eval["episodes"] == 1
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (("steps = 6", "stepz = 6"), "unknown setting 'stepz'"),
+        (("seeds = [1, 2]", "seed = 1"), "unknown setting 'seed' (use seeds"),
+        (("eval_every = 3", ""), "eval_every is not set"),
+        (('name = "distill"', 'name = "scratch"'), "two arms are named 'scratch'"),
+        (("d_coef = 0.4", ""), "names a teacher but no d_coef"),
+        (("batch_size = 8", "batch_size = 0"), "batch_size must be >= 1"),
+        (('kind = "reference"', 'kind = "reference"\nsteps = 3'), "reference arm and sets 'steps'"),
+        (('name = "distill"', 'name = "distill"\neval_episodes = 2'), "cannot be compared: eval_episodes"),
+        (('name = "distill"', 'name = "distill"\nshards = "/nonexistent"'), "shards = '/nonexistent'"),
+    ],
+)  # fmt: skip
+def test_bad_spec_is_refused_naming_the_key(store, teacher, tmp_path, change, message):
+    text = spec_text(store, teacher).replace(*change, 1)
+    with pytest.raises(SpecError, match=_escape(message)):
+        load_spec(write_spec(tmp_path, text), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_teacher_and_other_settings_in_a_used_folder(store, teacher, tmp_path):
+    text = spec_text(store, teacher).replace(f'teacher = "{teacher}"', 'teacher = "/no/t.pt"')
+    with pytest.raises(SpecError, match=r"teacher = '/no/t\.pt': no such file"):
+        load_spec(write_spec(tmp_path, text), tmp_path / "out")
+    run = tmp_path / "out" / "scratch" / "seed1"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"config": {"batch_size": 16, "steps": 6}}))
+    with pytest.raises(SpecError, match=r"already holds a run with other settings.*batch_size 16"):
+        load_spec(write_spec(tmp_path, spec_text(store, teacher)), tmp_path / "out")
+
+
+def _escape(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+@pytest.mark.parametrize("name", ["paper-table1", "paper-table2", "cpu-study", "demo"])
+def test_shipped_specs_are_valid(name, tmp_path):
+    """Every shipped spec passes every check but those of files made elsewhere."""
+    spec = Path(__file__).parents[1] / "experiments" / f"{name}.toml"
+    exp = load_spec(spec, tmp_path / "out", check_files=False)
+    assert exp.runs and all(r.config is None or r.config.eval_every for r in exp.runs)
+    if name.startswith("paper"):
+        assert exp.eval["mpc"] and exp.eval["episodes"] == 10 and len(exp.eval["tasks"]) == 30

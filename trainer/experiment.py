@@ -1,0 +1,638 @@
+"""`trainer experiment SPEC.toml --out DIR [--jobs N]`: arms x seeds of ordinary runs.
+
+Owns the experiment spec (a TOML file read with `tomllib`), its checks, the plan of runs and
+running them. Each arm x seed is an ordinary run folder `DIR/<arm>/seed<k>/`, made by
+`trainer.train.train` (the function behind `trainer train` / `trainer distill`) in a child
+process of its own, or, for a `kind = "reference"` arm, by `trainer.evaluate.run_eval` (the
+function behind `trainer eval`) with the experiment's evaluation protocol. Nothing about a run
+depends on the experiment around it: a run folder equals what the command with the same
+settings writes.
+
+Spec:
+
+    [base]                      # any train/distill setting by its option name, underscores
+    shards = "runs/store"       # the one store every arm trains on
+    steps = 4000
+    eval_every = 1000           # an experiment compares evaluation scores: required
+    eval_tasks = "mt30"         # or ["walker-walk", "cheetah-run"]
+    seeds = [1, 2, 3]           # run seeds (also the eval env seeds, as the official code)
+
+    [report]                    # optional: what `trainer report` compares and checks
+    baseline = "scratch"        # arm the others are compared to
+    heldout = "runs/heldout"    # official chunk folder for the reward-error table
+
+    [[arm]]
+    name = "scratch"
+
+    [[arm]]
+    name = "distill"
+    teacher = "teacher.pt"      # teacher + d_coef: a distillation arm
+    d_coef = 0.4
+
+    [[arm]]
+    name = "teacher"
+    kind = "reference"          # evaluate a fixed model with the same protocol and seeds
+    checkpoint = "teacher.pt"
+
+Relative paths are relative to the current directory, as on the command line. Every check
+runs before anything starts: unknown settings, settings out of range, a missing store,
+teacher, init or checkpoint, arms that train on different stores or are evaluated
+differently, and run folders that already hold a run with other settings.
+
+Resuming: run the same command again. Finished runs are kept, interrupted runs continue from
+their last checkpoint (exactly: `trainer train --resume`), runs not started start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainer.checkpoint import CheckpointError
+from trainer.errors import TrainConfigError
+from trainer.runlog import JSONL_FILE
+from trainer.runstate import CHECKPOINT_FILE, read_official
+from trainer.train import CONFIG_FILE, SUMMARY_FILE, TrainConfig
+from trainer.traineval import EvalProtocol
+
+EXPERIMENT_FILE = "experiment.json"
+REFERENCE_FILE = "eval.json"  # a reference run's result (trainer.evaluate.write_outputs)
+RUN_LOG = "run.log"  # a run's stdout and stderr
+LOCK_FILE = "experiment.lock"  # held while an experiment runs in the folder
+FORMAT, VERSION = "mt30-experiment", 1
+
+_TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+_NOT_SETTINGS = {"out", "resume", "seed", "progress"}  # set by the experiment, per run
+SETTINGS = sorted(_TRAIN_FIELDS - _NOT_SETTINGS)
+_ARM_KEYS = {"name", "kind", "seeds", "checkpoint"}
+_REPORT_KEYS = {"baseline", "heldout"}
+_EVAL_KEYS = ("eval_tasks", "eval_episodes", "eval_mpc")
+_LIST_SETTINGS = {"eval_tasks"}  # may be a TOML array or the CLI's comma-separated string
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class SpecError(TrainConfigError):
+    """An experiment spec that cannot run: the message names the key and the fix."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One arm x seed: a training run (`config`) or a reference evaluation (`checkpoint`)."""
+
+    arm: str
+    kind: str  # train | distill | reference
+    seed: int
+    out: Path
+    config: TrainConfig | None = None
+    checkpoint: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm}/seed{self.seed}"
+
+    @property
+    def steps(self) -> int:
+        """Progress units: a training run's steps; a reference evaluation counts as one."""
+        return self.config.steps if self.config is not None else 1
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A checked spec: its runs in the order they start, and what the report needs."""
+
+    spec: Path
+    out: Path
+    arms: list[dict[str, Any]]
+    runs: list[Run]
+    eval: dict[str, Any]
+    report: dict[str, Any]
+
+    def describe(self) -> dict[str, Any]:
+        """experiment.json: everything `trainer report` reads about the plan."""
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "spec": str(self.spec),
+            "spec_sha256": hashlib.sha256(self.spec.read_bytes()).hexdigest(),
+            "eval": self.eval,
+            "heldout": self.report.get("heldout"),
+            "baseline": self.report.get("baseline"),
+            "arms": self.arms,
+        }
+
+
+# -- the spec -----------------------------------------------------------------------------------
+
+
+def load_spec(
+    spec: str | os.PathLike, out: str | os.PathLike, jobs: int = 1, check_files: bool = True
+) -> Experiment:
+    """Read and check `spec`; the runs it plans under `out`. Raises SpecError naming the key.
+    `check_files=False` skips the checks that need the store, teachers and checkpoints
+    (to check a spec written for another machine)."""
+    spec, out = Path(spec), Path(out)
+    try:
+        raw = tomllib.loads(spec.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{spec}: no such experiment spec") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise SpecError(f"{spec} is not valid TOML ({e}); fix the line it names") from None
+    unknown = set(raw) - {"base", "arm", "report"}
+    if unknown:
+        raise SpecError(
+            f"{spec}: unknown table(s) {', '.join(sorted(unknown))}; a spec has [base], "
+            f"[report] and [[arm]] tables"
+        )
+    base = dict(raw.get("base", {}))
+    report = dict(raw.get("report", {}))
+    arms = raw.get("arm", [])
+    if not arms:
+        raise SpecError(f"{spec}: no [[arm]] tables; add at least one arm with a name")
+    _check_keys(spec, "[report]", report, _REPORT_KEYS)
+    _check_keys(spec, "[base]", base, set(SETTINGS) | {"seeds"})
+    base_seeds = _seeds(spec, "[base]", base.pop("seeds", [1]))
+    base = _normalise(spec, "[base]", base)
+    if not base.get("eval_every"):
+        raise SpecError(
+            f"{spec}: [base] eval_every is not set; an experiment compares evaluation scores, "
+            f"so set eval_every (steps between evaluations, e.g. 1000)"
+        )
+    threads = base.get("threads") or max(1, (os.cpu_count() or 1) // max(1, jobs))
+
+    planned, described, names = [], [], set()
+    for i, arm in enumerate(arms):
+        where = f"[[arm]] #{i + 1}"
+        name = arm.get("name")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise SpecError(
+                f'{spec}: {where} needs name = "..." (letters, digits, . _ -), got {name!r}'
+            )
+        where = f"[[arm]] {name!r}"
+        if name in names:
+            raise SpecError(f"{spec}: two arms are named {name!r}; give each arm its own name")
+        names.add(name)
+        kind = arm.get("kind", "train")
+        if kind not in ("train", "reference"):
+            raise SpecError(f'{spec}: {where} kind = {kind!r}; use "train" or "reference"')
+        seeds = _seeds(spec, where, arm.get("seeds", base_seeds))
+        if kind == "reference":
+            runs, settings = _reference_runs(spec, where, arm, name, seeds, out, check_files)
+        else:
+            runs, settings = _training_runs(
+                spec, where, arm, name, seeds, base, out, threads, check_files
+            )
+            kind = runs[0].kind
+        planned.append(runs)
+        described.append(
+            {
+                "name": name,
+                "kind": kind,
+                "seeds": seeds,
+                "runs": {str(r.seed): r.name for r in runs},
+                "settings": settings,
+            }
+        )
+    _check_comparable(spec, [r for runs in planned for r in runs if r.config is not None])
+    if "baseline" in report and report["baseline"] not in names:
+        raise SpecError(
+            f"{spec}: [report] baseline = {report['baseline']!r} is not an arm; use one of "
+            f"{', '.join(sorted(names))}"
+        )
+    if check_files and "heldout" in report and not Path(report["heldout"]).is_dir():
+        raise SpecError(
+            f"{spec}: [report] heldout = {report['heldout']!r}: no such folder; give a folder "
+            f"of chunk_K.pt files (e.g. from `tools make-mt30`) or leave heldout out"
+        )
+    # seed-major order: every arm's first seed first, so that an early stop already compares
+    order = sorted(
+        ((k, a, r) for a, runs in enumerate(planned) for k, r in enumerate(runs)),
+        key=lambda t: (t[0], t[1]),
+    )
+    return Experiment(spec, out, described, [r for _, _, r in order], _protocol(base), report)
+
+
+def _protocol(base: dict[str, Any]) -> dict[str, Any]:
+    """The evaluation protocol every arm shares (the [base] eval settings); each run's env
+    seed is its own seed."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    value = {k: base.get(k, defaults[k]) for k in (*_EVAL_KEYS, "eval_every")}
+    protocol = EvalProtocol.of(value["eval_tasks"], value["eval_episodes"], value["eval_mpc"], 0)
+    return protocol.to_dict() | {"eval_every": value["eval_every"], "seed": "the run's seed"}
+
+
+def _check_keys(spec: Path, where: str, table: dict[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(table) - known)
+    if not unknown:
+        return
+    key = unknown[0]
+    hint = ""
+    if key in _NOT_SETTINGS:
+        hint = {
+            "seed": " (use seeds = [1, 2, 3])",
+            "out": " (the run folders are OUT/<arm>/seed<k>)",
+        }.get(key, " (the experiment sets it)")
+    raise SpecError(
+        f"{spec}: {where} has unknown setting {key!r}{hint}; known settings: "
+        f"{', '.join(sorted(known))}"
+    )
+
+
+def _seeds(spec: Path, where: str, seeds: Any) -> list[int]:
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
+        raise SpecError(f"{spec}: {where} seeds = {seeds!r}; give distinct integers, e.g. [1, 2]")
+    return list(seeds)
+
+
+def _normalise(spec: Path, where: str, settings: dict[str, Any]) -> dict[str, Any]:
+    out = dict(settings)
+    for key in _LIST_SETTINGS & set(out):
+        if isinstance(out[key], list):
+            out[key] = ",".join(str(v) for v in out[key])
+    return out
+
+
+def _training_runs(
+    spec: Path,
+    where: str,
+    arm: dict[str, Any],
+    name: str,
+    seeds: list[int],
+    base: dict[str, Any],
+    out: Path,
+    threads: int,
+    check_files: bool,
+) -> tuple[list[Run], dict[str, Any]]:
+    _check_keys(spec, where, arm, set(SETTINGS) | _ARM_KEYS - {"checkpoint"})
+    own = _normalise(spec, where, {k: v for k, v in arm.items() if k not in _ARM_KEYS})
+    settings = base | own
+    if settings.get("teacher") and "d_coef" not in settings:
+        raise SpecError(
+            f"{spec}: {where} names a teacher but no d_coef; set d_coef (the paper's best: 0.4)"
+        )
+    settings.setdefault("threads", threads)
+    runs = []
+    for seed in seeds:
+        run_out = out / name / f"seed{seed}"
+        try:
+            cfg = TrainConfig(**settings, seed=seed, out=run_out, progress=False)
+        except TrainConfigError as e:
+            raise SpecError(f"{spec}: {where}: {e}") from None
+        except TypeError as e:  # a value of the wrong type (e.g. a table)
+            raise SpecError(f"{spec}: {where}: {e}; check the value types") from None
+        kind = "distill" if cfg.teacher is not None and cfg.d_coef > 0 else "train"
+        runs.append(Run(name, kind, seed, run_out, config=cfg))
+    if check_files:
+        _check_files(spec, where, runs[0].config)
+    for run in runs:
+        _check_run_folder(spec, run)
+    recorded = runs[0].config.to_dict()
+    for key in ("seed", "out", "progress", "resume"):
+        recorded.pop(key)
+    return runs, recorded
+
+
+def _reference_runs(
+    spec: Path,
+    where: str,
+    arm: dict[str, Any],
+    name: str,
+    seeds: list[int],
+    out: Path,
+    check_files: bool,
+) -> tuple[list[Run], dict[str, Any]]:
+    extra = sorted(set(arm) - _ARM_KEYS)
+    if extra:
+        raise SpecError(
+            f"{spec}: {where} is a reference arm and sets {extra[0]!r}; a reference arm takes "
+            f"name, kind, checkpoint and seeds (it is evaluated with the [base] eval settings)"
+        )
+    if "checkpoint" not in arm:
+        raise SpecError(f'{spec}: {where} is a reference arm: set checkpoint = "model.pt"')
+    checkpoint = Path(arm["checkpoint"])
+    if check_files:
+        _check_model_file(spec, where, "checkpoint", checkpoint)
+    runs = [
+        Run(name, "reference", s, out / name / f"seed{s}", checkpoint=checkpoint) for s in seeds
+    ]
+    return runs, {"checkpoint": str(checkpoint)}
+
+
+def _check_files(spec: Path, where: str, cfg: TrainConfig) -> None:
+    """The store opens; teacher and init files are world models (before any run starts)."""
+    from datapipe.errors import DatapipeError
+    from datapipe.store import open_store
+
+    try:
+        open_store(cfg.shards)
+    except (DatapipeError, OSError) as e:
+        raise SpecError(f"{spec}: {where} shards = {cfg.shards!r}: {e}") from None
+    for key in ("teacher", "init"):
+        path = getattr(cfg, key)
+        if path is not None:
+            _check_model_file(spec, where, key, path)
+
+
+def _check_model_file(spec: Path, where: str, key: str, path: Path) -> None:
+    if not path.is_file():
+        raise SpecError(
+            f"{spec}: {where} {key} = {str(path)!r}: no such file; give an official-format "
+            f"checkpoint (e.g. from `tools make-teacher` or `trainer export`)"
+        )
+    try:
+        read_official(path)
+    except (CheckpointError, OSError) as e:
+        raise SpecError(f"{spec}: {where} {key} = {str(path)!r}: {e}") from None
+
+
+def _check_comparable(spec: Path, runs: list[Run]) -> None:
+    """Every training arm trains on one store and is evaluated by one protocol."""
+    if not runs:
+        return
+    first = runs[0]
+    for run in runs[1:]:
+        for key in ("shards", *_EVAL_KEYS):
+            a, b = getattr(first.config, key), getattr(run.config, key)
+            if key == "eval_tasks":
+                a, b = first.config.eval_protocol.tasks, run.config.eval_protocol.tasks
+            if a != b:
+                raise SpecError(
+                    f"{spec}: arms {first.arm!r} and {run.arm!r} cannot be compared: {key} "
+                    f"{a!r} vs {b!r}. Set {key} once in [base] (an experiment trains every arm "
+                    f"on one store and evaluates them alike), or split the arms into two specs"
+                )
+
+
+_COMPARED = ("steps", "eval_every", "shards", *_EVAL_KEYS)  # besides TrainConfig.math_fields
+
+
+def _check_run_folder(spec: Path, run: Run) -> None:
+    """A run folder that already holds a run must hold this run (to keep or to resume)."""
+    path = run.out / CONFIG_FILE
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())["config"]
+    new = run.config.to_dict()
+    keys = (*run.config.math_fields, "teacher", *_COMPARED)
+    differ = [
+        f"{k} {old.get(k)!r} -> {new[k]!r}" for k in dict.fromkeys(keys) if old.get(k) != new[k]
+    ]
+    if old.get("steps", 0) <= new["steps"]:  # more steps: the run continues to them
+        differ = [d for d in differ if not d.startswith("steps ")]
+    if differ:
+        raise SpecError(
+            f"{spec}: {run.out} already holds a run with other settings ({'; '.join(differ)}); "
+            f"use another --out, or move that folder away"
+        )
+
+
+# -- running ------------------------------------------------------------------------------------
+
+
+def run_state(run: Run) -> str:
+    """done | resume | new."""
+    if run.config is None:
+        return "done" if (run.out / REFERENCE_FILE).is_file() else "new"
+    if not (run.out / CHECKPOINT_FILE).is_file():
+        return "new"
+    summary = run.out / SUMMARY_FILE
+    if summary.is_file() and json.loads(summary.read_text()).get("final_step") == run.steps:
+        return "done"
+    return "resume"
+
+
+def run_experiment(
+    spec: str | os.PathLike, out: str | os.PathLike, jobs: int = 1, progress: bool = True
+) -> Path:
+    """Run every planned run not yet finished, `jobs` at a time; then write the report.
+    Returns the experiment folder. Raises ExperimentError if any run failed."""
+    exp = load_spec(spec, out, jobs)
+    exp.out.mkdir(parents=True, exist_ok=True)
+    with _only_experiment_in(exp.out), _terminate_raises():
+        return _run_planned(exp, jobs, progress)
+
+
+def _run_planned(exp: Experiment, jobs: int, progress: bool) -> Path:
+    _write_json(exp.out / EXPERIMENT_FILE, exp.describe())
+    states = {run.name: run_state(run) for run in exp.runs}
+    todo = [run for run in exp.runs if states[run.name] != "done"]
+    kept = len(exp.runs) - len(todo)
+    resumed = sum(states[r.name] == "resume" for r in todo)
+    print(
+        f"{exp.out}: {len(exp.runs)} runs ({kept} finished, {resumed} to resume, "
+        f"{len(todo) - resumed} to start), {jobs} at a time"
+    )
+    failed = _run_all(todo, states, exp, jobs, progress)
+    if failed:
+        lines = "; ".join(f"{r.name} (exit {code}, log {r.out / RUN_LOG})" for r, code in failed)
+        raise ExperimentError(
+            f"{len(failed)} run(s) failed: {lines}. Fix the cause and run the same command "
+            f"again: finished runs are kept, the others resume"
+        )
+    from trainer.report import write_report
+
+    write_report(exp.out)
+    print(f"{exp.out}: report in {exp.out / 'report.md'}")
+    return exp.out
+
+
+class ExperimentError(TrainConfigError):
+    """A run of the experiment failed, or another experiment runs in the same folder."""
+
+
+@contextlib.contextmanager
+def _only_experiment_in(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on OUT/experiment.lock: two experiments writing the same run
+    folders would corrupt them. The lock goes with the process, however it ends."""
+    with open(out / LOCK_FILE, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ExperimentError(
+                f"{out}: another `trainer experiment` is running in this folder; wait for it "
+                f"to end (or stop it) before starting it again"
+            ) from None
+        yield
+
+
+@contextlib.contextmanager
+def _terminate_raises() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so the running children are stopped with the parent."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_all(
+    todo: list[Run], states: dict[str, str], exp: Experiment, jobs: int, progress: bool
+) -> list[tuple[Run, int]]:
+    total = sum(r.steps for r in exp.runs)
+    finished = {r.name for r in exp.runs if states[r.name] == "done"}
+    display = _Progress(total, len(exp.runs), progress)
+    waiting, active, failed = list(todo), {}, []
+    try:
+        while waiting or active:
+            while waiting and len(active) < jobs:
+                run = waiting.pop(0)
+                active[run.name] = (run, _start(run, states[run.name] == "resume", exp))
+            time.sleep(1.0)
+            for name, (run, proc) in list(active.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                del active[name]
+                proc.log.close()
+                if code == 0:
+                    finished.add(name)
+                else:
+                    failed.append((run, code))
+                    display.write(f"{name} failed (exit {code}); its log: {run.out / RUN_LOG}")
+            done = sum(r.steps for r in exp.runs if r.name in finished)
+            done += sum(_steps_done(run) for run, _ in active.values())
+            display.update(done, len(finished), [r.name for r, _ in active.values()])
+    finally:
+        for _, proc in active.values():  # interrupted: stop the children too, and wait
+            proc.terminate()
+        for _, proc in active.values():
+            proc.wait()
+        display.close()
+    return failed
+
+
+def _start(run: Run, resume: bool, exp: Experiment) -> subprocess.Popen:
+    run.out.mkdir(parents=True, exist_ok=True)
+    if run.config is not None:
+        job = {"kind": "train", "config": dataclasses.replace(run.config, resume=resume).to_dict()}
+    else:
+        job = {
+            "kind": "reference",
+            "checkpoint": str(run.checkpoint),
+            "tasks": ",".join(exp.eval["tasks"]),
+            "episodes": exp.eval["episodes"],
+            "mpc": exp.eval["mpc"],
+            "seed": run.seed,
+            "out": str(run.out),
+        }
+    log = open(run.out / RUN_LOG, "a")  # noqa: SIM115 (closed when the run ends)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer.experiment", json.dumps(job)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
+
+
+def _steps_done(run: Run) -> int:
+    """Steps a running run has logged (its last metrics row)."""
+    if run.config is None:
+        return 0
+    path = run.out / JSONL_FILE
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - 4096))
+            lines = [line for line in f.read().splitlines() if line.strip()]
+        return int(json.loads(lines[-1])["step"]) if lines else 0
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+class _Progress:
+    """One display for the whole experiment: steps of all runs, runs done, ETA. On a
+    terminal a tqdm bar; otherwise one line a minute."""
+
+    def __init__(self, total: int, runs: int, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.runs, self.enabled = runs, enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total, unit="step", disable=not self.tty, dynamic_ncols=True)
+        self.total, self.t0, self.first, self.last_line = total, time.monotonic(), None, 0.0
+
+    def update(self, done: int, finished: int, active: list[str]) -> None:
+        if self.first is None:
+            self.first = done
+        if self.tty:
+            self.bar.n = done
+            self.bar.set_description(f"runs {finished}/{self.runs}", refresh=False)
+            self.bar.set_postfix_str(", ".join(active)[:60])
+            return
+        now = time.monotonic()
+        if self.enabled and now - self.last_line >= 60:
+            self.last_line = now
+            rate = (done - self.first) / max(now - self.t0, 1e-9)
+            eta = (self.total - done) / rate if rate > 0 else float("nan")
+            print(
+                f"experiment: {done}/{self.total} steps, runs {finished}/{self.runs} done, "
+                f"running {', '.join(active) or '-'}; ETA {_hms(eta)}",
+                flush=True,
+            )
+
+    def write(self, line: str) -> None:
+        (self.bar.write if self.tty else print)(line)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _hms(seconds: float) -> str:
+    if seconds != seconds:  # nan: no rate yet
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def _child(job: dict[str, Any]) -> None:
+    """One run, in its own process: exactly `trainer train/distill` or `trainer eval`."""
+    if job["kind"] == "train":
+        from trainer.train import train
+
+        train(TrainConfig(**job["config"]))
+        return
+    from trainer.evaluate import EvalConfig, run_eval
+
+    cfg = EvalConfig(
+        checkpoint=Path(job["checkpoint"]),
+        tasks=job["tasks"],
+        episodes=job["episodes"],
+        mpc=job["mpc"],
+        seed=job["seed"],
+        out=Path(job["out"]),
+        workers=0,
+    )
+    result = run_eval(cfg)
+    print(f"{job['out']}: normalized score {result.normalized_score:.2f}")
+
+
+if __name__ == "__main__":
+    _child(json.loads(sys.argv[1]))
