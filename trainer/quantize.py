@@ -15,7 +15,9 @@ This module owns:
   * `load_any`: a runnable model from an official file (old or new API, any size, dims read
     from the file), from our training checkpoints or quantized files, or refusing the paper's scale-1.0 qint8 files
     (spec G) unless `allow_quantized`;
-  * `fidelity`: quantized vs reference outputs (reward, Q, policy action) on held-out batches.
+  * `fidelity`: quantized vs reference outputs (reward, Q, policy action) on held-out batches;
+  * `heldout_transitions`: (obs_{k-1}, a_k, r_k, task) of real rollouts in a chunk folder,
+    the held-out data of `fidelity` and of `trainer.report`'s reward errors.
 
 The paper's quantization (spec G) rounds every weight with scale 1.0, which zeroes almost all
 of them; nothing here uses a fixed scale.
@@ -242,33 +244,47 @@ def _load_ours(raw: dict[str, Any], path: Path) -> WorldModel:
 # -- fidelity -------------------------------------------------------------------------------------
 
 
-def heldout_batches(
-    src: str | os.PathLike, n_batches: int = 8, batch_size: int = 256, seed: int = 0
-) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """(obs [B, O], action [B, A], task [B]) triples from real rollouts in a chunk folder:
-    a visited state obs_{k-1} and the action a_k actually taken in it (k >= 1)."""
+def heldout_transitions(
+    src: str | os.PathLike, n: int | None = 2048, seed: int = 0
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(obs [N, O], action [N, A], reward [N], task [N]) from real rollouts in a chunk folder:
+    a visited state obs_{k-1}, the action a_k actually taken in it and the reward r_k it
+    earned (k >= 1). `n` transitions drawn with replacement by `seed`; `n=None`: every
+    transition of every episode, in file, episode and row order."""
     from datapipe.source import read_episodes, scan_sources
 
     files, layout = scan_sources(src)
-    rng = np.random.default_rng(seed)
-    n = n_batches * batch_size
-    which = rng.integers(0, sum(f.episodes for f in files), n)
-    rows = rng.integers(1, layout.rows, n)
-    obs, action, task = [], [], []
+    total = sum(f.episodes for f in files)
+    if n is None:
+        which = np.repeat(np.arange(total), layout.rows - 1)
+        rows = np.tile(np.arange(1, layout.rows), total)
+    else:
+        rng = np.random.default_rng(seed)
+        which = rng.integers(0, total, n)
+        rows = rng.integers(1, layout.rows, n)
+    parts: dict[str, list[np.ndarray]] = {"obs": [], "action": [], "reward": [], "task": []}
     for f in files:
         local = (which >= f.start) & (which < f.start + f.episodes)
         if not local.any():
             continue
         data = read_episodes(f.path, 0, f.episodes)
         e, k = which[local] - f.start, rows[local]
-        obs.append(data["obs"][e, k - 1])
-        action.append(data["action"][e, k])
-        task.append(data["task"][e, k])
-    obs_t, act_t = torch.from_numpy(np.concatenate(obs)), torch.from_numpy(np.concatenate(action))
-    task_t = torch.from_numpy(np.concatenate(task)).long()
+        parts["obs"].append(data["obs"][e, k - 1])
+        for key in ("action", "reward", "task"):
+            parts[key].append(data[key][e, k])
+    obs, action, reward, task = (torch.from_numpy(np.concatenate(v)) for v in parts.values())
+    return obs, action, reward, task.long()
+
+
+def heldout_batches(
+    src: str | os.PathLike, n_batches: int = 8, batch_size: int = 256, seed: int = 0
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """(obs [B, O], action [B, A], task [B]) triples from real rollouts in a chunk folder:
+    a visited state obs_{k-1} and the action a_k actually taken in it (k >= 1)."""
+    obs, action, _, task = heldout_transitions(src, n_batches * batch_size, seed)
     return [
-        (obs_t[i : i + batch_size], act_t[i : i + batch_size], task_t[i : i + batch_size])
-        for i in range(0, len(task_t), batch_size)
+        (obs[i : i + batch_size], action[i : i + batch_size], task[i : i + batch_size])
+        for i in range(0, len(task), batch_size)
     ]
 
 
