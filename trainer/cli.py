@@ -107,6 +107,37 @@ def distill_cmd(**kw: Any) -> None:
     _train(kw)
 
 
+@main.command("experiment")
+@click.argument("spec", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Experiment folder.")
+@click.option(
+    "--jobs",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Runs at once (each gets CPUs/N threads).",
+)
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress.")
+def experiment_cmd(spec: Path, out: Path, jobs: int, progress: bool) -> None:
+    """Run the arms x seeds of the TOML experiment SPEC into OUT/<arm>/seed<k>/, then write
+    OUT/report.md. Run it again to resume: finished runs are kept."""
+    from trainer.experiment import run_experiment
+
+    if jobs < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--jobs")
+    _run(lambda: run_experiment(spec, out, jobs, progress))
+
+
+@main.command("report")
+@click.argument("folder", type=click.Path(path_type=Path, file_okay=False, exists=True))
+def report_cmd(folder: Path) -> None:
+    """Write FOLDER/report.md, report.json and figures/ for an experiment folder."""
+    from trainer.report import write_report
+
+    _run(lambda: write_report(folder))
+    click.echo(f"wrote {folder / 'report.md'}, {folder / 'report.json'}, {folder / 'figures'}/")
+
+
 @main.command("export")
 @click.argument("checkpoint", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option(
