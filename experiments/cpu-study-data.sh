@@ -25,8 +25,8 @@ noise=0.1,0.3,0.6,1.0
   --chunks 1 --seed 1 --policy $d/teacher-fp16.pt --noise $noise --workers 2
 [ -f $d/store/meta.json ] || datapipe build --src $d/train --dst $d/store --format zarr --workers 2
 tools verify-shards $d/store --src $d/train
-# The second teacher: a 1M model trained on the same data for 12,000 steps (3x the
-# students' 4,000 steps), so that it knows more of this data than a student can learn in its budget.
+# The second teacher: a 1M model trained on the same data for 12,000 steps (4x the
+# students' 3,000 steps), so that it knows more of this data than a student can learn in its budget.
 resume=(); [ -f $d/teacher2-run/checkpoint.pt ] && resume=(--resume)
 trainer train --shards $d/store --out $d/teacher2-run --steps 12000 --batch-size 256 --seed 100 \
   --save-every 1000 --log-every 100 --eval-every 4000 --eval-episodes 4 --threads 1 --device cpu \

@@ -65,7 +65,7 @@ from typing import Any
 from trainer.checkpoint import CheckpointError
 from trainer.errors import TrainConfigError
 from trainer.runlog import JSONL_FILE
-from trainer.runstate import CHECKPOINT_FILE, read_official
+from trainer.runstate import CHECKPOINT_FILE, read_official, read_training_checkpoint
 from trainer.train import CONFIG_FILE, SUMMARY_FILE, TrainConfig
 from trainer.traineval import EvalProtocol
 
@@ -395,13 +395,19 @@ def _check_run_folder(spec: Path, run: Run) -> None:
     differ = [
         f"{k} {old.get(k)!r} -> {new[k]!r}" for k in dict.fromkeys(keys) if old.get(k) != new[k]
     ]
-    if old.get("steps", 0) <= new["steps"]:  # more steps: the run continues to them
-        differ = [d for d in differ if not d.startswith("steps ")]
+    if old.get("steps") != new["steps"] and _checkpoint_step(run) <= new["steps"]:
+        differ = [d for d in differ if not d.startswith("steps ")]  # it continues, or stops
     if differ:
         raise SpecError(
             f"{spec}: {run.out} already holds a run with other settings ({'; '.join(differ)}); "
             f"use another --out, or move that folder away"
         )
+
+
+def _checkpoint_step(run: Run) -> int:
+    """The step of the run's checkpoint (0 without one)."""
+    path = run.out / CHECKPOINT_FILE
+    return read_training_checkpoint(path)["step"] if path.is_file() else 0
 
 
 # -- running ------------------------------------------------------------------------------------
