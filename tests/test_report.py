@@ -36,7 +36,8 @@ def write_run(folder: Path, seed: int, distill: bool, finished: bool = True) -> 
     evals = [eval_row(s, rng) for s in STEPS]
     rows = []
     for step in STEPS[1:]:
-        row = {"step": step, "reward_loss": 1 / step, "total_loss": 2 / step, "steps_per_s": 9.0}
+        row = {"step": step, "reward_loss": 1 / step, "total_loss": 2 / step,
+               "steps_per_s": 5.0 * seed}  # fmt: skip
         if distill:
             row |= {"distill_loss": 0.5 / step, "reward_mae_teacher": 3 / step, "d_coef": 0.4}
         rows.append(row)
@@ -130,7 +131,9 @@ def test_report_numbers_are_the_runs_numbers(tmp_path):
     for name in ("scratch", "distill-0.4", "teacher", "policy-only", "figures/per_task.png"):
         assert name in md
     assert comp["sentence"] in md
-    assert report["compute"]["seconds"] == pytest.approx(11 + 12 + 11 + 12)
+    # 100 steps per run at 5 x seed steps/s, 2 arms x seeds 1, 2; 3 evals of 1 s per run + 4 s
+    assert report["compute"]["seconds"] == pytest.approx(2 * (100 / 5 + 100 / 10))
+    assert report["compute"]["eval_seconds"] == pytest.approx(4 * 3 * 1.0 + 4.0)
     before = (tmp_path / REPORT_JSON).read_bytes(), md
     write_report(tmp_path)
     assert ((tmp_path / REPORT_JSON).read_bytes(), (tmp_path / REPORT_MD).read_text()) == before

@@ -579,17 +579,31 @@ def _run_entry(run: Run, tasks: list[str]) -> dict[str, Any]:
 
 
 def _compute(arm: Arm) -> dict[str, Any]:
+    """Training and evaluation seconds of the finished runs, from their logs (every metrics
+    row holds the steps/s of its window; every eval row its wall time), so that a run
+    resumed after an interruption counts each of its steps once."""
     done = arm.counted()
-    summaries = [r.summary or {} for r in done]
     return {
         "runs": len(done),
         "steps": arm.settings.get("steps"),
         "batch_size": arm.settings.get("batch_size"),
-        "seconds": float(sum(s.get("seconds") or 0.0 for s in summaries)),
+        "seconds": float(sum(train_seconds(r.metrics) for r in done)),
         "eval_seconds": float(
-            sum(s.get("eval_seconds") or 0.0 for s in summaries) + sum(r.eval_seconds for r in done)
+            sum(sum(e.get("wall_s") or 0.0 for e in r.evals) for r in done)
+            + sum(r.eval_seconds for r in done)
         ),
     }
+
+
+def train_seconds(rows: list[dict[str, Any]]) -> float:
+    """Seconds of training behind metrics rows: each row's window of steps at its steps/s."""
+    total, last = 0.0, 0
+    for row in rows:
+        rate = row.get("steps_per_s")
+        if rate:
+            total += (row["step"] - last) / rate
+        last = row["step"]
+    return total
 
 
 def _comparisons(arms: list[Arm], base: Arm | None, tasks: list[str]) -> dict[str, Any]:
