@@ -290,7 +290,10 @@ def _signed(x: float) -> str:
 def verdict(name: str, base: str, c: dict[str, Any]) -> tuple[str, str]:
     """(verdict, sentence) of a comparison: beyond noise only if the mean's CI excludes 0."""
     lo, hi = c["diff_mean_ci95"]
-    if lo > 0:
+    if min(c["n"], c["n_baseline"]) == 1:
+        # a task-level interval says nothing about seeds: no verdict either way
+        word = "undecided (one seed)"
+    elif lo > 0:
         word = f"{name} is better beyond noise"
     elif hi < 0:
         word = f"{base} is better beyond noise"
