@@ -10,9 +10,9 @@ set -x
 datapipe build --src data/mt30-sample --dst $out/shards --format both --workers 2
 datapipe info $out/shards
 tools verify-shards $out/shards --src data/mt30-sample
-# The teacher: a 1M model trained on the sample for 3x the students' steps.
-trainer train --shards $out/shards --out $out/teacher-run --steps 900 --batch-size 64 \
-  --cache-gb 0.1 --log-every 100 --save-every 900 --threads 1
+# The teacher: a 1M model trained on the sample for 2x the students' steps.
+trainer train --shards $out/shards --out $out/teacher-run --steps 600 --batch-size 64 \
+  --cache-gb 0.1 --log-every 100 --save-every 600 --threads 1
 trainer export $out/teacher-run/checkpoint.pt --out $out/teacher.pt
 trainer experiment experiments/demo.toml --out $out/experiment --jobs 2
 set +x
