@@ -157,7 +157,8 @@ def _compute(report: dict[str, Any]) -> list[str]:
     hours = (total["seconds"] + total["eval_seconds"]) / 3600
     text = (
         f"In all: {total['seconds']:.0f} s of training and {total['eval_seconds']:.0f} s of "
-        f"evaluation ({hours:.2f} h), summed over finished runs (summary.json)."
+        f"evaluation ({hours:.2f} h), summed over the finished runs from their logs (metrics "
+        f"rows: steps at their steps/s; eval rows: wall time)."
     )
     header = ["arm", "finished runs", "steps", "batch", "train s", "eval s"]
     return ["## Compute", "", *_table(header, rows), "", text, ""]
