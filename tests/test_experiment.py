@@ -219,7 +219,9 @@ def _escape(text: str) -> str:
     return re.escape(text)
 
 
-@pytest.mark.parametrize("name", ["paper-table1", "paper-table2", "cpu-study", "demo"])
+@pytest.mark.parametrize(
+    "name", ["paper-table1", "paper-table2", "cpu-study", "demo", "bench-jobs"]
+)
 def test_shipped_specs_are_valid(name, tmp_path):
     """Every shipped spec passes every check but those of files made elsewhere."""
     spec = Path(__file__).parents[1] / "experiments" / f"{name}.toml"
