@@ -99,9 +99,13 @@ class MetricsLog:
         clean = {k: (v if math.isfinite(v) else str(v)) for k, v in row.items()}
         self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
         self._jsonl.flush()
+        self.add_scalars("train", row, step)
+
+    def add_scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
+        """`values` as TensorBoard scalars `prefix/name` (nothing without --tensorboard)."""
         if self._tb is not None:
-            for key, value in row.items():
-                self._tb.add_scalar(f"train/{key}", value, step)
+            for key, value in values.items():
+                self._tb.add_scalar(f"{prefix}/{key}", value, step)
             self._tb.flush()
 
     def close(self) -> None:
@@ -118,17 +122,18 @@ class MetricsLog:
 
 
 class EvalLog:
-    """Appends evaluation rows to the run folder's evals.csv and evals.jsonl (and TensorBoard
-    as eval/normalized_score, eval/<task>). The CSV columns are fixed by `tasks`."""
+    """Appends evaluation rows to the run folder's evals.csv and evals.jsonl, and to
+    TensorBoard as eval/normalized_score, eval/<task> through the run's MetricsLog (one
+    event writer per run). The CSV columns are fixed by `tasks`."""
 
     def __init__(
         self,
         run_dir: Path,
         tasks: tuple[str, ...],
-        tensorboard: bool = False,
+        metrics: MetricsLog,
         resume_step: int | None = None,
     ) -> None:
-        self.run_dir, self.tasks = Path(run_dir), tuple(tasks)
+        self.run_dir, self.tasks, self._metrics = Path(run_dir), tuple(tasks), metrics
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._header = ",".join(("step", "normalized_score", "wall_s", *self.tasks)) + "\n"
         csv_path, jsonl_path = self.run_dir / EVAL_CSV_FILE, self.run_dir / EVAL_JSONL_FILE
@@ -139,10 +144,6 @@ class EvalLog:
             _truncate_csv(csv_path, resume_step, self._header)
             _truncate_jsonl(jsonl_path, resume_step)
         self._csv_path, self._jsonl_path = csv_path, jsonl_path
-        self._tb = None
-        if tensorboard:
-            purge = None if resume_step is None else resume_step + 1
-            self._tb = summary_writer_class()(str(self.run_dir / TENSORBOARD_DIR), purge_step=purge)
 
     def write(self, row: dict[str, Any]) -> None:
         means = [float(sum(r) / len(r)) for r in (row["returns"][t] for t in self.tasks)]
@@ -151,21 +152,11 @@ class EvalLog:
             f.write(",".join([str(row["step"]), *(repr(float(v)) for v in values)]) + "\n")
         with open(self._jsonl_path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self._tb is not None:
-            self._tb.add_scalar("eval/normalized_score", row["normalized_score"], row["step"])
-            for task, mean in zip(self.tasks, means, strict=True):
-                self._tb.add_scalar(f"eval/{task}", mean, row["step"])
-            self._tb.flush()
-
-    def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-
-    def __enter__(self) -> EvalLog:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+        scalars = dict(zip(self.tasks, means, strict=True))
+        self._metrics.add_scalars(
+            "eval", {"normalized_score": row["normalized_score"]}, row["step"]
+        )
+        self._metrics.add_scalars("eval", scalars, row["step"])
 
 
 class NullLog:

@@ -423,9 +423,9 @@ def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
     evals = None
     protocol = cfg.eval_protocol
     if protocol is not None and ranks.is_main:
-        eval_log = EvalLog(cfg.out, protocol.tasks, cfg.tensorboard, resume_step)
+        eval_log = EvalLog(cfg.out, protocol.tasks, log, resume_step)
         saved = None if previous is None else previous.get("eval")
-        evals = TrainingEval(protocol, cfg.eval_every, cfg.out, eval_log, saved)
+        evals = TrainingEval(protocol, cfg.out, eval_log, saved)
 
     def evaluate_now(step: int) -> None:
         """Rank 0 evaluates the student; the other ranks wait for it."""
@@ -437,7 +437,6 @@ def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
     with (
         loader,
         log,
-        evals.log if evals is not None else contextlib.nullcontext(),
         tqdm(
             total=cfg.steps,
             initial=start,

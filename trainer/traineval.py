@@ -1,9 +1,9 @@
 """Evaluation during training: `--eval-every N` of `trainer train` / `trainer distill`.
 
-Owns when a run evaluates its student (step 0 of a new run, every N steps, the last step),
-what it keeps of each evaluation (a row in the run's eval logs, `trainer.runlog.EvalLog`)
-and the best-scoring model (`best.pt`, an official new-API file, with `best.json` saying
-which step and score it is).
+Owns what a run keeps of each evaluation of its student, which the training loop runs at
+step 0 of a new run, every N steps and at the last step: a row in the run's eval logs
+(`trainer.runlog.EvalLog`) and the best-scoring model (`best.pt`, an official new-API file,
+with `best.json` saying which step and score it is).
 
 The evaluation itself is `trainer.evaluate.evaluate`, the code of `trainer eval`: every
 episode of the chosen tasks in this process, in lockstep (one fixed batch composition, so
@@ -64,19 +64,15 @@ class TrainingEval:
     def __init__(
         self,
         protocol: EvalProtocol,
-        every: int,
         out: Path,
         log: EvalLog,
         state: dict[str, Any] | None = None,
     ) -> None:
-        self.protocol, self.every, self.out, self.log = protocol, every, Path(out), log
+        self.protocol, self.out, self.log = protocol, Path(out), log
         state = state or {}
         self.best_step: int | None = state.get("best_step")
         self.best_score: float | None = state.get("best_score")
         self.seconds = 0.0  # wall time of the evaluations run by this process
-
-    def due(self, step: int, last: int) -> bool:
-        return step % self.every == 0 or step == last
 
     def run(self, model: WorldModel, step: int) -> dict[str, Any]:
         """Evaluate `model` now; log the row, keep it as best.pt if it scores highest."""
