@@ -65,7 +65,12 @@ from typing import Any
 from trainer.checkpoint import CheckpointError
 from trainer.errors import TrainConfigError
 from trainer.runlog import JSONL_FILE
-from trainer.runstate import CHECKPOINT_FILE, read_official, read_training_checkpoint
+from trainer.runstate import (
+    CHECKPOINT_FILE,
+    read_official,
+    read_training_checkpoint,
+    write_json,
+)
 from trainer.train import CONFIG_FILE, SUMMARY_FILE, TrainConfig
 from trainer.traineval import EvalProtocol
 
@@ -437,7 +442,7 @@ def run_experiment(
 
 
 def _run_planned(exp: Experiment, jobs: int, progress: bool) -> Path:
-    _write_json(exp.out / EXPERIMENT_FILE, exp.describe())
+    write_json(exp.out / EXPERIMENT_FILE, exp.describe())
     states = {run.name: run_state(run) for run in exp.runs}
     todo = [run for run in exp.runs if states[run.name] != "done"]
     kept = len(exp.runs) - len(todo)
@@ -610,12 +615,6 @@ def _hms(seconds: float) -> str:
         return "?"
     m, s = divmod(int(seconds), 60)
     return f"{m // 60}:{m % 60:02d}:{s:02d}"
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
 
 
 def _child(job: dict[str, Any]) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import pickle
 import random
@@ -172,6 +173,16 @@ def write_training_checkpoint(path: str | os.PathLike, **parts: Any) -> Path:
         path,
     )
     return Path(path)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """A run folder's JSON file (config.json, summary.json, best.json, experiment.json),
+    indented, written to a temporary name and renamed over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)
 
 
 def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

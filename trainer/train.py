@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import random
@@ -66,6 +65,7 @@ from trainer.runstate import (
     set_rng_state,
     store_identity,
     teacher_identity,
+    write_json,
     write_training_checkpoint,
 )
 from trainer.traineval import EvalProtocol, TrainingEval
@@ -385,7 +385,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
         "global_batch_size": cfg.batch_size * ranks.world_size,
     }
     if ranks.is_main:
-        _write_json(
+        write_json(
             cfg.out / CONFIG_FILE,
             {**description, "start_step": start, "torch": str(torch.__version__)},
         )
@@ -499,7 +499,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
         summary["peak_rss_bytes_per_rank"] = [rss for rss, _ in peaks]
     if cfg.ddp_check:
         summary["ddp_check"] = {"steps": checked, "ranks": ranks.world_size, "passed": True}
-    _write_json(cfg.out / SUMMARY_FILE, summary)
+    write_json(cfg.out / SUMMARY_FILE, summary)
     print(_summary_line(summary, cfg))
     return cfg.checkpoint_path
 
@@ -717,10 +717,3 @@ def _summary_line(summary: dict[str, Any], cfg: TrainConfig) -> str:
         + ("" if vram is None else f", peak VRAM {vram / 2**30:.2f} GiB")
         + f"; checkpoint {cfg.checkpoint_path}"
     )
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)

@@ -15,7 +15,6 @@ a run with evaluation trains exactly as one without (tested bit for bit).
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from trainer.checkpoint import save_official
 from trainer.evaluate import evaluate, resolve_tasks
 from trainer.model import WorldModel
 from trainer.runlog import EvalLog
+from trainer.runstate import write_json
 
 BEST_FILE = "best.pt"
 BEST_INFO_FILE = "best.json"
@@ -102,7 +102,7 @@ class TrainingEval:
             save_official(model, self.out / BEST_FILE)
             info = {"step": step, "normalized_score": self.best_score}
             info["protocol"] = self.protocol.to_dict()
-            _write_text(self.out / BEST_INFO_FILE, json.dumps(info, indent=2) + "\n")
+            write_json(self.out / BEST_INFO_FILE, info)
         return row
 
     def state_dict(self) -> dict[str, Any]:
@@ -124,9 +124,3 @@ class _random_state_kept:
         np.random.set_state(self._np)
         random.setstate(self._py)
         self._fork.__exit__(*exc)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
