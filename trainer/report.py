@@ -37,14 +37,13 @@ from rliable import metrics
 from scipy import stats
 from torch import Tensor
 
+from trainer.experiment import EXPERIMENT_FILE, FORMAT, REFERENCE_FILE, VERSION
 from trainer.math import two_hot_inv
 from trainer.model import WorldModel
 from trainer.runlog import EVAL_JSONL_FILE, JSONL_FILE
 from trainer.runstate import CHECKPOINT_FILE
+from trainer.train import SUMMARY_FILE
 
-EXPERIMENT_FILE = "experiment.json"  # written by `trainer experiment`
-SUMMARY_FILE = "summary.json"  # trainer.train.SUMMARY_FILE: written when a run finishes
-REFERENCE_EVAL_FILE = "eval.json"  # trainer.evaluate.write_outputs
 REPORT_MD, REPORT_JSON, FIGURES_DIR = "report.md", "report.json", "figures"
 REPORT_FORMAT, REPORT_VERSION = "mt30-experiment-report", 1
 LEVEL = 0.95  # coverage of every interval
@@ -132,7 +131,7 @@ def _read_train_run(root: Path, seed: str, rel: str) -> Run:
 
 
 def _read_reference_run(root: Path, seed: str, rel: str) -> Run:
-    path = root / rel / REFERENCE_EVAL_FILE
+    path = root / rel / REFERENCE_FILE
     if not path.is_file():
         return Run(seed, rel, "missing")
     result = json.loads(path.read_text())
@@ -151,10 +150,10 @@ def read_experiment(exp_dir: str | os.PathLike) -> tuple[dict[str, Any], list[Ar
             f"{path} does not exist: is {root} a folder written by `trainer experiment`?"
         )
     exp = json.loads(path.read_text())
-    if exp.get("format") != "mt30-experiment" or exp.get("version") != 1:
+    if exp.get("format") != FORMAT or exp.get("version") != VERSION:
         raise ValueError(
             f"{path}: format {exp.get('format')!r} version {exp.get('version')!r}; this report "
-            "reads mt30-experiment version 1"
+            f"reads {FORMAT} version {VERSION}"
         )
     arms = []
     for a in exp["arms"]:
