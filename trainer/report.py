@@ -40,7 +40,7 @@ from torch import Tensor
 from trainer.experiment import EXPERIMENT_FILE, FORMAT, REFERENCE_FILE, VERSION
 from trainer.math import two_hot_inv
 from trainer.model import WorldModel
-from trainer.runlog import EVAL_JSONL_FILE, JSONL_FILE
+from trainer.runlog import read_evals, read_metrics
 from trainer.runstate import CHECKPOINT_FILE
 from trainer.train import SUMMARY_FILE
 
@@ -99,26 +99,11 @@ def _has_teacher(arm: Arm) -> bool:
     return bool(arm.settings.get("teacher"))
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of a JSONL file; a half-written last line (a run killed mid-write) is dropped."""
-    if not path.is_file():
-        return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    rows = []
-    for i, line in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
-    return rows
-
-
 def _read_train_run(root: Path, seed: str, rel: str) -> Run:
     path = root / rel
     if not path.is_dir():
         return Run(seed, rel, "missing")
-    evals, rows = _read_jsonl(path / EVAL_JSONL_FILE), _read_jsonl(path / JSONL_FILE)
+    evals, rows = read_evals(path), read_metrics(path)
     summary_path = path / SUMMARY_FILE
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
     status = "unfinished" if summary is None else ("finished" if evals else "no-evals")

@@ -208,18 +208,29 @@ class StepTimer:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The rows of a run's metrics.jsonl, in order."""
+    """The rows of a run's metrics.jsonl, in order ([] before the run wrote any)."""
     return _read_jsonl(Path(run_dir) / JSONL_FILE)
 
 
 def read_evals(run_dir: str | Path) -> list[dict[str, Any]]:
     """The rows of a run's evals.jsonl, in order ([] when the run does not evaluate)."""
-    path = Path(run_dir) / EVAL_JSONL_FILE
-    return _read_jsonl(path) if path.exists() else []
+    return _read_jsonl(Path(run_dir) / EVAL_JSONL_FILE)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """Rows of a JSONL log; a half-written last line (a run killed mid-write, or one still
+    writing) is left out, a bad line before it is an error."""
+    if not path.is_file():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+    return rows
 
 
 def _fmt(value: float | None) -> str:
