@@ -309,9 +309,7 @@ def _training_runs(
         _check_files(spec, where, runs[0].config)
     for run in runs:
         _check_run_folder(spec, run)
-    recorded = runs[0].config.to_dict()
-    for key in ("seed", "out", "progress", "resume"):
-        recorded.pop(key)
+    recorded = {k: v for k, v in runs[0].config.to_dict().items() if k not in _NOT_SETTINGS}
     return runs, recorded
 
 
