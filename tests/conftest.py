@@ -32,6 +32,16 @@ def build_store(src: Path, dst: Path, formats=("zarr", "webdataset"), **kw) -> P
     return Path(build(BuildConfig(src=src, dst=dst, formats=formats, **kw)))
 
 
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """A training store, mt30-shaped: 30 tasks x 2 episodes of 501 rows, Zarr only (one per
+    test module; a module may define its own `store`)."""
+    root = tmp_path_factory.mktemp("train_store")
+    return build_store(
+        make_source(root / "src", episodes_per_task=2, chunks=1), root / "s", formats=("zarr",)
+    )
+
+
 def load_chunk(path: Path) -> dict:
     """A chunk as a plain dict of tensors (a copy, for editing into bad input)."""
     td = torch.load(path, weights_only=False)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_store, make_source
 
 from tools.make_teacher import make_teacher
 from trainer.experiment import SpecError, load_spec, run_experiment
@@ -22,14 +21,6 @@ from trainer.runstate import read_training_checkpoint
 from trainer.train import TrainConfig, train
 
 TASKS = ["cartpole-balance", "pendulum-swingup"]
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("exp_store")
-    return build_store(
-        make_source(root / "src", episodes_per_task=2, chunks=1), root / "s", formats=("zarr",)
-    )
 
 
 @pytest.fixture(scope="module")

@@ -30,15 +30,6 @@ LOSSES = (*UPDATE_METRICS, "distill_loss", "reward_mae_teacher", "d_coef")
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    """mt30-shaped: 30 tasks x 2 episodes of 501 rows, Zarr only."""
-    root = tmp_path_factory.mktemp("train_store")
-    return build_store(
-        make_source(root / "src", episodes_per_task=2, chunks=1), root / "s", formats=("zarr",)
-    )
-
-
-@pytest.fixture(scope="module")
 def teacher(tmp_path_factory, store) -> Path:
     """A 1M teacher trained for a few steps, so its rewards are not all zero."""
     return make_teacher(
