@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import stat
 import sys
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from trainer.errors import (
     TrainConfigError,
 )
 from trainer.runlog import UPDATE_METRICS, read_metrics
-from trainer.runstate import read_training_checkpoint
+from trainer.runstate import export, read_training_checkpoint
 from trainer.train import TrainConfig, train
 
 LOSSES = (*UPDATE_METRICS, "distill_loss", "reward_mae_teacher", "d_coef")

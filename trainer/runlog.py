@@ -55,6 +55,7 @@ JSONL_FILE = "metrics.jsonl"
 EVAL_CSV_FILE = "evals.csv"
 EVAL_JSONL_FILE = "evals.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+RUN_LOG_FILES = (CSV_FILE, JSONL_FILE, EVAL_CSV_FILE, EVAL_JSONL_FILE)
 
 
 def summary_writer_class() -> type:
@@ -84,7 +85,7 @@ class MetricsLog:
             _truncate_csv(csv_path, resume_step)
             _truncate_jsonl(jsonl_path, resume_step)
         self._csv_file = open(csv_path, "a", newline="")  # noqa: SIM115 (closed in close())
-        self._csv = csv.writer(self._csv_file)
+        self._csv = csv.writer(self._csv_file, lineterminator="\n")  # csv's default is \r\n
         self._jsonl = open(jsonl_path, "a")  # noqa: SIM115 (closed in close())
         self._tb = None
         if tensorboard:
@@ -229,7 +230,9 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             if i < len(lines) - 1:
-                raise ValueError(f"{path}: line {i + 1} is not JSON") from None
+                raise TrainConfigError(
+                    f"{path}: line {i + 1} is not JSON; the log is damaged: move it away"
+                ) from None
     return rows
 
 
@@ -238,20 +241,23 @@ def _fmt(value: float | None) -> str:
 
 
 def _truncate_csv(path: Path, last_step: int, header: str | None = None) -> None:
-    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+    """Keep the rows up to `last_step` (written before the checkpoint a run resumes from).
+    Lines are rewritten with \n endings (files of older versions end them in \r\n)."""
+    lines = path.read_text().splitlines() if path.exists() else []
     header = header or ",".join(COLUMNS) + "\n"
-    if lines and lines[0] != header:
+    if lines and lines[0] != header.rstrip("\n"):
         raise TrainConfigError(
             f"{path} has other columns than this trainer writes; move it away to resume"
         )
     kept = [line for line in lines[1:] if line.strip() and int(line.split(",", 1)[0]) <= last_step]
-    path.write_text(header + "".join(kept))
+    path.write_text(header + "".join(f"{line}\n" for line in kept))
 
 
 def _truncate_jsonl(path: Path, last_step: int) -> None:
-    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(kept))
+    """Keep the rows up to `last_step`; a half-written last line (the process was killed
+    while writing it) is dropped like the rows after the checkpoint."""
+    kept = [row for row in _read_jsonl(path) if row["step"] <= last_step]
+    path.write_text("".join(json.dumps(row) + "\n" for row in kept))
 
 
 # -- memory ------------------------------------------------------------------------------------
