@@ -114,6 +114,20 @@ def test_train_writes_run_folder(store, tmp_path):
     assert summary["peak_rss_bytes"] > 0 and summary["peak_vram_bytes"] is None
     assert summary["world_size"] == 1 and summary["global_batch_size"] == 8
     assert saved["world_size"] == 1 and saved["other_ranks"] == []
+    assert b"\r" not in (tmp_path / "run" / "metrics.csv").read_bytes()
+
+
+def test_run_files_get_the_mode_the_umask_gives(store, tmp_path):
+    """Readable by the group and others under the usual umask 022, like the official
+    code's files (a temporary file's 0600 must not leak into the checkpoint)."""
+    old = os.umask(0o022)
+    try:
+        ckpt = train(config(store, tmp_path / "run", steps=1))
+        export(ckpt, tmp_path / "model.pt")
+    finally:
+        os.umask(old)
+    for path in (ckpt, tmp_path / "run" / "config.json", tmp_path / "model.pt"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
 
 
 def test_reward_loss_falls(store, tmp_path):

@@ -10,13 +10,15 @@ The official file format is `{"model": state_dict}`. This module owns:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import pickle
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor
@@ -220,19 +222,36 @@ def save_official(model: WorldModel, path: str | os.PathLike) -> None:
 
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same directory, then rename it over `path`."""
+    """torch.save to `path` through `atomic_file`: a reader finds the old file or the new."""
+    with atomic_file(path) as f:
+        torch.save(obj, f)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary file to write that appears at `path` complete or not at all: it is written
+    under a temporary name beside `path`, flushed to disk, given the mode `open` gives a new
+    file (0666 less the umask; mkstemp's is 0600) and renamed over `path`. An exception
+    (Ctrl-C too) removes the temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def _fit_report(state: dict[str, Any], dims: dict[str, Any]) -> dict[int, list[str]]:

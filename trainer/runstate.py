@@ -42,6 +42,7 @@ from datapipe.format import META_FILE
 from datapipe.store import Store
 from trainer.checkpoint import (
     CheckpointError,
+    atomic_file,
     load_checkpoint,
     read_checkpoint,
     save_atomic,
@@ -177,12 +178,9 @@ def write_training_checkpoint(path: str | os.PathLike, **parts: Any) -> Path:
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """A run folder's JSON file (config.json, summary.json, best.json, experiment.json),
-    indented, written to a temporary name and renamed over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    indented, written through `atomic_file`."""
+    with atomic_file(path) as f:
+        f.write((json.dumps(obj, indent=2, default=str) + "\n").encode())
 
 
 def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
