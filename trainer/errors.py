@@ -28,3 +28,7 @@ class DivergedError(TrainError, FloatingPointError):
 
 class ReplicaMismatchError(TrainError, RuntimeError):
     """Data-parallel ranks hold different model states, or drew the same batch (--ddp-check)."""
+
+
+class ReportError(TrainError, ValueError):
+    """An experiment folder cannot be reported on (not one, another format, runs missing)."""

@@ -37,6 +37,7 @@ from rliable import metrics
 from scipy import stats
 from torch import Tensor
 
+from trainer.errors import ReportError
 from trainer.experiment import EXPERIMENT_FILE, FORMAT, REFERENCE_FILE, VERSION
 from trainer.math import two_hot_inv
 from trainer.model import WorldModel
@@ -131,12 +132,12 @@ def read_experiment(exp_dir: str | os.PathLike) -> tuple[dict[str, Any], list[Ar
     root = Path(exp_dir)
     path = root / EXPERIMENT_FILE
     if not path.is_file():
-        raise FileNotFoundError(
+        raise ReportError(
             f"{path} does not exist: is {root} a folder written by `trainer experiment`?"
         )
     exp = json.loads(path.read_text())
     if exp.get("format") != FORMAT or exp.get("version") != VERSION:
-        raise ValueError(
+        raise ReportError(
             f"{path}: format {exp.get('format')!r} version {exp.get('version')!r}; this report "
             f"reads {FORMAT} version {VERSION}"
         )
@@ -144,7 +145,7 @@ def read_experiment(exp_dir: str | os.PathLike) -> tuple[dict[str, Any], list[Ar
     for a in exp["arms"]:
         lacking = [str(s) for s in a["seeds"] if str(s) not in a["runs"]]
         if lacking:
-            raise ValueError(f"{path}: arm {a['name']} has no run folder for seed(s) {lacking}")
+            raise ReportError(f"{path}: arm {a['name']} has no run folder for seed(s) {lacking}")
         read = _read_reference_run if a["kind"] == "reference" else _read_train_run
         runs = [read(root, str(s), a["runs"][str(s)]) for s in a["seeds"]]
         arms.append(Arm(a["name"], a["kind"], a.get("settings", {}), runs))
@@ -169,7 +170,7 @@ def task_matrix(runs: list[Run], tasks: list[str]) -> np.ndarray:
     for run in runs:
         lacking = [t for t in tasks if t not in (run.returns or {})]
         if lacking:
-            raise ValueError(
+            raise ReportError(
                 f"run {run.rel}: its final evaluation lacks {', '.join(lacking)}, named in "
                 "experiment.json eval.tasks"
             )
@@ -304,7 +305,7 @@ def baseline_arm(exp: dict[str, Any], arms: list[Arm]) -> Arm | None:
     names = {a.name: a for a in arms}
     if exp.get("baseline") is not None:
         if exp["baseline"] not in names:
-            raise ValueError(f"baseline {exp['baseline']!r} is not an arm: {', '.join(names)}")
+            raise ReportError(f"baseline {exp['baseline']!r} is not an arm: {', '.join(names)}")
         return names[exp["baseline"]]
     return next((a for a in arms if a.kind == "train" and not _has_teacher(a)), None)
 
