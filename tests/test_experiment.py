@@ -162,6 +162,36 @@ def test_sigkill_of_the_process_group_then_rerun_is_bit_identical(store, teacher
         assert_same_run(killed / arm, whole / arm)
 
 
+@pytest.mark.slow
+def test_ctrl_c_stops_every_run_at_a_checkpoint_and_says_how_to_resume(store, teacher, tmp_path):
+    """SIGINT to the whole process group, as a terminal sends it: the children ignore it, the
+    parent asks each running run to stop (one SIGTERM), and each writes a checkpoint at the
+    step it stopped at, which is its last logged step."""
+    spec = write_spec(tmp_path, spec_text(store, teacher, steps=2000))
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer.cli", "experiment", str(spec), "--jobs", "2",
+         "--no-progress", "--out", str(out)],
+        start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    runs = [out / "scratch" / "seed1", out / "distill" / "seed1"]
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not all(
+        (r / "metrics.jsonl").is_file() and len(read_metrics(r)) >= 5 for r in runs
+    ):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "Traceback" not in err
+    assert f"Resume with: trainer experiment {spec} --out {out} --jobs 2" in err
+    for run in runs:
+        step = read_training_checkpoint(run / "checkpoint.pt")["step"]
+        assert 5 <= step < 2000 and step == read_metrics(run)[-1]["step"], run
+        assert not list(run.glob(".*tmp"))
+        assert "stopped at step" in (run / "run.log").read_text()
+
+
 def test_plan_order_kinds_and_threads(store, teacher, tmp_path):
     exp = load_spec(write_spec(tmp_path, spec_text(store, teacher)), tmp_path / "out", jobs=2)
     assert [r.name for r in exp.runs] == [

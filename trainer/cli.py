@@ -8,23 +8,27 @@ one-line messages.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from datapipe.errors import DatapipeError
 from trainer.checkpoint import CheckpointError
 from trainer.errors import TrainError
 from trainer.presets import PRESETS
 from trainer.runstate import export
+from trainer.stop import Interrupted
 from trainer.train import (
     D_SCHEDULES,
     DEVICES,
     DISTILL_STEPS,
     TEACHER_DTYPES,
     TrainConfig,
+    resume_config,
     train,
 )
 
@@ -46,7 +50,7 @@ def _option(name: str, *decls: str, **kw: Any) -> Callable:
 def _run_options(fn: Callable) -> Callable:
     """Options shared by `train` and `distill`, in --help order."""
     options = [
-        _option("shards", type=str, required=True),
+        _option("shards", type=str),
         _option("out", type=click.Path(path_type=Path)),
         _option("steps", type=int),
         _option("batch_size", type=int),
@@ -62,6 +66,7 @@ def _run_options(fn: Callable) -> Callable:
         _option("log_every", type=int),
         _option("save_every", type=int),
         _option("resume", is_flag=True),
+        _option("overwrite", is_flag=True),
         _option("tensorboard", is_flag=True),
         _option("eval_every", type=int),
         _option("eval_tasks", type=str),
@@ -90,21 +95,27 @@ def main() -> None:
 @main.command("train")
 @_run_options
 def train_cmd(**kw: Any) -> None:
-    """Train a TD-MPC2 world model from scratch (or from --init) on the store SHARDS."""
-    _train(kw)
+    """Train a TD-MPC2 world model from scratch (or from --init) on the store SHARDS.
+
+    Ctrl-C (or SIGTERM) finishes the step, writes a checkpoint and prints the command that
+    resumes the run: `trainer train --out RUN --resume`."""
+    _train(kw, "train")
 
 
 @main.command("distill")
 @_run_options
-@_option("teacher", type=click.Path(path_type=Path, exists=True, dir_okay=False), required=True)
+@_option("teacher", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @_option("teacher_size", type=_SIZES)
 @_option("d_coef", type=float, default=0.4)
 @_option("d_schedule", type=click.Choice(D_SCHEDULES))
 @_option("distill", type=click.Choice(DISTILL_STEPS))
 @_option("teacher_dtype", type=click.Choice(list(TEACHER_DTYPES)))
 def distill_cmd(**kw: Any) -> None:
-    """Train a student with reward distillation from a frozen teacher (TD-MPC-Opt)."""
-    _train(kw)
+    """Train a student with reward distillation from a frozen teacher (TD-MPC-Opt).
+
+    Ctrl-C (or SIGTERM) finishes the step, writes a checkpoint and prints the command that
+    resumes the run: `trainer distill --out RUN --resume`."""
+    _train(kw, "distill")
 
 
 @main.command("experiment")
@@ -252,17 +263,39 @@ def quantize_cmd(**kw: Any) -> None:
     click.echo(json.dumps(report, indent=1))
 
 
-def _train(kw: dict[str, Any]) -> None:
+def _train(kw: dict[str, Any], command: str) -> None:
     for name in ("model_size", "teacher_size"):
         if kw.get(name) is not None:
             kw[name] = int(kw[name])
-    _run(lambda: train(TrainConfig(**kw)))
+    if kw["resume"]:
+        ctx = click.get_current_context()
+        typed = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+        given = {k: v for k, v in kw.items() if ctx.get_parameter_source(k) in typed}
+        given.pop("resume")
+        cfg = _run(lambda: resume_config(kw["out"], given, command))
+    else:
+        needed = ["shards", "teacher"] if command == "distill" else ["shards"]
+        for name in needed:
+            if kw[name] is None:
+                raise click.MissingParameter(
+                    "(only a resumed run, --resume, takes it from its config.json)",
+                    param_hint=f"--{name}",
+                    param_type="option",
+                )
+        cfg = _run(lambda: TrainConfig(**kw))
+    _run(lambda: train(cfg))
 
 
 def _run(fn: Callable[[], Any]) -> Any:
+    """Call `fn`, turning the project's own errors into one-line messages (exit 1) and a
+    stopped run into its resume command (exit 128 + the signal). Any other exception is a
+    bug of ours and keeps its traceback."""
     try:
         return fn()
-    except (DatapipeError, CheckpointError, TrainError, ValueError) as e:
+    except Interrupted as e:
+        click.echo(str(e), err=True)
+        sys.exit(e.exit_code)
+    except (DatapipeError, CheckpointError, TrainError) as e:
         raise click.ClickException(str(e)) from e
 
 

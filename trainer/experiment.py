@@ -71,6 +71,7 @@ from trainer.runstate import (
     read_training_checkpoint,
     write_json,
 )
+from trainer.stop import SIGNALS, Interrupted
 from trainer.train import CONFIG_FILE, SUMMARY_FILE, TrainConfig
 from trainer.traineval import EvalProtocol
 
@@ -81,7 +82,7 @@ LOCK_FILE = "experiment.lock"  # held while an experiment runs in the folder
 FORMAT, VERSION = "mt30-experiment", 1
 
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
-_NOT_SETTINGS = {"out", "resume", "seed", "progress"}  # set by the experiment, per run
+_NOT_SETTINGS = {"out", "resume", "overwrite", "seed", "progress"}  # set by the experiment, per run
 SETTINGS = sorted(_TRAIN_FIELDS - _NOT_SETTINGS)
 _ARM_KEYS = {"name", "kind", "seeds", "checkpoint"}
 _REPORT_KEYS = {"baseline", "heldout"}
@@ -432,11 +433,21 @@ def run_experiment(
     spec: str | os.PathLike, out: str | os.PathLike, jobs: int = 1, progress: bool = True
 ) -> Path:
     """Run every planned run not yet finished, `jobs` at a time; then write the report.
-    Returns the experiment folder. Raises ExperimentError if any run failed."""
+    Returns the experiment folder. Raises ExperimentError if any run failed, and
+    `Interrupted` (with the command that resumes) after Ctrl-C or SIGTERM: the running
+    runs then finish their step and write a checkpoint first."""
     exp = load_spec(spec, out, jobs)
     exp.out.mkdir(parents=True, exist_ok=True)
-    with _only_experiment_in(exp.out), _terminate_raises():
-        return _run_planned(exp, jobs, progress)
+    with _only_experiment_in(exp.out), _signals_raise() as caught:
+        try:
+            return _run_planned(exp, jobs, progress)
+        except KeyboardInterrupt:
+            signum = caught[0] if caught else signal.SIGINT
+            raise Interrupted(
+                f"{exp.out}: stopped; the running runs wrote a checkpoint at their last step. "
+                f"Resume with: trainer experiment {spec} --out {exp.out} --jobs {jobs}",
+                signum,
+            ) from None
 
 
 def _run_planned(exp: Experiment, jobs: int, progress: bool) -> Path:
@@ -483,17 +494,21 @@ def _only_experiment_in(out: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _terminate_raises() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so the running children are stopped with the parent."""
+def _signals_raise() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt; the signals caught are listed in the
+    value yielded. The children ignore SIGINT (see `_child`): the parent stops them."""
+    caught: list[int] = []
 
     def handler(signum: int, frame: Any) -> None:
+        caught.append(signum)
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {signum: signal.signal(signum, handler) for signum in SIGNALS}
     try:
-        yield
+        yield caught
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def _run_all(
@@ -524,18 +539,38 @@ def _run_all(
             done += sum(_steps_done(run) for run, _ in active.values())
             display.update(done, len(finished), [r.name for r, _ in active.values()])
     finally:
-        for _, proc in active.values():  # interrupted: stop the children too, and wait
-            proc.terminate()
-        for _, proc in active.values():
-            proc.wait()
+        _stop_children([proc for _, proc in active.values()], display)
         display.close()
     return failed
+
+
+def _stop_children(procs: list[subprocess.Popen], display: _Progress) -> None:
+    """Interrupted: one SIGTERM asks each run to finish its step and write a checkpoint;
+    another Ctrl-C while they do sends a second one, which aborts them at once."""
+    if not procs:
+        return
+    display.write(
+        f"stopping {len(procs)} run(s) after their current step (Ctrl-C again aborts them)"
+    )
+    for proc in procs:
+        proc.terminate()
+    try:
+        for proc in procs:
+            proc.wait()
+    except KeyboardInterrupt:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait()
+        raise
 
 
 def _start(run: Run, resume: bool, exp: Experiment) -> subprocess.Popen:
     run.out.mkdir(parents=True, exist_ok=True)
     if run.config is not None:
-        job = {"kind": "train", "config": dataclasses.replace(run.config, resume=resume).to_dict()}
+        # A new run's folder may hold what a start cut short before its first checkpoint.
+        config = dataclasses.replace(run.config, resume=resume, overwrite=not resume)
+        job = {"kind": "train", "config": config.to_dict()}
     else:
         job = {
             "kind": "reference",
@@ -616,7 +651,9 @@ def _hms(seconds: float) -> str:
 
 
 def _child(job: dict[str, Any]) -> None:
-    """One run, in its own process: exactly `trainer train/distill` or `trainer eval`."""
+    """One run, in its own process: exactly `trainer train/distill` or `trainer eval`.
+    Ctrl-C at the terminal reaches the parent only; it stops the child with SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if job["kind"] == "train":
         from trainer.train import train
 

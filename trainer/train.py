@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +47,8 @@ from trainer.model import WorldModel
 from trainer.presets import PRESETS, ModelConfig
 from trainer.runlog import (
     DISTILL_METRICS,
+    RUN_LOG_FILES,
+    TENSORBOARD_DIR,
     UPDATE_METRICS,
     EvalLog,
     MetricsLog,
@@ -68,7 +72,8 @@ from trainer.runstate import (
     write_json,
     write_training_checkpoint,
 )
-from trainer.traineval import EvalProtocol, TrainingEval
+from trainer.stop import Interrupted, StopRequest
+from trainer.traineval import BEST_FILE, BEST_INFO_FILE, EvalProtocol, TrainingEval
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
@@ -156,7 +161,15 @@ class TrainConfig:
         default=1000, metadata={"help": "Steps between checkpoints (and one at the end)."}
     )
     resume: bool = field(
-        default=False, metadata={"help": "Continue the run in --out from its checkpoint."}
+        default=False,
+        metadata={
+            "help": "Continue the run in --out from its checkpoint, with the settings of its "
+            "config.json; flags given again must agree (except --steps, logging and progress)."
+        },
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "Delete the run in --out (its checkpoint and logs) and start again."},
     )
     tensorboard: bool = field(
         default=False, metadata={"help": "Also log to OUT/tensorboard (pip install tensorboard)."}
@@ -222,6 +235,8 @@ class TrainConfig:
             problems.append(f"d_coef must be a finite number >= 0 (got {self.d_coef})")
         if self.d_coef > 0 and self.teacher is None:
             problems.append("d_coef > 0 needs a teacher checkpoint (--teacher)")
+        if self.resume and self.overwrite:
+            problems.append("resume and overwrite exclude each other: pick one")
         if self.cache_gb <= 0:
             problems.append(f"cache_gb must be > 0 (got {self.cache_gb})")
         if problems:
@@ -435,6 +450,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
         ranks.barrier()
 
     with (
+        StopRequest("finishing this step, then writing a checkpoint") as stop,
         loader,
         log,
         tqdm(
@@ -453,7 +469,9 @@ def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
             d_coef = cfg.d_coef_at(step - 1)
             with autocast:
                 info = update(*batch, teacher, d_coef, cfg.distill)
+            info["stop"] = float(stop.requested)  # reduced with the losses: all ranks agree
             info = ranks.mean(info, device)  # the losses of the global batch, on every rank
+            stopping = info.pop("stop") > 0 and step < cfg.steps
             timer.add(wait=t1 - t0, busy=time.perf_counter() - t1)
             if cfg.ddp_check:
                 check_replicas(agent, tuple(batch), step, ranks)
@@ -473,10 +491,12 @@ def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
                 raise DivergedError(_diverged_message(step, bad, cfg, last_saved))
             if protocol is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
                 evaluate_now(step)
-            if step % cfg.save_every == 0 or step == cfg.steps:
+            if stopping or step % cfg.save_every == 0 or step == cfg.steps:
                 save(step)
                 last_saved = step
             bar.update(1)
+            if stopping:
+                raise Interrupted(_interrupted_message(cfg, ranks, step), stop.signum or 15)
 
     peaks = ranks.gather((peak_rss_bytes(), peak_vram_bytes(device)))
     if not ranks.is_main:
@@ -624,22 +644,73 @@ def _compile(model: WorldModel) -> None:
         module.compile()
 
 
+def resume_config(out: Path, given: dict[str, Any], command: str) -> TrainConfig:
+    """The settings of the run in `out` (its config.json), for `trainer <command> --out OUT
+    --resume`, with the settings in `given` given again: those that change the math must
+    agree with the run's; the others (--steps, logging, progress, threads) replace them."""
+    path = Path(out) / CONFIG_FILE
+    if not path.is_file():
+        raise ResumeError(
+            f"--resume: {out} holds no {CONFIG_FILE}, so no run to continue; start the run "
+            f"without --resume"
+        )
+    try:
+        saved = json.loads(path.read_text())["config"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ResumeError(
+            f"{path} is damaged ({e!r}); give every setting again together with --resume"
+        ) from e
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    saved = {k: v for k, v in saved.items() if k in known}
+    if (command == "distill") != (saved.get("teacher") is not None):
+        kind = "a distillation run" if saved.get("teacher") is not None else "a training run"
+        other = "distill" if saved.get("teacher") is not None else "train"
+        raise ResumeError(f"{out} holds {kind}: resume it with `trainer {other} --resume`")
+    cfg = TrainConfig(**{**saved, **given, "out": out, "resume": True, "overwrite": False})
+    old = TrainConfig(**{**saved, "out": out, "resume": True, "overwrite": False})
+    differ = [
+        f"--{k.replace('_', '-')} {getattr(old, k)} (the run's) vs {getattr(cfg, k)} (given)"
+        for k in cfg.math_fields
+        if k in given and getattr(cfg, k) != getattr(old, k)
+    ]
+    if differ:
+        raise ResumeError(
+            f"--resume: {'; '.join(differ)}: these change the math of the run in {out}; leave "
+            f"them out to take the run's settings from {path}, or start a new run elsewhere"
+        )
+    return cfg
+
+
 def _previous_run(cfg: TrainConfig) -> dict[str, Any] | None:
-    """The checkpoint to resume from, or None for a new run; refuses to overwrite a run."""
+    """The checkpoint to resume from, or None for a new run; refuses to overwrite a run
+    unless told to (--overwrite), and then removes the old run's files first."""
     path = cfg.checkpoint_path
     if cfg.resume:
         if not path.is_file():
             raise ResumeError(
-                f"--resume: {cfg.out} holds no {CHECKPOINT_FILE} to continue from; start the "
-                f"run without --resume"
+                f"--resume: {cfg.out} holds no {CHECKPOINT_FILE} to continue from (the run "
+                f"stopped before its first checkpoint); start it again with --overwrite"
             )
         return read_training_checkpoint(path)
-    if path.exists():
+    found = [p for p in _run_files(cfg.out) if p.exists()]
+    if found and not cfg.overwrite:
         raise ResumeError(
-            f"{cfg.out} already holds a run ({path}); pass --resume to continue it, or "
-            f"choose another --out"
+            f"{cfg.out} already holds a run ({', '.join(p.name for p in found)}); pass "
+            f"--resume to continue it, --overwrite to delete it and start again, or choose "
+            f"another --out"
         )
+    for p in found:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
     return None
+
+
+def _run_files(out: Path) -> list[Path]:
+    """What a run writes into its folder (all of it: --overwrite deletes these)."""
+    names = (
+        CHECKPOINT_FILE, CONFIG_FILE, SUMMARY_FILE, *RUN_LOG_FILES, TENSORBOARD_DIR,
+        BEST_FILE, BEST_INFO_FILE,
+    )  # fmt: skip
+    return [out / name for name in names]
 
 
 def _check_resumable(
@@ -690,6 +761,17 @@ def _diverged_message(
             f"`trainer export` turns it into a file a new run can start from with --init"
         )
     return f"non-finite loss at step {step} ({values}): the run stopped; {where}"
+
+
+def _interrupted_message(cfg: TrainConfig, ranks: Ranks, step: int) -> str:
+    command = "distill" if cfg.teacher is not None else "train"
+    launcher = "trainer"
+    if ranks.distributed:
+        launcher = f"torchrun --nproc-per-node {ranks.world_size} -m trainer"
+    return (
+        f"{cfg.out}: stopped at step {step} of {cfg.steps}; checkpoint {cfg.checkpoint_path}. "
+        f"Resume with: {launcher} {command} --out {cfg.out} --resume"
+    )
 
 
 def _start_line(cfg: TrainConfig, ranks: Ranks, start: int) -> str:
