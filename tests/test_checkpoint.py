@@ -172,6 +172,27 @@ def test_non_checkpoints_are_refused(tmp_path):
         read_checkpoint(tmp_path / "absent.pt")
 
 
+def test_files_that_are_not_checkpoints_are_named_for_what_they_are(tmp_path):
+    """What a user passes by mistake as a checkpoint, each told apart from a damaged file."""
+    from conftest import make_source
+
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(CheckpointError, match=r"notes\.txt is not a torch\.save file"):
+        read_checkpoint(tmp_path / "notes.txt")
+    chunk = make_source(tmp_path / "src", episodes_per_task=1, chunks=1) / "chunk_0.pt"
+    with pytest.raises(CheckpointError, match=r"is an MT30 data chunk.*datapipe build --src"):
+        read_checkpoint(chunk)
+    good = tmp_path / "model.pt"
+    save_official(WorldModel(ModelConfig.for_size(1)), good)
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="damaged or truncated torch file"):
+        read_checkpoint(tmp_path / "cut.pt")
+    state = read_checkpoint(good)
+    torch.save({"model": state}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    legacy = read_checkpoint(tmp_path / "legacy.pt")  # the legacy container loads as well
+    assert all(torch.equal(legacy[k], v) for k, v in state.items() if isinstance(v, torch.Tensor))
+
+
 def quantize(state: dict, keys) -> dict:
     return {
         k: torch.quantize_per_tensor(v, 1.0, 0, torch.qint8) if k in keys else v

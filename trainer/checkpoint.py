@@ -43,6 +43,10 @@ class CheckpointError(ValueError):
     """A checkpoint file cannot be used as a TD-MPC2 world model."""
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No file at the checkpoint path."""
+
+
 class QuantizedCheckpointError(CheckpointError):
     """A checkpoint holds quantized tensors (spec G) and quantized files were not allowed."""
 
@@ -53,20 +57,9 @@ def read_checkpoint(path: str | os.PathLike, allow_quantized: bool = False) -> d
     Accepts `{"model": state_dict}` or a bare state_dict. Quantized tensors raise
     `QuantizedCheckpointError` unless `allow_quantized`, in which case they are dequantized.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        with warnings.catch_warnings():
-            # Loading qint8 tensors goes through deprecated torch internals; nothing to act on.
-            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
-            warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor")
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{path} holds objects other than tensors and plain containers, so it was not "
-            f"loaded (weights_only). Official files hold only {{'model': state_dict}}. ({err})"
-        ) from err
+    raw = torch_load(path)
+    if hasattr(raw, "keys") and {"obs", "action", "reward"} <= set(raw.keys()):
+        raise _data_chunk_error(path)  # a dict or a TensorDict (torch loads those too)
     state = raw.get("model", raw) if isinstance(raw, dict) else None
     if not isinstance(state, dict) or not any(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"{path} is not a {{'model': state_dict}} world-model checkpoint")
@@ -82,6 +75,53 @@ def read_checkpoint(path: str | os.PathLike, allow_quantized: bool = False) -> d
                 value = value.float()
         out[key] = value
     return out
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default container since torch 1.6
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a"  # pickle protocol 2, then torch's legacy magic number
+
+
+def torch_load(path: str | os.PathLike, mmap: bool = False) -> Any:
+    """What torch.save wrote to `path` (weights only, on CPU), or a CheckpointError that
+    says what the file is instead: missing, not a torch file, an MT30 data chunk, a file
+    with objects other than tensors, or a damaged one. `mmap` maps a zip-format file
+    instead of reading it (legacy files are read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head not in (_ZIP_MAGIC, _LEGACY_MAGIC):
+        raise CheckpointError(
+            f"{path} is not a torch.save file (it starts with {head!r}); give a world-model "
+            f"checkpoint, e.g. an official TD-MPC2 file or one `trainer export` wrote"
+        )
+    try:
+        with warnings.catch_warnings():
+            # Loading qint8 tensors goes through deprecated torch internals; nothing to act on.
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+            warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor")
+            mmap = mmap and head == _ZIP_MAGIC
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        if "tensordict" in str(err).lower():
+            raise _data_chunk_error(path) from err
+        raise CheckpointError(
+            f"{path} holds objects other than tensors and plain containers, so it was not "
+            f"loaded (weights_only). Official files hold only {{'model': state_dict}}. ({err})"
+        ) from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointError(
+            f"{path} is a damaged or truncated torch file ({err}); copy or download it again"
+        ) from err
+
+
+def _data_chunk_error(path: Path) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is an MT30 data chunk (episodes of obs, action, reward, task), not a model "
+        f"checkpoint: build a store from it with `datapipe build --src`, and give a "
+        f"world-model file here"
+    )
 
 
 def _describe_quantized(path: Path, quantized: dict[str, Tensor], n_entries: int) -> str:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from trainer.checkpoint import (
     load_model_state,
     read_checkpoint,
     save_atomic,
+    torch_load,
 )
 from trainer.math import two_hot_inv
 from trainer.model import WorldModel
@@ -154,15 +154,7 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any] | None:
 
 
 def _peek(path: Path) -> Any:
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
-        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor")
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # not a zip-format file: mmap is impossible, read it plainly
-            return torch.load(path, map_location="cpu", weights_only=True)
+    return torch_load(path, mmap=True)
 
 
 def runtime_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
