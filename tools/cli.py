@@ -111,7 +111,12 @@ def make_mt30_cmd(
     help="Train this many steps on --shards first (0: random init).",
 )
 @click.option("--shards", type=click.Path(path_type=Path), default=None, help="Store to train on.")
-def make_teacher_cmd(size, out, seed, train_steps, shards) -> None:
+@click.option(
+    "--nonzero-reward",
+    is_flag=True,
+    help="Random init: draw the reward head's last layer (default zeros: reward 0).",
+)
+def make_teacher_cmd(size, out, seed, train_steps, shards, nonzero_reward) -> None:
     """Write a checkpoint of any size in the official new-API layout."""
     from datapipe.errors import DatapipeError
     from tools.make_teacher import make_teacher
@@ -119,7 +124,14 @@ def make_teacher_cmd(size, out, seed, train_steps, shards) -> None:
     from trainer.errors import TrainError
 
     try:
-        path = make_teacher(int(size), out, seed=seed, train_steps=train_steps, shards=shards)
+        path = make_teacher(
+            int(size),
+            out,
+            seed=seed,
+            train_steps=train_steps,
+            shards=shards,
+            nonzero_reward=nonzero_reward,
+        )
     except (ValueError, DatapipeError, TrainError, CheckpointError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"wrote {path}")

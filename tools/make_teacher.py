@@ -3,7 +3,7 @@
 Everything that takes a teacher (or an --init student) runs without the official downloads
 on a file from `make_teacher`: either freshly initialised exactly as the official code does
 (spec B.7; note the reward head's last layer starts at zero, so such a teacher predicts a
-reward of 0 everywhere), or after `train_steps` updates of `trainer train` on a store, which
+reward of 0 everywhere, unless `nonzero_reward` draws that layer like the others), or after `train_steps` updates of `trainer train` on a store, which
 gives a teacher with a reward signal to distil.
 """
 
@@ -16,7 +16,7 @@ import torch
 
 from datapipe.store import open_store
 from trainer.checkpoint import save_official
-from trainer.model import WorldModel
+from trainer.model import WorldModel, weight_init
 from trainer.presets import PRESETS, ModelConfig
 from trainer.runstate import export
 from trainer.train import TrainConfig, store_dims, train
@@ -30,23 +30,31 @@ def make_teacher(
     shards: str | os.PathLike | None = None,
     batch_size: int = 256,
     device: str = "auto",
+    nonzero_reward: bool = False,
 ) -> Path:
     """Write an official new-API file `{"model": state_dict}` of a `size`M world model.
 
     With `train_steps` = 0 the model is a fresh, seeded init for the dims of `shards` (mt30
-    when no store is given). Otherwise it is trained for `train_steps` updates on `shards`
+    when no store is given); `nonzero_reward` draws the reward head's last layer from the
+    init of the other Linear layers instead of zeros, so that the teacher predicts rewards
+    other than 0 (for timing distillation with a teacher of any size). Otherwise it is trained for `train_steps` updates on `shards`
     with `trainer train`; that run's folder (metrics, checkpoint) is kept beside `out` as
     `<out stem>-run/`.
     """
     out = Path(out)
     if size not in PRESETS:
         raise ValueError(f"unknown model size {size}; choose one of {sorted(PRESETS)}")
+    if nonzero_reward and train_steps:
+        raise ValueError("nonzero_reward applies to a random init: drop it or train_steps")
     if train_steps < 0:
         raise ValueError(f"train_steps must be >= 0 (got {train_steps})")
     if train_steps == 0:
         dims = {} if shards is None else store_dims(open_store(shards))
         torch.manual_seed(seed)
-        save_official(WorldModel(ModelConfig.for_size(size, **dims)), out)
+        model = WorldModel(ModelConfig.for_size(size, **dims))
+        if nonzero_reward:
+            weight_init(model._reward[-1])
+        save_official(model, out)
         return out
     if shards is None:
         raise ValueError("train_steps > 0 needs a store to train on: pass shards (--shards)")
