@@ -330,6 +330,79 @@ def _write_rows(json_out: Path | None, cfg, rows: list[dict]) -> None:
         json_out.write_text(json.dumps({"config": config, "rows": rows}, indent=1))
 
 
+@main.command("bench-gpu")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Folder for gpu.json, gpu.md, logs/ and scratch files.",
+)
+@click.option(
+    "--budget-s",
+    type=float,
+    default=420.0,
+    show_default=True,
+    help="Seconds for all parts together; each part gets its share of what is left.",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="The same sequence on the CPU at tiny sizes (checks the command).",
+)
+@click.option(
+    "--official",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    default=None,
+    help="Root of an official TD-MPC2 checkout: time its update too.",
+)
+@click.option(
+    "--env-steps-per-s",
+    type=float,
+    default=7860.0,
+    show_default=True,
+    help="Physics agent steps/s per core for the evaluation projection "
+    "(BENCHMARKS.md, environment speed).",
+)
+def bench_gpu_cmd(out, budget_s, dry_run, official, env_steps_per_s) -> None:
+    """Every GPU figure in one command, each part with its own time cap: machine, pytest -m
+    gpu, training grid, official peer, loader, MPPI planning, torchrun. Writes OUT/gpu.json
+    after every part and OUT/gpu.md; exits 1 if a part failed or ran out of time."""
+    import shlex
+
+    from tools.bench_gpu import BenchGPUConfig, bench_gpu
+
+    if not dry_run:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise click.ClickException(
+                "torch sees no CUDA device: run it on a machine with a GPU, or pass --dry-run"
+            )
+    command = ["tools", "bench-gpu", "--out", str(out), "--budget-s", f"{budget_s:g}"]
+    command += ["--dry-run"] if dry_run else []
+    command += [] if official is None else ["--official", str(official)]
+    command += ["--env-steps-per-s", f"{env_steps_per_s:g}"]
+    cfg = BenchGPUConfig(
+        out=out,
+        budget_s=budget_s,
+        dry_run=dry_run,
+        official=official,
+        env_steps_per_s=env_steps_per_s,
+        command=shlex.join(command),
+    )
+    report = bench_gpu(cfg)
+    bad = []
+    for name, part in report["parts"].items():
+        click.echo(
+            f"{name:11} {part['status']:8} {part['seconds']:6.0f} s  "
+            f"{part.get('reason') or part.get('error') or ''}"
+        )
+        bad += [name] if part["status"] in ("failed", "timeout") else []
+    click.echo(f"wrote {out / 'gpu.json'} and {out / 'gpu.md'}")
+    if bad:
+        raise SystemExit(1)
+
+
 @main.command("bench-envs")
 @click.option("--steps", type=int, default=1000, show_default=True, help="Agent steps per task.")
 @click.option("--tasks", default="mt30", show_default=True, help="mt30 or comma-separated names.")
