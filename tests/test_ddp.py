@@ -225,7 +225,7 @@ def run_inputs(tmp_path_factory) -> tuple[Path, Path]:
     store = build_store(
         make_source(root / "src", episodes_per_task=2, chunks=1), root / "s", formats=("zarr",)
     )
-    return store, make_teacher(1, root / "teacher.pt", seed=7, shards=store)
+    return store, make_teacher(1, root / "teacher.pt", seed=7, shards=store, nonzero_reward=True)
 
 
 def distill_args(store: Path, teacher: Path, out: Path, *args: str) -> list[str]:

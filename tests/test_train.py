@@ -270,6 +270,15 @@ def test_init_of_another_size_names_the_size_it_fits(store, tmp_path):
     assert "pass --model-size 5" in message
 
 
+def test_teacher_with_an_untrained_reward_head_is_refused(store, tmp_path):
+    untrained = make_teacher(1, tmp_path / "fresh.pt", seed=0)  # reward head zeros, as TD-MPC2's
+    with pytest.raises(
+        IncompatibleDataError, match=r"fresh\.pt: its reward head was never trained"
+    ):
+        train(config(store, tmp_path / "run", teacher=untrained, d_coef=0.4))
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
 def test_store_of_another_task_set_is_refused(teacher, tmp_path):
     mt80 = build_store(
         make_source(tmp_path / "src80", task_set="mt80", episodes_per_task=1, chunks=1),

@@ -633,9 +633,17 @@ def _load_into(model: WorldModel, state: dict[str, Any], path: Path, dims: dict[
 
 def _load_teacher(path: Path, size: int | None, dims: dict[str, Any]) -> WorldModel:
     try:
-        return load_checkpoint(path, size=size, **dims)
+        teacher = load_checkpoint(path, size=size, **dims)
     except CheckpointError as e:
         raise CheckpointError(f"teacher {path}: {e}") from e
+    if not teacher._reward[-1].weight.any():
+        raise IncompatibleDataError(
+            f"teacher {path}: its reward head was never trained (the output layer's weights "
+            f"are all zero, as TD-MPC2 initialises them), so it predicts the same reward for "
+            f"every transition and distilling towards it teaches nothing. Give a trained "
+            f"teacher (e.g. `tools make-teacher --train-steps N --shards STORE`)"
+        )
+    return teacher
 
 
 def _compile(model: WorldModel) -> None:
