@@ -3,6 +3,12 @@ rewards checked on hand-set physics states (spec A.2, A.3, E, F)."""
 
 from __future__ import annotations
 
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -11,6 +17,11 @@ pytest.importorskip("dm_control")
 from datapipe.tasksets import MT30
 from trainer.envs import EPISODE_LENGTH, make_env
 from trainer.envs.custom import CUSTOM_TASKS
+from trainer.envs.headless import (
+    choose_gl_backend,
+    headless_backend,
+    mujoco_deprecations_silenced,
+)
 
 
 def reward_at(env, qpos=None, qvel=None) -> float:
@@ -166,3 +177,68 @@ def test_reacher_three(task, radius):
     np.testing.assert_allclose(physics.named.data.geom_xpos["finger", :2], [0.27, 0], atol=1e-12)
     physics.named.model.geom_pos["target", :2] = [-0.1, 0.1]
     assert reward_at(env) == 0
+
+
+# -- headless: no GLFW/X11 error, no MuJoCo deprecation notices --------------------------------
+
+STEP_AND_RENDER = """
+import os
+import numpy as np
+from trainer.envs import make_env
+for task in ("cheetah-run", "cheetah-jump", "walker-walk"):  # cheetah.xml: settotalmass
+    env = make_env(task)
+    env.reset()
+    env.step(np.zeros(6))
+backend = os.environ["MUJOCO_GL"]
+if backend != "off":
+    assert env.dm_env.physics.render(16, 16).shape == (16, 16, 3)
+print(backend)
+"""
+
+
+def run_without_display(script: str, **env: str) -> subprocess.CompletedProcess:
+    """`python -c script` as on a headless machine: no display, MUJOCO_GL as given."""
+    hidden = ("DISPLAY", "WAYLAND_DISPLAY", "MUJOCO_GL", "PYOPENGL_PLATFORM")
+    clean = {k: v for k, v in os.environ.items() if k not in hidden}
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        env=clean | env,
+        cwd=Path(__file__).parents[1],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="headless setup is Linux-only")
+def test_env_on_a_headless_machine_prints_no_glfw_or_absl_lines():
+    out = run_without_display(STEP_AND_RENDER)
+    for noise in ("GLFW", "DISPLAY", "absl", "deprecated"):
+        assert noise not in out.stderr, out.stderr
+    assert out.stdout.split()[-1] == headless_backend()
+
+
+def test_a_given_mujoco_gl_is_kept():
+    out = run_without_display(STEP_AND_RENDER, MUJOCO_GL="off")
+    assert out.stdout.split()[-1] == "off"
+
+
+def test_gl_backend_left_alone_with_a_display(monkeypatch):
+    monkeypatch.delenv("MUJOCO_GL", raising=False)
+    monkeypatch.setenv("DISPLAY", ":0")
+    assert choose_gl_backend() is None and "MUJOCO_GL" not in os.environ
+
+
+def test_only_mujoco_deprecation_notices_are_dropped(caplog):
+    from absl import logging as absl_logging
+
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        with mujoco_deprecations_silenced():
+            absl_logging.warning("compiler attribute 'settotalmass' is deprecated and will go")
+            absl_logging.warning("Physics state is invalid. Warning(s) raised: mjWARN_BADQACC")
+        absl_logging.warning("compiler attribute 'settotalmass' is deprecated and will go")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Physics state is invalid. Warning(s) raised: mjWARN_BADQACC",
+        "compiler attribute 'settotalmass' is deprecated and will go",
+    ]
+    assert not logging.getLogger("absl").filters

@@ -24,18 +24,21 @@ except ModuleNotFoundError as e:
 
 from datapipe.tasksets import MT30
 from trainer.envs.custom import CUSTOM_TASKS
+from trainer.envs.headless import mujoco_deprecations_silenced
 
 EPISODE_LENGTH = 500  # agent steps
 ACTION_REPEAT = 2
 
 
 def _dm_control_env(task: str, seed: int) -> Any:
-    """The raw dm_control environment of an MT30 task (standard or custom)."""
-    if task in CUSTOM_TASKS:
-        return CUSTOM_TASKS[task](seed)
-    domain, _, name = task.partition("-")
-    domain = {"cup": "ball_in_cup"}.get(domain, domain)
-    return dm_suite.load(domain, name.replace("-", "_"), task_kwargs={"random": seed})
+    """The raw dm_control environment of an MT30 task (standard or custom), built without
+    MuJoCo's deprecation notices for the shipped models (see headless.py)."""
+    with mujoco_deprecations_silenced():
+        if task in CUSTOM_TASKS:
+            return CUSTOM_TASKS[task](seed)
+        domain, _, name = task.partition("-")
+        domain = {"cup": "ball_in_cup"}.get(domain, domain)
+        return dm_suite.load(domain, name.replace("-", "_"), task_kwargs={"random": seed})
 
 
 class MT30Env:
