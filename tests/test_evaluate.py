@@ -9,11 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 pytest.importorskip("dm_control")
 
+from datapipe.tasksets import MT30
 from trainer.checkpoint import CheckpointError, QuantizedCheckpointError, save_official
+from trainer.cli import main
 from trainer.envs import make_env
+from trainer.errors import TrainConfigError
 from trainer.evaluate import EvalConfig, check_task_set, evaluate, resolve_tasks, run_eval
 from trainer.model import WorldModel
 from trainer.plan import MPPIConfig
@@ -57,18 +61,17 @@ def test_mismatched_checkpoint_is_refused_by_run_eval(tmp_path):
         run_eval(EvalConfig(checkpoint=path, tasks=TWO, out=tmp_path / "out"))
 
 
-def test_episode_replicas_start_where_sequential_episodes_start():
-    seq = make_env("cup-spin", seed=1)
-    starts = []
-    for _ in range(3):
-        starts.append(seq.reset())
-        for _ in range(20):
-            seq.step(np.full(6, 0.3))
-    for k in range(3):
-        replica = make_env("cup-spin", seed=1)
-        for _ in range(k):
-            replica.reset()
-        np.testing.assert_array_equal(replica.reset(), starts[k])
+@pytest.mark.parametrize("task", MT30.names)
+def test_episode_replica_starts_where_the_next_sequential_episode_starts(task):
+    """A worker's episode k (a fresh env reset k times) is the official env's episode k:
+    stepping does not draw from the task's RandomState."""
+    seq = make_env(task, seed=1)
+    seq.reset()
+    for _ in range(20):
+        seq.step(np.full(6, 0.3))
+    replica = make_env(task, seed=1)
+    replica.reset()
+    np.testing.assert_array_equal(replica.reset(), seq.reset())
 
 
 def test_eval_end_to_end_writes_csv_json_png(tiny_checkpoint, tmp_path):
@@ -111,14 +114,72 @@ def test_other_model_sizes_evaluate(tmp_path):
     assert run_eval(cfg).protocol["model_size"] == 5
 
 
-def test_policy_only_same_in_process_and_in_workers(tiny_checkpoint):
+def returns_of(result) -> dict[str, list[float]]:
+    return {t.task: t.returns for t in result.tasks}
+
+
+def test_mppi_returns_the_same_for_any_workers(tiny_checkpoint):
+    small = MPPIConfig(num_samples=32, num_pi_trajs=4, num_elites=8, iterations=2)
     model = load_any(tiny_checkpoint)
-    a = evaluate(model, TWO, episodes=2, mpc=False, workers=0, max_steps=15)
-    b = evaluate(model, TWO, episodes=2, mpc=False, workers=2, max_steps=15)
-    assert a.protocol["action_selection"]["mode"] == "policy"
-    for ta, tb in zip(a.tasks, b.tasks, strict=True):
-        np.testing.assert_allclose(ta.returns, tb.returns, rtol=1e-4)
-    assert a.normalized_score == pytest.approx(b.normalized_score, rel=1e-4)
+    runs = [
+        evaluate(model, TWO, 2, mpc=True, workers=w, max_steps=4, planner=small, eval_mode=False)
+        for w in (0, 2)
+    ]
+    assert returns_of(runs[0]) == returns_of(runs[1])
+    assert runs[1].protocol["workers"] == 2
+    assert "one episode per batch" in runs[0].protocol["batching"]
+
+
+def test_impossible_settings_are_refused_before_running(tiny_checkpoint):
+    model = load_any(tiny_checkpoint)
+    with pytest.raises(TrainConfigError, match="episodes=0"):
+        evaluate(model, TWO, episodes=0, mpc=False)
+    with pytest.raises(TrainConfigError, match="max_steps=0"):
+        evaluate(model, TWO, episodes=1, mpc=False, max_steps=0)
+    with pytest.raises(TrainConfigError, match=r"workers=2 with lockstep.*--workers 0"):
+        evaluate(model, TWO, episodes=1, mpc=False, workers=2, lockstep=True)
+
+
+def eval_cli(checkpoint: Path, out: Path, *args: str):
+    return CliRunner().invoke(
+        main,
+        ["eval", "--checkpoint", str(checkpoint), "--out", str(out), *map(str, args)],
+        catch_exceptions=False,
+    )
+
+
+def test_eval_progress_on_stderr_and_none_with_no_progress(tiny_checkpoint, tmp_path):
+    common = ("--tasks", TWO, "--episodes", 2, "--no-mpc", "--max-steps", 2, "--workers", 0)
+    quiet = eval_cli(tiny_checkpoint, tmp_path / "quiet", *common, "--no-progress")
+    shown = eval_cli(tiny_checkpoint, tmp_path / "shown", *common)
+    assert quiet.exit_code == shown.exit_code == 0, shown.output
+    assert quiet.stderr == ""
+    lines = shown.stderr.splitlines()  # not a terminal: plain lines, the start and the end
+    assert lines[0] == "eval: 0/4 episodes, tasks done 0/2"
+    assert lines[-1].startswith("eval: 4/4 episodes, tasks done 2/2 (last: pendulum-spin 2/2)")
+    assert "episodes/min, ETA 0:00:00" in lines[-1] and len(lines) <= 3
+    assert "normalized score" in shown.stdout and "eval:" not in shown.stdout
+
+
+@pytest.mark.skipif(
+    not FIXTURES.is_dir(), reason=f"TD-MPC-Opt fixtures not present (looked in {FIXTURES})"
+)
+def test_real_checkpoint_returns_do_not_depend_on_workers(tmp_path):
+    """Acceptance (issue 12): `trainer eval --workers 1/2/0`, 4 tasks x 2 episodes, give the
+    same per-episode returns; lockstep batching, which differs, shows the setting is
+    sensitive to how episodes are batched."""
+    checkpoint = FIXTURES / "mt30_1M_steps_045dist_fp16.pt"
+    tasks = "walker-walk,cheetah-run,fish-swim,finger-turn-hard"
+    common = ("--tasks", tasks, "--episodes", 2, "--no-mpc", "--max-steps", 100, "--no-progress")
+    returns = {}
+    for workers in ("1", "2", "0", "lockstep"):
+        flags = ("--workers", 0, "--lockstep") if workers == "lockstep" else ("--workers", workers)
+        result = eval_cli(checkpoint, tmp_path / workers, *common, *flags)
+        assert result.exit_code == 0, result.output
+        data = json.loads((tmp_path / workers / "eval.json").read_text())
+        returns[workers] = {t["task"]: t["returns"] for t in data["tasks"]}
+    assert returns["1"] == returns["2"] == returns["0"]
+    assert returns["lockstep"] != returns["0"]
 
 
 @pytest.mark.skipif(not FIXTURES.is_dir(), reason="TD-MPC-Opt fixtures not present")

@@ -183,7 +183,7 @@ def export_cmd(checkpoint: Path, out: Path) -> None:
     type=int,
     default=-1,
     show_default=True,
-    help="Processes over tasks; 0: this process; -1: one per core.",
+    help="Processes over episodes; 0: this process; -1: one per core. Returns do not depend on it.",
 )
 @click.option("--seed", type=int, default=1, show_default=True, help="Env and planner seed.")
 @click.option(
@@ -210,6 +210,18 @@ def export_cmd(checkpoint: Path, out: Path) -> None:
 )
 @click.option(
     "--allow-quantized", is_flag=True, help="Load the paper's broken scale-1.0 int8 files anyway."
+)
+@click.option(
+    "--lockstep",
+    is_flag=True,
+    help="Plan all episodes as one batch in this process: fast on a GPU, but the returns then "
+    "depend on the batch (default: one episode per batch, as the official code).",
+)
+@click.option(
+    "--progress/--no-progress",
+    default=True,
+    show_default=True,
+    help="Episodes done per task, rate and ETA on stderr (a plain line per 30 s off a terminal).",
 )
 def eval_cmd(**kw: Any) -> None:
     """Per-task returns and the normalized MT30 score of a checkpoint (spec E)."""

@@ -4,18 +4,33 @@ This module owns the evaluation protocol and its outputs: per-task mean undiscou
 over `episodes` episodes, the normalized score (mean over tasks of return / 10), and the
 files eval.csv, eval.json and eval.png (bar chart of per-task scores).
 
-Protocol. Each task's env is built with seed 1 (`task_kwargs={'random': seed}`) and its
+Protocol. Each task's env is built with seed `seed` (`task_kwargs={'random': seed}`) and its
 RandomState carries over across resets, so episode k starts from the state drawn by the
-(k+1)-th reset. To run the episodes of a task in lockstep, episode k gets its own copy of
-the env, built with the same seed and reset k times first: the initial states are exactly
-those of one env reset per episode (reset alone draws from the RandomState; checked in the
-tests). All (task, episode) environments of one job step together and their actions are
-chosen as one batch (`trainer.plan.Actor`). Actions: MPPI (spec E) or the policy mean,
-without exploration noise (eval_mode, the official training-loop protocol; the official
-standalone evaluate.py adds planner noise).
+(k+1)-th reset, as in the official loop (one env per task, its episodes in turn). Actions:
+MPPI (spec E) or the policy mean, without exploration noise (eval_mode, the official
+training-loop protocol; the official standalone evaluate.py adds planner noise).
 
-Parallelism: `workers` processes, one job per task, each with one torch thread; `workers=0`
-runs every task in this process as one lockstep batch (the fast path on a GPU).
+Batching. By default every episode is its own batch, as in the official code: the networks
+see the same shapes whatever else is evaluated, so an episode's return depends on the model,
+the seed and the protocol only -- not on `workers`, nor on the other tasks -- and on the CPU
+equals the official code's. `lockstep=True` plans all episodes of all tasks as one batch in
+this process instead (`trainer.plan.Actor` over N environments; the fast path on a GPU).
+float32 GEMM rounding depends on the batch size and the chaotic tasks (walker, cheetah,
+fish, hopper, finger-turn-hard) amplify 1e-6 into tens of points, so lockstep returns depend
+on which tasks and episodes run together: a different protocol, recorded as such.
+
+Seeding. The env seed is `seed` (spec E). The planner's draws (and the policy's samples,
+which the policy mean ignores) come from torch's global generator, seeded at the start of
+each episode from (seed, task id, episode index) (`episode_seed`): an episode's plans do not
+depend on which process runs it or on what ran before it. The official loop seeds once and
+draws from one stream across all tasks in turn, so MPPI returns match it in distribution,
+not draw for draw; policy-only returns match it exactly. Lockstep seeds torch once, `seed`.
+
+Parallelism: `workers` processes (spawned, one torch thread each), one job per episode: a
+fresh env of its task reset k times first, which starts where the official env's (k+1)-th
+reset starts (reset alone draws from the RandomState; checked in the tests for every task).
+`workers` 0 or 1 runs every episode in this process (one env per task, one torch thread on
+the CPU). Both run exactly the same computation per episode.
 """
 
 from __future__ import annotations
@@ -26,9 +41,10 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import sys
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,8 +54,9 @@ import torch
 
 from datapipe.tasksets import MT30, TaskSet
 from trainer.checkpoint import CheckpointError
+from trainer.errors import TrainConfigError
 from trainer.model import WorldModel
-from trainer.plan import OFFICIAL_MPPI, Actor, MPPIConfig, describe_protocol
+from trainer.plan import OFFICIAL_MPPI, Actor, MPPIConfig, describe_protocol, model_dtype
 from trainer.presets import ModelConfig
 
 
@@ -53,8 +70,8 @@ class EvalConfig:
     tasks: str = "mt30"  # "mt30" (all 30) or comma-separated MT30 task names
     episodes: int = 10  # episodes per task (spec E: 10)
     mpc: bool = True  # plan with MPPI; False (--no-mpc): act with the policy mean
-    workers: int = -1  # processes over tasks; 0 or 1 = all in this process; -1 = one per core
-    seed: int = 1  # env seed (task_kwargs random) and torch seed of the planner
+    workers: int = -1  # processes over episodes; 0 or 1 = all in this process; -1 = one per core
+    seed: int = 1  # env seed (task_kwargs random), root of the planner's per-episode seeds
     out: Path = Path("runs/eval")  # folder for eval.csv, eval.json, eval.png
     device: str = "cpu"  # cpu | cuda | auto (cuda if available); cuda implies workers=0
     max_steps: int | None = None  # cut episodes after this many agent steps (smoke tests only)
@@ -62,6 +79,8 @@ class EvalConfig:
     planner_noise: bool = (
         False  # MPPI adds std[0]*N(0,1) as the official evaluate.py (not eval_mode)
     )
+    lockstep: bool = False  # all episodes as one batch here (GPU fast path; batch-dependent)
+    progress: bool = True  # episodes done, per task, rate and ETA on stderr
 
 
 @dataclass
@@ -112,7 +131,7 @@ def resolve_tasks(tasks: str | Sequence[str], task_set: TaskSet = MT30) -> list[
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in task_set.names]
     if unknown or not tasks:
-        raise ValueError(
+        raise TrainConfigError(
             f"unknown task(s) {', '.join(unknown) or '(none given)'}; pass {task_set.name!r} or "
             f"comma-separated names from: {', '.join(task_set.names)}"
         )
@@ -150,46 +169,87 @@ def check_task_set(cfg: ModelConfig, task_set: TaskSet = MT30) -> None:
         )
 
 
-# -- the lockstep core --------------------------------------------------------------------------
+# -- episodes -----------------------------------------------------------------------------------
 
 
-def run_episodes(
+@dataclass(frozen=True)
+class EpisodeSettings:
+    """How every episode of one evaluation is run (handed to the worker processes)."""
+
+    mpc: bool = True  # MPPI; False: the policy mean
+    seed: int = 1  # env seed, and the root of the per-episode torch seeds
+    max_steps: int | None = None  # cut episodes after this many agent steps (smoke tests)
+    planner: MPPIConfig = OFFICIAL_MPPI
+    eval_mode: bool = True  # False: MPPI adds std[0] * N(0, 1), as the official evaluate.py
+
+    def steps(self) -> int:
+        from trainer.envs import EPISODE_LENGTH
+
+        return min(self.max_steps or EPISODE_LENGTH, EPISODE_LENGTH)
+
+
+def episode_seed(seed: int, task_id: int, episode: int) -> int:
+    """The torch seed of episode `episode` of task `task_id`: a function of these alone."""
+    return int(np.random.SeedSequence([seed, task_id, episode]).generate_state(1)[0])
+
+
+def task_episodes(
     model: WorldModel,
-    tasks: Sequence[str],
-    episodes: int,
-    mpc: bool = True,
-    seed: int = 1,
-    max_steps: int | None = None,
-    planner: MPPIConfig = OFFICIAL_MPPI,
-    eval_mode: bool = True,
-) -> list[TaskResult]:
-    """Every episode of every task in this process, all environments in lockstep."""
-    from trainer.envs import EPISODE_LENGTH, make_env
+    task: str,
+    episodes: range,
+    run: EpisodeSettings,
+    done: Callable[[str], None] = lambda task: None,
+) -> list[float]:
+    """Returns of episodes `episodes` of `task`, one after another on one env, each its own
+    batch of one (module docstring); `done(task)` is called after each."""
+    from trainer.envs import make_env
 
-    torch.manual_seed(seed)
-    envs, ids = [], []
+    env = make_env(task, run.seed)
+    for _ in range(episodes.start):  # the resets of the episodes before (module docstring)
+        env.reset()
+    device = model._action_masks.device
+    task_id = torch.tensor([env.task_id], device=device)
+    actor = Actor(model, 1, mpc=run.mpc, cfg=run.planner, eval_mode=run.eval_mode)
+    returns = []
+    for k in episodes:
+        torch.manual_seed(episode_seed(run.seed, env.task_id, k))
+        actor.reset()
+        obs, total = env.reset(), 0.0
+        for _ in range(run.steps()):
+            action = actor(torch.from_numpy(obs)[None].to(device), task_id)
+            obs, reward, _, _ = env.step(action[0].cpu().numpy())
+            total += reward
+        returns.append(total)
+        done(task)
+    return returns
+
+
+def lockstep_episodes(
+    model: WorldModel, tasks: Sequence[str], episodes: int, run: EpisodeSettings
+) -> dict[str, list[float]]:
+    """Every episode of every task in this process as one batch (`lockstep=True`)."""
+    from trainer.envs import make_env
+
+    torch.manual_seed(run.seed)
+    envs = []
     for task in tasks:
         for k in range(episodes):
-            env = make_env(task, seed)
-            for _ in range(k):  # replay the resets of episodes 0..k-1 (see module docstring)
+            env = make_env(task, run.seed)
+            for _ in range(k):  # replay the resets of episodes 0..k-1 (module docstring)
                 env.reset()
             envs.append(env)
-            ids.append(env.task_id)
     device = model._action_masks.device
-    task_ids = torch.tensor(ids, device=device)
-    actor = Actor(model, len(envs), mpc=mpc, cfg=planner, eval_mode=eval_mode)
+    task_ids = torch.tensor([env.task_id for env in envs], device=device)
+    actor = Actor(model, len(envs), mpc=run.mpc, cfg=run.planner, eval_mode=run.eval_mode)
     obs = np.stack([env.reset() for env in envs])
     returns = np.zeros(len(envs))
-    for _ in range(min(max_steps or EPISODE_LENGTH, EPISODE_LENGTH)):
+    for _ in range(run.steps()):
         action = actor(torch.from_numpy(obs).to(device), task_ids).cpu().numpy()
         for i, env in enumerate(envs):
             obs[i], reward, _, _ = env.step(action[i])
             returns[i] += reward
     per_task = returns.reshape(len(tasks), episodes)
-    return [
-        TaskResult(task, MT30.names.index(task), [float(r) for r in row])
-        for task, row in zip(tasks, per_task, strict=True)
-    ]
+    return {task: [float(r) for r in row] for task, row in zip(tasks, per_task, strict=True)}
 
 
 @contextlib.contextmanager
@@ -198,7 +258,8 @@ def one_torch_thread(active: bool = True) -> Iterator[None]:
 
     Evaluation interleaves small network calls with single-threaded physics; on a shared
     2-core machine two torch threads made policy-only evaluation 10x slower (53 s against
-    5.5 s for 30 tasks x 1 episode) and an MPPI step 2.5x slower (BENCHMARKS.md).
+    5.5 s for 30 tasks x 1 episode) and an MPPI step 2.5x slower (BENCHMARKS.md). One thread
+    everywhere also gives every process the same float rounding.
     """
     before = torch.get_num_threads()
     if active:
@@ -220,18 +281,79 @@ def _init_worker(cfg: ModelConfig, state: dict, dtype: torch.dtype) -> None:
     _WORKER_MODEL = model.eval()
 
 
-def _worker_job(
-    task: str, episodes: int, mpc: bool, seed: int, max_steps, planner, eval_mode: bool
-) -> TaskResult:
+def _worker_episode(task: str, episode: int, run: EpisodeSettings) -> float:
     assert _WORKER_MODEL is not None
-    task_seed = int(np.random.SeedSequence([seed, MT30.names.index(task)]).generate_state(1)[0])
-    # env seed stays `seed` (spec E); the task-specific torch seed makes plans independent
-    # of which worker runs the task
-    torch.manual_seed(task_seed)
-    (result,) = run_episodes(
-        _WORKER_MODEL, [task], episodes, mpc, seed, max_steps, planner, eval_mode
-    )
-    return result
+    (total,) = task_episodes(_WORKER_MODEL, task, range(episode, episode + 1), run)
+    return total
+
+
+def _in_workers(
+    model: WorldModel,
+    tasks: Sequence[str],
+    episodes: int,
+    run: EpisodeSettings,
+    workers: int,
+    done: Callable[[str], None],
+) -> dict[str, list[float]]:
+    """Every episode as its own job on `workers` processes."""
+    state = {
+        k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()
+    }
+    returns = {task: [0.0] * episodes for task in tasks}
+    # spawn, not fork: torch's thread pools do not survive a fork; a worker that dies
+    # raises BrokenProcessPool here instead of hanging
+    with ProcessPoolExecutor(
+        workers, mp.get_context("spawn"), _init_worker, (model.cfg, state, model_dtype(model))
+    ) as pool:
+        jobs = {
+            pool.submit(_worker_episode, task, k, run): (task, k)
+            for task in tasks
+            for k in range(episodes)
+        }
+        try:
+            for job in as_completed(jobs):
+                task, k = jobs[job]
+                returns[task][k] = job.result()
+                done(task)
+        except BaseException:  # an episode failed or Ctrl-C: do not run the rest
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    return returns
+
+
+def _resolve_workers(workers: int, lockstep: bool, device: torch.device, jobs: int) -> int:
+    """`workers` with -1 resolved; refuses combinations that cannot run."""
+    if workers < 0:
+        return 0 if lockstep or device.type != "cpu" else min(os.cpu_count() or 1, jobs)
+    if workers >= 2 and device.type != "cpu":
+        raise TrainConfigError(
+            f"workers={workers} needs the model on the CPU; pass --workers 0 on {device}"
+        )
+    if workers >= 2 and lockstep:
+        raise TrainConfigError(
+            f"workers={workers} with lockstep: lockstep plans every episode as one batch in "
+            "this process; pass --workers 0, or leave out --lockstep to split the episodes "
+            "over processes"
+        )
+    return workers
+
+
+def _check_counts(episodes: int, max_steps: int | None) -> None:
+    if episodes < 1:
+        raise TrainConfigError(f"episodes={episodes}: evaluate at least 1 episode per task")
+    if max_steps is not None and max_steps < 1:
+        raise TrainConfigError(
+            f"max_steps={max_steps}: cut episodes after at least 1 step, or leave it out for "
+            "full 500-step episodes"
+        )
+
+
+# the protocol's "batching" entry
+ONE_EPISODE_PER_BATCH = (
+    "one episode per batch, as the official code (returns independent of workers); "
+    "torch seeded per episode from (seed, task id, episode)"
+)
+LOCKSTEP = "lockstep: every episode of every task in one batch; torch seeded once with seed"
 
 
 def evaluate(
@@ -244,52 +366,52 @@ def evaluate(
     max_steps: int | None = None,
     planner: MPPIConfig = OFFICIAL_MPPI,
     eval_mode: bool = True,
+    lockstep: bool = False,
+    progress: bool = False,
 ) -> EvalResult:
     """Per-task returns and the normalized score of `model` on MT30 tasks (spec E).
 
     `eval_mode=False` adds the planner's exploration noise, as the official standalone
     evaluate.py (and TD-MPC-Opt's) do; it has no effect with `mpc=False`.
 
-    `workers` >= 2: that many processes (spawned, one torch thread each), one job per task;
-    0 or 1: all tasks in this process as one lockstep batch (use this on a GPU); -1: one
-    process per CPU core (at most one per task), or this process when the model is on a GPU.
+    Each episode is its own batch (the returns do not depend on `workers`); `workers` >= 2:
+    that many processes (spawned, one torch thread each), one job per episode; 0 or 1: this
+    process; -1: one process per CPU core (at most one per episode), or this process when
+    the model is on a GPU. `lockstep=True`: all episodes as one batch in this process (the
+    GPU fast path; its returns depend on the batch, see the module docstring). `progress`:
+    episodes done, per task, with rate and ETA on stderr.
     """
     names = resolve_tasks(tasks)
+    _check_counts(episodes, max_steps)
     check_task_set(model.cfg)
     model.eval()
     device = model._action_masks.device
-    if workers < 0:
-        workers = 0 if device.type != "cpu" else min(os.cpu_count() or 1, len(names))
-    if workers and device.type != "cpu":
-        raise ValueError(f"workers={workers} needs the model on the CPU; use workers=0 on {device}")
-    dtype = model._encoder["state"][0].weight.dtype
+    workers = _resolve_workers(workers, lockstep, device, len(names) * episodes)
+    run = EpisodeSettings(mpc, seed, max_steps, planner, eval_mode)
     t0 = time.perf_counter()
-    if workers <= 1:
-        with one_torch_thread(device.type == "cpu"):
-            results = run_episodes(model, names, episodes, mpc, seed, max_steps, planner, eval_mode)
-    else:
-        state = {
-            k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()
-        }
-        # spawn, not fork: torch's thread pools do not survive a fork; a worker that dies
-        # raises BrokenProcessPool here instead of hanging
-        with ProcessPoolExecutor(
-            workers, mp.get_context("spawn"), _init_worker, (model.cfg, state, dtype)
-        ) as pool:
-            n = len(names)
-            results = list(
-                pool.map(_worker_job, names, [episodes] * n, [mpc] * n, [seed] * n,
-                         [max_steps] * n, [planner] * n, [eval_mode] * n)
-            )  # fmt: skip
+    with EpisodeProgress(names, episodes, progress) as bar:
+        if lockstep:
+            with one_torch_thread(device.type == "cpu"):
+                returns = lockstep_episodes(model, names, episodes, run)
+            bar.all_done()
+        elif workers <= 1:
+            with one_torch_thread(device.type == "cpu"):
+                returns = {
+                    t: task_episodes(model, t, range(episodes), run, bar.done) for t in names
+                }
+        else:
+            returns = _in_workers(model, names, episodes, run, workers, bar.done)
     wall = time.perf_counter() - t0
+    results = [TaskResult(t, MT30.names.index(t), returns[t]) for t in names]
     protocol = {
         "action_selection": describe_protocol(mpc, planner, eval_mode),
         "episodes": episodes,
         "seed": seed,
         "env": "dm_control, task_kwargs random=seed, action repeat 2, 500 agent steps",
+        "batching": LOCKSTEP if lockstep else ONE_EPISODE_PER_BATCH,
         "max_steps": max_steps,
         "model_size": model.cfg.model_size,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(model_dtype(model)).removeprefix("torch."),
         "device": str(device),
         "workers": workers,
         "wall_s": wall,
@@ -297,6 +419,77 @@ def evaluate(
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
     }
     return EvalResult(results, protocol)
+
+
+class EpisodeProgress:
+    """Episodes done of the total, per task, with rate and ETA, on stderr: a tqdm bar on a
+    terminal; otherwise (a log file) plain lines: one at the start, then at most one per
+    `interval` seconds as episodes finish, and the last."""
+
+    def __init__(
+        self, tasks: Sequence[str], episodes: int, enabled: bool, interval: float = 30.0
+    ) -> None:
+        from tqdm import tqdm
+
+        self.per_task, self.episodes = dict.fromkeys(tasks, 0), episodes
+        self.total, self.finished = len(tasks) * episodes, 0
+        self.enabled, self.tty = enabled, enabled and sys.stderr.isatty()
+        self.interval, self.t0 = interval, time.monotonic()
+        self.last_line = self.t0
+        self.bar = tqdm(
+            total=self.total, desc="eval", unit="episode", disable=not self.tty,
+            dynamic_ncols=True, mininterval=1.0,
+        )  # fmt: skip
+        if self.enabled and not self.tty:
+            self._line()
+
+    def __enter__(self) -> EpisodeProgress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.close()
+
+    def done(self, task: str) -> None:
+        """One more episode of `task` has finished."""
+        self.per_task[task] += 1
+        self.finished += 1
+        if self.tty:
+            self.bar.set_postfix_str(f"{self._tasks_done()}; {self._of(task)}", refresh=False)
+            self.bar.update()
+        elif self.enabled:
+            now = time.monotonic()
+            if now - self.last_line >= self.interval or self.finished == self.total:
+                self.last_line = now
+                self._line(task)
+
+    def all_done(self) -> None:
+        """Every episode has finished (lockstep ends them all at once)."""
+        for task in self.per_task:
+            for _ in range(self.episodes - self.per_task[task]):
+                self.done(task)
+
+    def _of(self, task: str) -> str:
+        return f"{task} {self.per_task[task]}/{self.episodes}"
+
+    def _tasks_done(self) -> str:
+        full = sum(n == self.episodes for n in self.per_task.values())
+        return f"tasks done {full}/{len(self.per_task)}"
+
+    def _line(self, task: str | None = None) -> None:
+        text = f"eval: {self.finished}/{self.total} episodes, {self._tasks_done()}"
+        if task is not None:
+            elapsed = time.monotonic() - self.t0
+            left = (self.total - self.finished) * elapsed / self.finished
+            text += (
+                f" (last: {self._of(task)}), {self.finished / elapsed * 60:.1f} episodes/min, "
+                f"ETA {_hms(left)}"
+            )
+        print(text, file=sys.stderr, flush=True)
+
+
+def _hms(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"
 
 
 # -- outputs ------------------------------------------------------------------------------------
@@ -366,7 +559,7 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     model = load_any(cfg.checkpoint, allow_quantized=cfg.allow_quantized, device=device)
     result = evaluate(
         model, names, cfg.episodes, cfg.mpc, cfg.seed, cfg.workers, cfg.max_steps,
-        eval_mode=not cfg.planner_noise,
+        eval_mode=not cfg.planner_noise, lockstep=cfg.lockstep, progress=cfg.progress,
     )  # fmt: skip
     meta = read_meta(cfg.checkpoint)
     result.protocol |= {

@@ -6,8 +6,8 @@ step 0 of a new run, every N steps and at the last step: a row in the run's eval
 with `best.json` saying which step and score it is).
 
 The evaluation itself is `trainer.evaluate.evaluate`, the code of `trainer eval`: every
-episode of the chosen tasks in this process, in lockstep (one fixed batch composition, so
-the returns do not depend on anything but the model, the seed and the protocol). The env
+episode of the chosen tasks in this process, one episode per batch as in the official code
+(so `trainer eval` of `best.pt` with the same seed returns exactly the scores logged). The env
 seed is the run's seed, as the official training loop evaluates with `cfg.seed`. Random
 generators are saved and restored around it and the model's train/eval mode is put back, so
 a run with evaluation trains exactly as one without (tested bit for bit).
