@@ -82,6 +82,12 @@ class Location:
             return os.path.exists(self.path(rel))
         return self.fs.exists(self.path(rel))
 
+    def is_file(self) -> bool:
+        """True if this location is a file, not a folder."""
+        if self.local:
+            return os.path.isfile(self.root)
+        return self.fs.isfile(self.root)
+
     def is_empty(self) -> bool:
         """True if nothing is stored under this folder (or it does not exist)."""
         if self.local:

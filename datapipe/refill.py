@@ -125,7 +125,9 @@ class Refiller:
         self._pending[key] = 0
         for conn, part in zip(self._conns, parts, strict=True):
             if len(part):
-                conn.send((key, first + int(part[0]), episodes[part]))
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    conn.send((key, first + int(part[0]), episodes[part]))
+                    # a worker that stopped on an error: wait() raises that error
                 self._pending[key] += 1
 
     def wait(self, key) -> None:

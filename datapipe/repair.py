@@ -15,37 +15,21 @@ from datapipe.build import shard_pieces
 from datapipe.errors import CorruptStoreError, SourceError
 from datapipe.location import Location
 from datapipe.source import scan_sources
+from datapipe.store import rebuild_command
 from datapipe.units import build_shard
 from datapipe.verify import Report, verify
-
-# problems located in a shard's data, which rebuilding that shard fixes
-_SHARD_KINDS = {
-    "checksum",
-    "file-hash",
-    "missing-file",
-    "webdataset",
-    "format-mismatch",
-    "nan",
-    "task",
-    "shape",
-    "source-mismatch",
-    "unexpected-file",
-}
 
 
 def damaged_shards(report: Report) -> set[int]:
     """Shards named by the report; CorruptStoreError if something else is damaged."""
-    other = [
-        p
-        for p in report.problems
-        if p.kind not in _SHARD_KINDS or (p.episodes is None and p.kind != "unexpected-file")
-    ]
+    other = report.not_in_a_shard()
     if other:
         raise CorruptStoreError(
             f"{report.store}: {other[0].kind} problem in {other[0].where} ({other[0].detail}) "
-            f"is not in a shard: rebuild the whole store with `datapipe build`."
+            f"is not in a shard, and `datapipe repair` rebuilds shards only. Build the store "
+            f"again into a new folder: `{rebuild_command(Location(report.store))}`."
         )
-    return {p.episodes[0] // fmt.EPISODES_PER_SHARD for p in report.problems if p.episodes}
+    return report.damaged_shards()
 
 
 def repair(store: str | Path, src: str | Path) -> tuple[list[int], Report]:

@@ -9,6 +9,14 @@ this layout, verifies the crc32c of every shard index and every chunk it reads, 
 with numcodecs' blosc straight into the caller's buffer. Any mismatch raises
 CorruptStoreError naming the array, shard file, chunk and episode range.
 
+Which file: the first time a shard file is opened it is checked to be the file the store's
+manifest names (`Store.check_file`: size and sha256 of the whole file, through the open
+descriptor that the reads then use), and so is the task shard file of the same number: the
+loader takes task ids from the index, which is only right for the task file it was built
+with. A file that passed is not hashed again while it is unchanged on disk, so the cost is one
+extra sequential read of each shard file per reader process (BENCHMARKS.md, "Which-file
+check in the readers").
+
 Why not zarr-python: on an 80,040-episode store (2-core machine, median of 15, obs + action +
 reward), 64 random episodes / one whole 256-episode shard read at 398 / 1,967 episodes/s
 through zarr-python 3.1.6, 452 / 2,108 with the `zarrs` 0.2.3 codec pipeline, and 8,843 /
@@ -34,7 +42,7 @@ from numcodecs import blosc
 
 from datapipe import format as fmt
 from datapipe.errors import CorruptStoreError, StoreVersionError
-from datapipe.store import Store
+from datapipe.store import Store, repair_command
 
 _EMPTY = 2**64 - 1  # index entry of a chunk that was never written
 _INDEX_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
@@ -129,8 +137,8 @@ class ShardReader:
         where = f"chunk {chunk} (episode {eps.start + chunk})" if chunk is not None else "index"
         return CorruptStoreError(
             f"{self.store.url}: array {name!r}, shard file {rel} (episodes "
-            f"[{eps.start}, {eps.stop})), {where}: {problem}. Run `tools verify-shards "
-            f"{self.store.url}` and rebuild the damaged shard from the source."
+            f"[{eps.start}, {eps.stop})), {where}: {problem}. Rebuild the damaged shard from "
+            f"the source: `{repair_command(self.store.location)}`."
         )
 
     def _shard(self, name: str, shard: int) -> tuple[int | None, list]:
@@ -158,6 +166,7 @@ class ShardReader:
             full = index[:, 0] != _EMPTY
             if np.any(index[full, 0] + index[full, 1] > size - arr.index_nbytes):
                 raise self._error(name, shard, "the index points past the end of the file")
+            self._check_file(name, shard, fd, index)
         except BaseException:
             if fd is not None:
                 os.close(fd)
@@ -168,6 +177,24 @@ class ShardReader:
                 os.close(old)
         entry = self._open[(name, shard)] = (fd, index.tolist())
         return entry
+
+    def _check_file(self, name: str, shard: int, fd: int | None, index: np.ndarray) -> None:
+        """The shard file (and the task file of its shard) is the one the manifest names; if
+        not, the error names its first damaged chunk, or else says it is another file."""
+        rel = fmt.zarr_shard_file(name, shard)
+        try:
+            self.store.check_file(rel, fd)
+        except CorruptStoreError:
+            for k, (offset, nbytes) in enumerate(index.tolist()):
+                if offset == _EMPTY:
+                    continue
+                raw = os.pread(fd, nbytes, offset) if fd is not None else None
+                if raw is None:
+                    raw = self.store.location.read_range(rel, offset, offset + nbytes)
+                if not _crc_ok(raw):
+                    raise self._error(name, shard, "crc32c mismatch", chunk=k) from None
+            raise
+        self.store.check_file(fmt.zarr_shard_file("task", shard))
 
     def _fetch(self, name: str, episodes: list[int]) -> list[tuple[int, int, int, bytes | None]]:
         """(shard, chunk, indexed size, encoded bytes or None if never written) of each

@@ -1,14 +1,27 @@
 """Opening a finished store: completeness and version checks, metadata, per-task index,
-and checked reads of whole episodes.
+the manifest, and checked reads of whole episodes.
 
 `open_store` is the one door into a store: it refuses a missing, unfinished or wrong-version
 store with the command that fixes it, and every read that fails its checksum raises
 CorruptStoreError naming the array, shard file and episode range.
+
+Which file: every chunk carries its own crc32c, so a chunk that is intact but sits in the
+wrong file (two shard files swapped, a shard copied from another build) would read as valid
+data of other episodes. Before a reader uses a data file it checks that the file is the one
+`manifest.json` names, by size and sha256 (`Store.check_file`). The sha256 is in the manifest
+of every format-v1 store, so older stores are checked like new ones and nothing on disk
+changed. A crc32c of the whole file would not do: a file of chunks that each end in their own
+crc32c has a whole-file crc32c that depends only on the chunk lengths and the index, not on
+the chunks' contents. Each file is hashed once per open Store and process, and again only if
+it changes on disk (local: its inode, size or mtime; object stores: once per Store).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shlex
 from functools import cached_property
 from pathlib import Path
 
@@ -30,9 +43,52 @@ def _load_json(loc: Location, rel: str) -> dict:
         return json.loads(loc.read_bytes(rel))
     except (OSError, ValueError) as e:
         raise CorruptStoreError(
-            f"{loc.child(rel)}: unreadable ({type(e).__name__}: {e}); run `tools verify-shards "
-            f"{loc}` and rebuild the store with `datapipe build`."
+            f"{loc.child(rel)}: unreadable ({type(e).__name__}: {e}). The store's metadata is "
+            f"damaged: rebuild it into a new folder: `{rebuild_command(loc)}`."
         ) from e
+
+
+def _build_config(loc: Location) -> dict:
+    """The store's build_config.json, or {} if it is missing or damaged (for advice only)."""
+    try:
+        config = json.loads(loc.read_bytes(fmt.CONFIG_FILE))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def rebuild_command(loc: Location, src: str | None = None) -> str:
+    """The `datapipe build` that rebuilds the store at `loc` into a new folder beside it, with
+    its recorded source (or `src`) and formats."""
+    config = _build_config(loc)
+    src = src or config.get("src") or "SRC"
+    formats = set(config.get("formats") or ["zarr", "webdataset"])
+    flag = "both" if len(formats) == 2 else formats.pop()
+    command = ["datapipe", "build", "--src", str(src), "--dst", f"{loc.url}-rebuilt"]
+    command += ["--format", flag]
+    if config.get("task_set", "auto") != "auto":
+        command += ["--task-set", config["task_set"]]
+    return shlex.join(command)
+
+
+def repair_command(loc: Location, src: str | None = None) -> str:
+    """The `datapipe repair` that rebuilds the damaged shards of the store at `loc` from its
+    recorded source (or `src`)."""
+    src = src or _build_config(loc).get("src") or "SRC"
+    return shlex.join(["datapipe", "repair", loc.url, "--src", str(src)])
+
+
+def _load_manifest(loc: Location) -> dict[str, dict]:
+    """manifest.json's {file: {"size", "sha256"}}, checked for that shape."""
+    files = _load_json(loc, fmt.MANIFEST_FILE).get("files")
+    if not isinstance(files, dict) or not all(
+        isinstance(v, dict) and {"size", "sha256"} <= v.keys() for v in files.values()
+    ):
+        raise CorruptStoreError(
+            f"{loc.child(fmt.MANIFEST_FILE)}: has no size and sha256 for every data file. The "
+            f"store's metadata is damaged: rebuild it into a new folder: `{rebuild_command(loc)}`."
+        )
+    return files
 
 
 def check_complete(root: Location) -> dict:
@@ -65,14 +121,24 @@ def check_complete(root: Location) -> dict:
 class Store:
     """A complete store: dataset facts from its metadata, episodes read on demand."""
 
-    def __init__(self, path: str | Path, meta: dict | None = None, index: dict | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        meta: dict | None = None,
+        index: dict | None = None,
+        check_files: bool = True,
+    ):
         """Open the store at `path` (a local path or an fsspec URL such as s3://bucket/store);
-        `meta`/`index` skip the checks (for verify-shards only)."""
+        `meta`/`index` skip the checks, and check_files=False skips checking data files
+        against the manifest (for verify-shards only, which hashes every file itself)."""
         self.location = loc = Location(path)
         self.url: str = loc.url  # absolute path, or the URL: what to show or pass on
+        self.check_files = check_files
+        self._checked: dict[str, tuple] = {}  # file -> its stamp when it last passed
         try:
             self.meta = check_complete(loc) if meta is None else meta
             self.index = _load_json(loc, fmt.INDEX_FILE) if index is None else index
+            self._manifest = _load_manifest(loc) if check_files else {}
         except Exception as e:
             if loc.local or isinstance(e, DatapipeError) or not is_storage_error(e):
                 raise
@@ -96,6 +162,68 @@ class Store:
     def read_bytes(self, rel: str) -> bytes:
         """File `rel` of the store (e.g. "meta.json"), whole."""
         return self.location.read_bytes(rel)
+
+    # -- which file ---------------------------------------------------------------------------
+
+    def check_file(self, rel: str, fd: int | None = None) -> None:
+        """Raise CorruptStoreError unless data file `rel` is the file the manifest names (size
+        and sha256). `fd`: the file open for reading, hashed through that descriptor so that
+        later reads through it read the very bytes checked. A file that passed is hashed again
+        only once it changes on disk."""
+        if not self.check_files:
+            return
+        stamp = self._stamp(rel, fd)
+        if self._checked.get(rel) == stamp:
+            return
+        self.check_bytes(rel, *self._digest(rel, fd))
+        self._checked[rel] = stamp
+
+    def check_bytes(self, rel: str, size: int, sha256: str) -> None:
+        """Raise CorruptStoreError unless (size, sha256) are those the manifest names for `rel`."""
+        if not self.check_files:
+            return
+        want = self._manifest.get(rel)
+        if want is None:
+            problem = f"{fmt.MANIFEST_FILE} does not list it"
+        elif size != want["size"]:
+            problem = f"{size} bytes where {fmt.MANIFEST_FILE} names a file of {want['size']}"
+        elif sha256 != want["sha256"]:
+            problem = f"its sha256 differs from the one {fmt.MANIFEST_FILE} names"
+        else:
+            return
+        raise CorruptStoreError(
+            f"{self.location.child(rel)}: not the file this store was built with ({problem}): "
+            f"it was swapped with another shard, copied from another build or changed. Rebuild "
+            f"it from the source: `{repair_command(self.location)}`."
+        )
+
+    def _stamp(self, rel: str, fd: int | None) -> tuple:
+        """What identifies the file on disk now: (device, inode, size, mtime) locally; its
+        name alone on an object store (checked once per Store)."""
+        if not self.location.local:
+            return (rel,)
+        try:
+            st = os.fstat(fd) if fd is not None else os.stat(self.location.path(rel))
+        except FileNotFoundError:
+            raise CorruptStoreError(
+                f"{self.location.child(rel)}: data file missing. Rebuild it from the source: "
+                f"`{repair_command(self.location)}`."
+            ) from None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _digest(self, rel: str, fd: int | None, block: int = 1 << 22) -> tuple[int, str]:
+        """(size, sha256) of data file `rel` (through `fd` if given), read in bounded blocks."""
+        h, size = hashlib.sha256(), 0
+        if fd is not None:
+            while data := os.pread(fd, block, size):
+                h.update(data)
+                size += len(data)
+            return size, h.hexdigest()
+        with self.location.open(rel) as f:
+            while data := f.read(block):
+                h.update(data)
+                size += len(data)
+        return size, h.hexdigest()
 
     def episodes_of_task(self, task: int | str) -> np.ndarray:
         """Store episode ids of one task (by id or name), ascending."""
@@ -126,9 +254,10 @@ class Store:
         return zarr.open_group(self.location.child(fmt.ZARR_DIR), mode="r")
 
     def read_array(self, name: str, lo: int, hi: int) -> np.ndarray:
-        """Episodes [lo, hi) of one array; CorruptStoreError if a checksum fails."""
+        """Episodes [lo, hi) of one array; CorruptStoreError if a checksum fails or a shard file
+        is not the one the manifest names."""
         try:
-            return self._zarr[name][lo:hi]
+            out = self._zarr[name][lo:hi]
         except CorruptStoreError:
             raise
         except (ValueError, RuntimeError, OSError) as e:
@@ -136,9 +265,13 @@ class Store:
             files = [fmt.zarr_shard_file(name, k) for k in shards]
             raise CorruptStoreError(
                 f"{self.url}: array {name!r}, episodes [{lo}, {hi}) in shard file(s) "
-                f"{', '.join(files)}: {e}. Run `tools verify-shards {self.url}` and rebuild "
-                f"the damaged shards from the source."
+                f"{', '.join(files)}: {e}. Rebuild the damaged shards from the source: "
+                f"`{repair_command(self.location)}`."
             ) from e
+        stop = min(hi, self.n_episodes)  # the chunks decoded; now: were they the right files?
+        for shard in range(lo // fmt.EPISODES_PER_SHARD, -(-stop // fmt.EPISODES_PER_SHARD)):
+            self.check_file(fmt.zarr_shard_file(name, shard))
+        return out
 
     def read_episode(self, i: int) -> dict[str, np.ndarray]:
         """Episode `i` in the source layout: obs [T,O], action [T,A], reward [T], task [T]."""

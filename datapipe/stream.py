@@ -15,13 +15,19 @@ weights (see `datapipe.sample.task_probabilities`) scale the slices cut per epis
 task. The stream is deterministic for a given seed and reader split; it does not resume
 mid-pass (use SliceLoader for exact resume).
 
+Which file: each tar is read whole into memory (~15 MB for an MT30 shard) and checked to be the
+file the store's manifest names (size and sha256, `Store.check_bytes`) before any of its
+episodes is used, so a swapped tar, or one copied from another build, raises naming the file.
+
 Use with a DataLoader: `DataLoader(stream, batch_size=None, num_workers=n, pin_memory=True)`.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
+import tarfile
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -35,7 +41,7 @@ from datapipe import format as fmt
 from datapipe.errors import CorruptStoreError, StoreNotFoundError
 from datapipe.loader import Batch
 from datapipe.sample import task_probabilities
-from datapipe.store import Store, open_store
+from datapipe.store import Store, open_store, repair_command
 
 _SHARDS, _SLICES, _SHUFFLE = 11, 12, 13  # stream tags of the seeds
 
@@ -44,12 +50,45 @@ def _decode_npy(payload: bytes) -> np.ndarray:
     return np.load(io.BytesIO(gzip.decompress(payload)), allow_pickle=False)
 
 
-def _open_each(urls: list[str]) -> Iterator[dict]:
-    """{"url", "stream"} of each tar in turn, opened as it is reached and closed after."""
-    for url in urls:
-        opened = wds.gopen(url) if url.startswith("pipe:") else fsspec.open(url, "rb").open()
-        with opened as stream:
-            yield {"url": url, "stream": stream}
+def _read_whole(url: str) -> bytes:
+    opened = wds.gopen(url) if url.startswith("pipe:") else fsspec.open(url, "rb").open()
+    with opened as stream:
+        return stream.read()
+
+
+def _damaged_member(blob: bytes) -> str | None:
+    """Where the tar `blob` is damaged (its first member that does not decode), if it is."""
+    name = "the tar header"
+    try:
+        with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+            for member in tar:
+                name = f"sample {member.name.split('.', 1)[0]}, member {member.name}"
+                payload = tar.extractfile(member).read() if member.isfile() else b""
+                if member.name.endswith(".gz"):
+                    gzip.decompress(payload)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        return f"{name} does not decode ({type(e).__name__}: {e})"
+    return None
+
+
+def _open_each(store: Store, shards: list[tuple[str, str]]) -> Iterator[dict]:
+    """{"url", "stream"} of each (url, store file) in turn, read whole as it is reached and
+    checked against the store's manifest before anything of it is used."""
+    for url, rel in shards:
+        blob = _read_whole(url)
+        try:
+            store.check_bytes(rel, len(blob), hashlib.sha256(blob).hexdigest())
+        except CorruptStoreError as e:
+            damage = _damaged_member(blob)
+            if damage is not None:
+                raise CorruptStoreError(
+                    f"{url}: {damage}. Rebuild the damaged shard from the source: "
+                    f"`{repair_command(store.location)}`."
+                ) from None
+            if url == store.location.child(rel):
+                raise
+            raise CorruptStoreError(f"{url} (read as the store's {rel}): {e}") from None
+        yield {"url": url, "stream": io.BytesIO(blob)}
 
 
 class WebDatasetStream(torch.utils.data.IterableDataset):
@@ -103,7 +142,8 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
         rate = np.divide(probs, share, out=np.zeros_like(probs), where=share > 0)
         self.slices_per_task = slices_per_episode * rate / rate.max()  # mean slices / episode
 
-    def _my_shards(self, pass_: int) -> list[str]:
+    def _my_shards(self, pass_: int) -> list[tuple[str, str]]:
+        """(url, store file) of the shards this reader reads in pass `pass_`, in order."""
         rank, world, worker, workers = wds.utils.pytorch_worker_info()
         readers, me = world * workers, rank * workers + worker
         if len(self.shard_urls) < readers:
@@ -112,10 +152,10 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
                 f"({world} ranks x {workers} workers); use fewer DataLoader workers."
             )
         order = np.random.default_rng((self.seed, _SHARDS, pass_)).permutation(len(self.shard_urls))
-        return [self.shard_urls[k] for k in order[me::readers]]
+        return [(self.shard_urls[k], fmt.wds_shard_file(k)) for k in order[me::readers]]
 
-    def _episodes(self, urls: list[str]) -> Iterator[dict]:
-        files = wds.tariterators.tar_file_expander(_open_each(urls))
+    def _episodes(self, shards: list[tuple[str, str]]) -> Iterator[dict]:
+        files = wds.tariterators.tar_file_expander(_open_each(self.store, shards))
         for sample in wds.tariterators.group_by_keys(files):
             where = f"{sample.get('__url__')}: sample {sample.get('__key__')}"
             try:
@@ -128,8 +168,8 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
                 ep["task"] = task
             except (KeyError, ValueError, OSError, EOFError, zlib.error) as e:
                 raise CorruptStoreError(
-                    f"{where}: unreadable ({type(e).__name__}: {e}). Run `tools verify-shards "
-                    f"{self.store.url}` and rebuild the damaged shard."
+                    f"{where}: unreadable ({type(e).__name__}: {e}). Rebuild the damaged shard "
+                    f"from the source: `{repair_command(self.store.location)}`."
                 ) from e
             T, obs_dim = self.store.episode_length, self.store.obs_dim
             if ep["obs"].shape != (T, obs_dim) or ep["reward"].shape != (T,):

@@ -7,6 +7,12 @@ every Zarr chunk's crc32c and decode, shapes and dtypes, the NaN policy (only ac
 at row 0), task ids against the range and the index, the WebDataset tar against the index and
 against the Zarr arrays; and with a source, episodes equal to the source bit for bit (a
 seeded sample, or all of them with `deep`). Problems are collected, never raised.
+
+The report ends with what to do, decided by where the problems are: damage inside shards
+(`in_a_shard`, the same test `datapipe repair` applies) gets the exact `datapipe repair`
+command; damage to the metadata gets the exact `datapipe build` into a new folder; a missing
+store, an unfinished build and a wrong `--src` get their own fix. The verdict is the last
+line of the text report and the last key of the JSON one.
 """
 
 from __future__ import annotations
@@ -27,7 +33,21 @@ from datapipe.errors import DatapipeError
 from datapipe.location import Location
 from datapipe.shardreader import ShardReader
 from datapipe.source import ChunkReader, scan_sources
-from datapipe.store import Store
+from datapipe.store import Store, rebuild_command, repair_command
+
+# problems located in a shard's data, which rebuilding that shard fixes
+SHARD_KINDS = {
+    "checksum",
+    "file-hash",
+    "missing-file",
+    "webdataset",
+    "format-mismatch",
+    "nan",
+    "task",
+    "shape",
+    "source-mismatch",
+    "unexpected-file",
+}
 
 
 @dataclass
@@ -45,6 +65,8 @@ class Report:
     checked: dict[str, int] = field(default_factory=dict)
     meta: dict | None = field(default=None, repr=False)  # the store's metadata, once parsed
     manifest: dict | None = field(default=None, repr=False)
+    src: str | None = None  # the source given to compare with, if any
+    fix: str | None = None  # the advice, where the problem needs its own (no store, unfinished)
 
     @property
     def ok(self) -> bool:
@@ -58,6 +80,47 @@ class Report:
     def count(self, what: str, n: int = 1) -> None:
         self.checked[what] = self.checked.get(what, 0) + n
 
+    def not_in_a_shard(self) -> list[Problem]:
+        """The problems that rebuilding shards does not fix."""
+        return [p for p in self.problems if not in_a_shard(p)]
+
+    def damaged_shards(self) -> set[int]:
+        """The shards holding the problems located in one."""
+        return {p.episodes[0] // fmt.EPISODES_PER_SHARD for p in self.problems if p.episodes}
+
+    def advice(self) -> list[str]:
+        """What to do about the problems: one command per line."""
+        if self.ok:
+            return []
+        if self.fix is not None:
+            return [self.fix]
+        root = Location(self.store)
+        source = [p for p in self.problems if p.kind == "source"]
+        metadata = [p for p in self.not_in_a_shard() if p.kind != "source"]
+        src = None if source else self.src  # a --src that is not the store's: not advised
+        if metadata:
+            return [
+                f"rebuild: the metadata is damaged (or of another format version), which "
+                f"`datapipe repair` cannot fix; build the store again into a new folder: "
+                f"{rebuild_command(root, src)}"
+            ]
+        lines = []
+        if source:
+            lines.append(
+                f"source: pass the source this store was built from as --src ({source[0].detail})"
+            )
+        if len(source) < len(self.problems):
+            lines.append(
+                f"repair: rebuild the damaged shards from the source: {repair_command(root, src)}"
+            )
+        return lines
+
+    def verdict(self) -> str:
+        checked = ", ".join(f"{v} {k}" for k, v in self.checked.items()) or "nothing"
+        if self.ok:
+            return f"OK: {self.store}; checked {checked}"
+        return f"FAILED: {len(self.problems)} problem(s) in {self.store}; checked {checked}"
+
     def to_json(self) -> str:
         return json.dumps(
             {
@@ -65,6 +128,8 @@ class Report:
                 "ok": self.ok,
                 "checked": self.checked,
                 "problems": [asdict(p) for p in self.problems],
+                "advice": self.advice(),
+                "verdict": self.verdict(),
             },
             indent=1,
         )
@@ -74,12 +139,14 @@ class Report:
         for p in self.problems:
             eps = f" episodes [{p.episodes[0]}, {p.episodes[1]})" if p.episodes else ""
             lines.append(f"  PROBLEM {p.kind}: {p.where}{eps}: {p.detail}")
-        checked = ", ".join(f"{v} {k}" for k, v in self.checked.items())
-        verdict = "OK" if self.ok else f"{len(self.problems)} problem(s)"
-        lines.append(f"{verdict}; checked {checked}")
-        if not self.ok:
-            lines.append("repair: rebuild damaged shards from the source (see README, Integrity).")
+        lines += self.advice()
+        lines.append(self.verdict())
         return "\n".join(lines)
+
+
+def in_a_shard(p: Problem) -> bool:
+    """Whether rebuilding the shard it names fixes problem `p` (what `datapipe repair` does)."""
+    return p.kind in SHARD_KINDS and (p.episodes is not None or p.kind == "unexpected-file")
 
 
 def _json(root: Location, name: str, report: Report) -> dict | None:
@@ -346,6 +413,55 @@ def _check_source(a: dict, eps: range, picks, sources, report: Report, rel: str)
         report.count("episodes compared with the source")
 
 
+def _not_a_store(root: Location, report: Report) -> bool:
+    """Report a missing store folder, or a file in its place; True if so."""
+    src = report.src or "SRC"
+    if root.is_file():
+        report.add("missing-file", root.url, "is a file, not a store folder")
+        report.fix = (
+            "build: pass the store's folder, or build a store into a new one: "
+            f"datapipe build --src {src} --dst NEW_DST --format both"
+        )
+    elif root.is_empty():
+        report.add("missing-file", root.url, "no such store directory")
+        report.fix = (
+            "build: there is no store here; build one: "
+            f"datapipe build --src {src} --dst {root.url} --format both"
+        )
+    return report.fix is not None
+
+
+def _unfinished(root: Location, report: Report) -> bool:
+    """Report a store whose build did not finish (a plan, no meta.json); True if so."""
+    if root.exists(fmt.META_FILE) or not root.exists(fmt.PLAN_FILE):
+        return False
+    try:
+        command = json.loads(root.read_bytes(fmt.PLAN_FILE))["command"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # a damaged plan: reported with the rest of the metadata
+    report.add("incomplete", fmt.PLAN_FILE, "the build of this store did not finish")
+    report.fix = f"finish the build: run it again (only the missing parts are built): {command}"
+    return True
+
+
+def _sources(src, meta: dict, report: Report) -> list | None:
+    """The source files to compare with, or None (reported) if `src` is not this store's."""
+    try:
+        sources, _ = scan_sources(src)
+    except DatapipeError as e:
+        report.add("source", str(src), f"unreadable: {e}")
+        return None
+    built_from = [s["name"] for s in meta["sources"]]
+    if [s.name for s in sources] != built_from:
+        report.add(
+            "source",
+            str(src),
+            f"its files differ from the store's sources ({', '.join(built_from)})",
+        )
+        return None
+    return sources
+
+
 def verify(
     path: str | Path,
     src: str | Path | None = None,
@@ -359,9 +475,8 @@ def verify(
     from tqdm import tqdm
 
     root = Location(path)
-    report = Report(root.url)
-    if root.is_empty():
-        report.add("missing-file", root.url, "no such store directory")
+    report = Report(root.url, src=None if src is None else str(src))
+    if _not_a_store(root, report) or _unfinished(root, report):
         return report
     loaded = _check_metadata(root, report)
     if loaded is None:
@@ -375,14 +490,14 @@ def verify(
 
     missing = _check_manifest(root, meta, manifest, report, bar)
     try:
-        store = Store(root.url, meta=meta, index=index)
+        store = Store(root.url, meta=meta, index=index, check_files=False)  # hashed above
     except (KeyError, TypeError, ValueError) as e:
         report.add("metadata", fmt.META_FILE, f"missing or malformed field: {e}")
         return report
     n = store.n_episodes
     sources, picks = None, set()
     if src is not None:
-        sources, _ = scan_sources(src)
+        sources = _sources(src, meta, report)
         picks = (
             set(range(n))
             if deep
@@ -390,11 +505,6 @@ def verify(
                 np.random.default_rng(seed).choice(n, size=min(sample, n), replace=False).tolist()
             )
         )
-        if [s.name for s in sources] != [s["name"] for s in meta["sources"]]:
-            report.add(
-                "source-mismatch", str(src), "source files differ from the store's provenance"
-            )
-            sources = None
     try:
         reader = ShardReader(store) if "zarr" in meta["formats"] else None
     except (DatapipeError, OSError, ValueError, KeyError) as e:

@@ -66,7 +66,10 @@ def test_flipped_byte_names_exactly_that_chunk(store, array, episode):
         CorruptStoreError, match=rf"array '{array}', episodes \[{episode}, {episode + 1}\)"
     ):
         open_store(store).read_episode(episode)
-    open_store(store).read_episode(episode + 1 if episode < 299 else episode - 1)  # neighbours read
+    neighbour = episode + 1 if episode < 299 else episode - 1  # intact, in the same file
+    with pytest.raises(CorruptStoreError, match=f"{rel}: not the file this store was built with"):
+        open_store(store).read_episode(neighbour)
+    open_store(store).read_episode(299 if episode < 256 else 0)  # other shards read
 
 
 def test_flipped_byte_in_a_webdataset_tar(store):
@@ -96,9 +99,8 @@ def test_truncated_metadata_is_reported(store, name):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     report = verify(store)
     assert [(p.kind, p.where) for p in report.problems] == [("metadata", name)]
-    if name != fmt.MANIFEST_FILE:
-        with pytest.raises(CorruptStoreError, match=name):
-            open_store(store)
+    with pytest.raises(CorruptStoreError, match=f"{name}: unreadable .* into a new folder"):
+        open_store(store)  # readers check every data file against the manifest
 
 
 def test_stored_values_that_break_the_policy_are_reported(store):
@@ -267,7 +269,7 @@ def test_repair_refuses_another_source_and_metadata_damage(small_source, store, 
         repair(store, other)
     path = store / fmt.INDEX_FILE
     path.write_text(path.read_text()[:50])
-    with pytest.raises(CorruptStoreError, match="rebuild the whole store"):
+    with pytest.raises(CorruptStoreError, match="into a new folder: `datapipe build --src"):
         repair(store, small_source)
 
 
@@ -277,3 +279,198 @@ def test_damaged_array_metadata_is_reported(store):
     assert [p.kind for p in report.problems] == ["metadata"] and "zarr.json" in report.problems[
         0
     ].where
+
+
+# --- a shard file that is not the one the manifest names -----------------------------------
+
+
+def _swap(a, b) -> None:
+    data = a.read_bytes()
+    a.write_bytes(b.read_bytes())
+    b.write_bytes(data)
+
+
+@pytest.fixture(scope="module")
+def other_build(small_source, tmp_path_factory):
+    """Another build of the same source files, with chunk_0.pt and chunk_1.pt trading places:
+    its shards hold the same episodes in another order."""
+    root = tmp_path_factory.mktemp("other_build")
+    src = shutil.copytree(small_source, root / "src")
+    (src / "chunk_0.pt").rename(src / "held.pt")
+    (src / "chunk_1.pt").rename(src / "chunk_0.pt")
+    (src / "held.pt").rename(src / "chunk_1.pt")
+    return build_store(src, root / "store")
+
+
+def _swapped_obs(store, other):
+    _swap(store / fmt.zarr_shard_file("obs", 0), store / fmt.zarr_shard_file("obs", 1))
+    return r"obs/c/[01]/0/0"
+
+
+def _task_copied(store, other):
+    shutil.copy(store / fmt.zarr_shard_file("task", 1), store / fmt.zarr_shard_file("task", 0))
+    return r"task/c/0"
+
+
+def _from_other_build(store, other):
+    rel = fmt.zarr_shard_file("reward", 0)
+    shutil.copy(other / rel, store / rel)
+    return r"reward/c/0/0"
+
+
+def _read_store(store):
+    s = open_store(store)
+    for e in (0, 299):
+        s.read_episode(e)
+
+
+def _read_shards(store):
+    from datapipe.shardreader import ShardReader
+
+    with ShardReader(open_store(store)) as reader:
+        reader.read_episodes([0, 299])
+
+
+def _load(workers):
+    def first_batch(store):
+        from datapipe import SliceLoader
+
+        with SliceLoader(store, batch_size=8, cache_gb=0.01, refill_size=8, workers=workers) as lo:
+            next(lo)
+
+    return first_batch
+
+
+@pytest.mark.parametrize("damage", [_swapped_obs, _task_copied, _from_other_build])
+@pytest.mark.parametrize(
+    "read",
+    [_read_store, _read_shards, _load(1), _load(0)],
+    ids=["store", "shardreader", "loader", "loader-thread"],
+)
+def test_every_reader_refuses_a_shard_file_the_manifest_does_not_name(
+    store, other_build, damage, read
+):
+    wrong = damage(store, other_build)
+    with pytest.raises(
+        CorruptStoreError, match=rf"{wrong}: not the file this store was built"
+    ) as e:
+        read(store)
+    assert f"datapipe repair {store} --src " in str(e.value)
+    assert {p.kind for p in verify(store).problems} >= {"file-hash"}
+
+
+def _swapped_tars(store, other):
+    _swap(store / fmt.wds_shard_file(0), store / fmt.wds_shard_file(1))
+
+
+def _tar_copied(store, other):
+    shutil.copy(store / fmt.wds_shard_file(1), store / fmt.wds_shard_file(0))
+
+
+def _tar_from_other_build(store, other):
+    shutil.copy(other / fmt.wds_shard_file(0), store / fmt.wds_shard_file(0))
+
+
+@pytest.mark.parametrize("damage", [_swapped_tars, _tar_copied, _tar_from_other_build])
+def test_the_webdataset_stream_refuses_a_tar_the_manifest_does_not_name(store, other_build, damage):
+    from datapipe import WebDatasetStream
+
+    damage(store, other_build)
+    stream = iter(WebDatasetStream(store, batch_size=16, shuffle_buffer=16))
+    with pytest.raises(CorruptStoreError, match=r"shard-00000[01]\.tar: not the file this store"):
+        for _ in range(200):  # one pass is 150 batches
+            next(stream)
+
+
+def test_the_same_file_from_another_build_is_read(store, other_build):
+    # shard 1 holds chunk_2.pt's episodes in both builds: byte for byte the manifest's files
+    from datapipe import WebDatasetStream
+
+    for rel in (fmt.zarr_shard_file("obs", 1), fmt.wds_shard_file(1)):
+        shutil.copy(other_build / rel, store / rel)
+    _read_store(store)
+    _load(0)(store)
+    next(iter(WebDatasetStream(store, batch_size=16, shuffle_buffer=16)))
+
+
+# --- what verify-shards advises ------------------------------------------------------------
+
+
+def _verify_cli(*args):
+    from click.testing import CliRunner
+
+    from tools.cli import main as tools_cli
+
+    return CliRunner().invoke(tools_cli, ["verify-shards", *map(str, args)])
+
+
+def _advised(output: str, prefix: str) -> list[str]:
+    """The command of the advice line starting with `prefix`, split into arguments."""
+    import shlex
+
+    (line,) = [ln for ln in output.splitlines() if ln.startswith(prefix)]
+    return shlex.split(line.split(": ")[-1])
+
+
+def test_shard_damage_is_advised_the_exact_repair_command(small_source, store):
+    from click.testing import CliRunner
+
+    from datapipe.cli import main as datapipe_cli
+
+    _swap(store / fmt.zarr_shard_file("obs", 0), store / fmt.zarr_shard_file("obs", 1))
+    result = _verify_cli(store)
+    assert result.exit_code == 1
+    assert result.output.splitlines()[-1].startswith("FAILED: ")
+    command = _advised(result.output, "repair: ")
+    assert command == ["datapipe", "repair", str(store), "--src", str(small_source)]
+    repaired = CliRunner().invoke(datapipe_cli, command[1:])
+    assert repaired.exit_code == 0, repaired.output
+    assert _verify_cli(store, "--json").exit_code == 0
+
+
+@pytest.mark.parametrize("damage", ["meta-damaged", "index-deleted"])
+def test_metadata_damage_is_advised_a_rebuild_into_a_new_folder(small_source, store, damage):
+    from click.testing import CliRunner
+
+    from datapipe.cli import main as datapipe_cli
+    from datapipe.repair import repair
+
+    if damage == "meta-damaged":
+        (store / fmt.META_FILE).write_text((store / fmt.META_FILE).read_text()[:100])
+    else:
+        (store / fmt.INDEX_FILE).unlink()
+    result = _verify_cli(store)
+    assert result.exit_code == 1 and f"datapipe repair {store}" not in result.output
+    assert result.output.splitlines()[-1].startswith("FAILED: 1 problem(s) in ")
+    command = _advised(result.output, "rebuild: ")
+    new = f"{store}-rebuilt"
+    assert command == [
+        "datapipe",
+        "build",
+        "--src",
+        str(small_source),
+        "--dst",
+        new,
+        "--format",
+        "both",
+    ]
+    with pytest.raises(CorruptStoreError, match="into a new folder"):
+        repair(store, small_source)  # what is not advised is refused
+    rebuilt = CliRunner().invoke(datapipe_cli, [*command[1:], "--workers", "0", "--no-progress"])
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert verify(new).ok
+
+
+def test_verdict_is_the_last_line_in_every_output_mode(tmp_path):
+    missing = tmp_path / "nothing"
+    text = _verify_cli(missing)
+    assert text.exit_code == 1
+    lines = text.output.splitlines()
+    assert lines[-1] == f"FAILED: 1 problem(s) in {missing}; checked nothing"
+    assert f"datapipe build --src SRC --dst {missing}" in lines[-2]
+    as_json = _verify_cli(missing, "--json")
+    report = json.loads(as_json.output)
+    assert list(report)[-1] == "verdict" and report["verdict"] == lines[-1]
+    assert as_json.exit_code == 1 and report["advice"] == [lines[-2]]
+    (tmp_path / "a-file").write_text("x")
+    assert "is a file" in _verify_cli(tmp_path / "a-file").output
