@@ -18,7 +18,7 @@ from datapipe import __version__
 from datapipe import format as fmt
 from datapipe.errors import BuildWriteError, DatapipeError, DestinationError, SourceError
 from datapipe.location import Location, is_storage_error
-from datapipe.source import Layout, SourceFile, scan_sources
+from datapipe.source import NOT_PLANNED, Layout, SourceFile, scan_sources
 from datapipe.tasksets import TaskSet, get_task_set, match_task_set
 from datapipe.units import Piece, build_shard, hash_source, write_json_atomic
 
@@ -58,7 +58,7 @@ def make_plan(sources: list[SourceFile], layout: Layout, ts: TaskSet, formats) -
         "task_set": ts.name,
         "layout": asdict(layout),
         "n_episodes": sum(s.episodes for s in sources),
-        "sources": [{k: v for k, v in asdict(s).items() if k != "path"} for s in sources],
+        "sources": [{k: v for k, v in asdict(s).items() if k not in NOT_PLANNED} for s in sources],
     }
 
 
@@ -99,11 +99,43 @@ def _create_arrays(dst: Location, plan: dict) -> None:
         dst.write_atomic(group_file, (Path(tmp) / "zarr.json").read_bytes())
 
 
+def _check_is_folder(dst: Location) -> None:
+    """Refuse a destination that is a file, or lies under one (nothing is written)."""
+    if dst.is_file():
+        raise DestinationError(
+            f"{dst}: is a file, but a store is a folder. Pass a new or empty folder as --dst."
+        )
+    if dst.local:
+        above = next((p for p in Path(dst.root).parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise DestinationError(
+                f"{dst}: {above} is a file, so no folder can be made below it. Pass a --dst "
+                f"outside it."
+            )
+
+
+def _read_existing(dst: Location, rel: str, what: str) -> dict:
+    """Metadata file `rel` of what `dst` holds; DestinationError if it is damaged."""
+    try:
+        data = _read_json(dst, rel)
+        if not isinstance(data, dict):
+            raise ValueError(f"holds a JSON {type(data).__name__}, not an object")
+    except (OSError, ValueError) as e:
+        raise DestinationError(
+            f"{dst.child(rel)}: unreadable ({type(e).__name__}: {e}): {dst} holds {what} whose "
+            f"metadata is damaged, so it can be neither resumed nor reused. Run the same "
+            f"command with a new --dst (e.g. --dst {dst.url}-rebuilt), or delete {dst} and run "
+            f"it again."
+        ) from e
+    return data
+
+
 def prepare_destination(dst: Location, plan: dict, command: str) -> bool:
     """Create, or check for resuming, the store at `dst`; False if it is already complete."""
+    _check_is_folder(dst)
     identity = {k: v for k, v in plan.items() if k != "command"}
     if dst.exists(fmt.META_FILE):
-        if _read_json(dst, fmt.META_FILE).get("plan") != identity:
+        if _read_existing(dst, fmt.META_FILE, "a store").get("plan") != identity:
             raise DestinationError(
                 f"{dst}: holds a complete store of a different dataset or build settings. "
                 f"Choose another --dst, or delete {dst} to rebuild."
@@ -111,7 +143,7 @@ def prepare_destination(dst: Location, plan: dict, command: str) -> bool:
         dst.remove_tree(fmt.BUILD_DIR)
         return False
     if dst.exists(fmt.PLAN_FILE):
-        old = _read_json(dst, fmt.PLAN_FILE)
+        old = _read_existing(dst, fmt.PLAN_FILE, "an unfinished build")
         if {k: v for k, v in old.items() if k != "command"} != identity:
             raise DestinationError(
                 f"{dst}: holds an unfinished build of a different dataset or settings (started "

@@ -2,7 +2,11 @@
 
 A source folder (a local path or an fsspec URL: s3://, gs://, ...) holds `chunk_0.pt` ..
 `chunk_{K-1}.pt`, each a torch-saved TensorDict (or dict) with batch [N, T]: obs f32 [N,T,O],
-action f32 [N,T,A], reward f32 [N,T], task i32 [N,T].
+action f32 [N,T,A], reward f32 [N,T], task i32 [N,T]. A chunk saved from the official
+trainer's buffer also holds `episode` i64 [N,T]: `Buffer.load` numbers the episodes it is
+given on from those it already holds (the official trainer loads the chunk files sorted by
+name), the same number on every row. That key is checked to be exactly this numbering (or
+0.. for a chunk loaded into a buffer alone), then left out of the store.
 
 A chunk is a zip archive: `<name>/data.pkl` describes every tensor (storage key, dtype, offset,
 shape, strides) and `<name>/data/<key>` holds each storage, uncompressed. We read the zip
@@ -17,10 +21,12 @@ from the storage's standard environment (AWS_* variables for s3://) or the fsspe
 from __future__ import annotations
 
 import hashlib
+import json
 import posixpath
 import re
+import shlex
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +52,12 @@ class SourceFile:
     episodes: int
     start: int  # store index of its first episode
     quick_id: str  # sha256 of its size and its first and last MiB: cheap identity for resume
+    load_start: int = 0  # its first episode's number in the official trainer's buffer, which
+    # loads the chunks sorted by name as text (chunk_10.pt before chunk_2.pt)
+
+
+EPISODE_KEY = "episode"  # added by the official Buffer.load; checked, then not stored
+NOT_PLANNED = ("path", "load_start")  # SourceFile fields that do not decide the store's bytes
 
 
 @dataclass(frozen=True)
@@ -97,8 +109,9 @@ def _read_local(f, start: int, nbytes: int) -> np.ndarray:
 def check_structure(data: dict, path: str | Path) -> tuple[int, Layout]:
     """(episodes, layout) of a chunk index after checking keys, dtypes and shapes."""
     keys = set(data.keys())
-    if keys != SOURCE_KEYS:
-        missing, extra = sorted(SOURCE_KEYS - keys), sorted(keys - SOURCE_KEYS, key=str)
+    if keys - {EPISODE_KEY} != SOURCE_KEYS:
+        missing = sorted(SOURCE_KEYS - keys)
+        extra = sorted(keys - SOURCE_KEYS - {EPISODE_KEY}, key=str)
         raise SourceError(
             f"{path}: keys must be exactly {sorted(SOURCE_KEYS)}; missing {missing}, "
             f"unexpected {extra}. This is not an MT30-format chunk: {REFETCH}."
@@ -117,6 +130,8 @@ def check_structure(data: dict, path: str | Path) -> tuple[int, Layout]:
             f"{list(obs.shape)}, {list(action.shape)}, {list(reward.shape)}, {list(task.shape)}."
         )
     n, rows = obs.shape[:2]
+    if EPISODE_KEY in keys:
+        _check_episode_key_structure(data[EPISODE_KEY], (n, rows), path)
     for key in ("action", "reward", "task"):
         if tuple(data[key].shape[:2]) != (n, rows):
             raise SourceError(
@@ -125,7 +140,7 @@ def check_structure(data: dict, path: str | Path) -> tuple[int, Layout]:
             )
     if n == 0 or rows < 2:
         raise SourceError(f"{path}: holds {n} episodes of {rows} rows; nothing to build.")
-    for key in SOURCE_DTYPES:
+    for key in _keys_to_read(data):
         t = data[key]
         if 0 < t.stride[0] < t.span(0, 1)[1] // t.np_dtype.itemsize:
             raise SourceError(
@@ -134,6 +149,31 @@ def check_structure(data: dict, path: str | Path) -> tuple[int, Layout]:
                 f"contiguous (tensor.contiguous()) or {REFETCH}."
             )
     return n, Layout(rows=rows, obs_dim=obs.shape[2], action_dim=action.shape[2])
+
+
+def _keys_to_read(data: dict) -> list[str]:
+    return [*SOURCE_DTYPES, *([EPISODE_KEY] if EPISODE_KEY in data else [])]
+
+
+def _check_episode_key_structure(t, batch: tuple[int, int], path) -> None:
+    if not isinstance(t, ChunkTensor) or t.dtype != "int64" or tuple(t.shape) != batch:
+        got = f"torch.{t.dtype} {list(t.shape)}" if isinstance(t, ChunkTensor) else describe(t)
+        raise SourceError(
+            f"{path}: its {EPISODE_KEY!r} key is {got}, but the official Buffer.load adds it as "
+            f"a torch.int64 tensor of the batch shape {list(batch)}: this is not an MT30 chunk "
+            f"saved from the official buffer. Drop the key and save the chunk again: "
+            f"{drop_episode_command(str(path))}"
+        )
+
+
+def drop_episode_command(path: str) -> str:
+    """The shell line that saves the chunk at `path` again without its `episode` key."""
+    quoted = json.dumps(path)  # a Python string literal without single quotes, for the shell
+    code = (
+        f"import torch; td = torch.load({quoted}, weights_only=False); "
+        f'del td["{EPISODE_KEY}"]; torch.save(td, {quoted})'
+    )
+    return f"python -c {shlex.quote(code)}"
 
 
 def _cat(fs, inner: str, start: int, end: int) -> bytes:
@@ -195,7 +235,16 @@ def scan_sources(src: str | Path) -> tuple[list[SourceFile], Layout]:
             )
         files.append(SourceFile(name, where, size, n, start, _quick_id(fs, inner, size)))
         start += n
-    return files, layout
+    return _with_load_starts(files), layout
+
+
+def _with_load_starts(files: list[SourceFile]) -> list[SourceFile]:
+    """`files` with the official trainer's numbering: it loads `sorted(glob("*.pt"))`."""
+    out, first = {}, 0
+    for f in sorted(files, key=lambda f: f.name):
+        out[f.name] = replace(f, load_start=first)
+        first += f.episodes
+    return [out[f.name] for f in files]
 
 
 class ChunkReader:
@@ -225,14 +274,15 @@ class ChunkReader:
         self._opened.__exit__(None, None, None)
 
     def read(self, lo: int, hi: int) -> dict[str, np.ndarray]:
-        """Episodes [lo, hi) as owned, native-byte-order numpy arrays."""
+        """Episodes [lo, hi) as owned, native-byte-order numpy arrays (with the `episode` key
+        if the chunk has one)."""
         where = self.where
         if not 0 <= lo <= hi <= self.episodes:
             raise SourceError(
                 f"{where}: episodes [{lo}, {hi}) asked for, but it holds {self.episodes}."
             )
         out = {}
-        for key in SOURCE_DTYPES:
+        for key in _keys_to_read(self._index):
             t = self._index[key]
             start, nbytes = t.span(lo, hi)
             if self._local:
@@ -267,6 +317,8 @@ def validate_episodes(arrays: dict, file: SourceFile, lo: int, task_set: TaskSet
         )
 
     corrupt = f"The file is corrupt: {REFETCH}."
+    if EPISODE_KEY in arrays:
+        _check_episode_numbers(arrays[EPISODE_KEY], file, lo, fail)
     bad_obs = ~np.isfinite(arrays["obs"]).all(axis=(1, 2))
     if bad_obs.any():
         i = int(np.argmax(bad_obs))
@@ -317,6 +369,25 @@ def validate_episodes(arrays: dict, file: SourceFile, lo: int, task_set: TaskSet
                 f"({task_set.names[ids[i]]}, {dims[i]} dims) but are not",
                 "Pass the right --task-set, or the file is corrupt.",
             )
+
+
+def _check_episode_numbers(numbers: np.ndarray, file: SourceFile, lo: int, fail) -> None:
+    """The `episode` key of episodes lo.. of `file` is Buffer.load's numbering: load order, or
+    from 0 for a chunk loaded alone; the same number on every row."""
+    own = lo + np.arange(len(numbers))[:, None]
+    if (numbers == own + file.load_start).all() or (numbers == own).all():
+        return
+    wrong = numbers != own + file.load_start
+    i = int(np.argmax(wrong.any(axis=1)))
+    row = int(np.argmax(wrong[i]))
+    fail(
+        i,
+        f"its {EPISODE_KEY!r} key is {numbers[i, row]} at row {row}, but the official "
+        f"Buffer.load writes {file.load_start + lo + i} there ({lo + i} for a chunk loaded "
+        f"alone), on every row of the episode: the key does not number these episodes (were "
+        f"they reordered or cut after loading?)",
+        f"Drop the key and save the chunk again: {drop_episode_command(file.path)}",
+    )
 
 
 def file_sha256(path: str | Path, block: int = 1 << 24) -> str:

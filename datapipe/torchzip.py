@@ -6,13 +6,19 @@ uncompressed. `read_index` reads the zip directory and unpickles data.pkl with a
 that imports and runs nothing (the tensor rebuild becomes a plain record; TensorDict classes,
 old or new, become inert stand-ins), then places every tensor at its byte offset in the file.
 A range of rows of a tensor is then one byte range: a local read or one ranged request.
+
+A file in torch's legacy format (one pickle stream, written before torch 1.6 or with
+`_use_new_zipfile_serialization=False`) has no such layout: it is recognised by its first
+pickle, torch's magic number, and refused with the one-line conversion to the zip format.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import pickle
 import re
+import shlex
 import struct
 import zipfile
 from collections import deque
@@ -23,6 +29,7 @@ import numpy as np
 from datapipe.errors import SourceError
 
 REFETCH = "re-download or regenerate it"
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the first pickle of a legacy (non-zip) torch.save file
 _MAX_PICKLE = 16 << 20  # a chunk's data.pkl is under 1 KiB; refuse absurd ones before reading
 _STORAGE_DTYPES = {  # torch.<X>Storage in data.pkl -> the dtype of its elements
     "FloatStorage": "float32",
@@ -232,12 +239,54 @@ def describe(obj) -> str:
     return f"a {type(obj).__name__}"
 
 
+class _BareUnpickler(pickle.Unpickler):
+    """Unpickles plain values only: no global is ever looked up, no object is ever built."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"a global ({module}.{name})")
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("a persistent id")
+
+
+def _is_legacy(f) -> bool:
+    """Whether the file open as `f` starts with the legacy torch.save magic number."""
+    f.seek(0)
+    head = f.read(64)
+    try:
+        return _BareUnpickler(io.BytesIO(head)).load() == _LEGACY_MAGIC
+    except Exception:  # any other bytes: not a legacy file
+        return False
+
+
+def conversion_command(where: str) -> str:
+    """The shell line that rewrites the legacy torch.save file `where` in the zip format."""
+    path = where if "://" not in where else "LOCAL_COPY.pt"  # torch.load reads local files
+    tmp = f"{path}.zip"
+    quoted, quoted_tmp = json.dumps(path), json.dumps(tmp)  # Python literals the shell keeps
+    code = f"import torch; torch.save(torch.load({quoted}, weights_only=False), {quoted_tmp})"
+    return f"python -c {shlex.quote(code)} && mv {shlex.quote(tmp)} {shlex.quote(path)}"
+
+
+def _legacy_error(where: str) -> SourceError:
+    copy = " of a local copy, then upload it" if "://" in where else ""
+    return SourceError(
+        f"{where}: is a legacy torch.save file (the single-pickle format of torch < 1.6, or "
+        f"_use_new_zipfile_serialization=False), not torch's zip format, which datapipe reads "
+        f"as byte ranges without running pickled code. Convert it once{copy}, with torch and "
+        f"tensordict installed (this unpickles it: only for a file you trust): "
+        f"{conversion_command(where)}"
+    )
+
+
 # --- the chunk index -------------------------------------------------------------------------
 
 
 def read_index(f, where: str) -> dict:
     """key -> ChunkTensor (or whatever else the chunk holds there) of the chunk open as `f`,
     from the zip directory, data.pkl and each storage's local header; reads no tensor data."""
+    if _is_legacy(f):
+        raise _legacy_error(where)
     try:
         archive = zipfile.ZipFile(f)
         pkls = [i for i in archive.infolist() if re.fullmatch(r"[^/]+/data\.pkl", i.filename)]

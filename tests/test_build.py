@@ -182,3 +182,40 @@ def test_cli_build_and_info(small_source, tmp_path):
     assert "ratio" in result.output
     result = runner.invoke(datapipe_cli, ["info", str(tmp_path / "nothing")])
     assert result.exit_code != 0 and "datapipe build" in result.output
+
+
+def _refused(args: list[str], *names: str) -> str:
+    """Run `datapipe build ARGS` as a user would; check it fails cleanly naming `names`."""
+    result = CliRunner().invoke(datapipe_cli, ["build", *args, "--workers", "0", "--no-progress"])
+    assert result.exit_code == 1 and type(result.exception) is SystemExit, result.output
+    assert "Traceback" not in result.output
+    for name in names:
+        assert name in result.output, result.output
+    return result.output
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("below", [False, True], ids=["the-file", "below-the-file"])
+def test_cli_build_into_an_existing_file_is_refused(small_source, tmp_path, below):
+    (tmp_path / "notes.txt").write_text("mine")
+    dst = tmp_path / "notes.txt" / "store" if below else tmp_path / "notes.txt"
+    before = _tree(tmp_path)
+    output = _refused(["--src", str(small_source), "--dst", str(dst)], "notes.txt", "is a file")
+    assert "--dst" in output
+    assert _tree(tmp_path) == before  # nothing written
+
+
+def test_cli_build_into_a_store_with_damaged_metadata_is_refused(
+    small_source, small_store, tmp_path
+):
+    import shutil
+
+    dst = shutil.copytree(small_store, tmp_path / "store")
+    (dst / fmt.META_FILE).write_text((dst / fmt.META_FILE).read_text()[:100])
+    before = _tree(dst)
+    output = _refused(["--src", str(small_source), "--dst", str(dst)], f"{dst}/{fmt.META_FILE}")
+    assert f"--dst {dst}-rebuilt" in output and "damaged" in output
+    assert _tree(dst) == before

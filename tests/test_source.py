@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import types
 import zipfile
@@ -318,3 +319,75 @@ def test_reading_outside_the_chunk_is_refused(tmp_path):
     torch.save(_tensors(), tmp_path / "chunk_0.pt")
     with pytest.raises(SourceError, match=r"episodes \[4, 7\) asked for, but it holds 6"):
         read_episodes(tmp_path / "chunk_0.pt", 4, 7)
+
+
+# --- chunks saved from the official buffer, and legacy torch.save files -----------------------
+
+
+def _data_digest(store: Path) -> dict:
+    """store_digest but meta.json, which records the source files' own sizes and hashes."""
+    from conftest import store_digest
+
+    return {k: v for k, v in store_digest(store).items() if k != fmt.META_FILE}
+
+
+def _number_episodes(data: dict, first: int) -> None:
+    """Add the `episode` key as the official Buffer.load does: episode i of the chunk is
+    number first + i on every row, an int64 view expanded along the rows."""
+    n, rows = data["reward"].shape
+    data["episode"] = torch.arange(first, first + n, dtype=torch.int64)[:, None].expand(n, rows)
+
+
+@pytest.mark.parametrize("chunk_1_first", [30, 0], ids=["loaded-after-chunk-0", "loaded-alone"])
+def test_episode_key_of_the_official_buffer_is_checked_then_left_out(src, tmp_path, chunk_1_first):
+    reference = build_store(src, tmp_path / "reference")
+    _edit(src, lambda d: _number_episodes(d, 0), name="chunk_0.pt")
+    _edit(src, lambda d: _number_episodes(d, chunk_1_first))
+    assert "episode" in torch.load(src / "chunk_1.pt", weights_only=False).keys()  # noqa: SIM118
+    store = build_store(src, tmp_path / "store")
+    assert _data_digest(store) == _data_digest(reference)
+
+
+def test_episode_key_in_the_official_load_order_of_many_chunks(tmp_path):
+    # the official trainer loads sorted(glob("*.pt")): chunk_10.pt comes before chunk_2.pt
+    src = make_source(tmp_path / "src", episodes_per_task=1, chunks=11)
+    files, _ = scan_sources(src)
+    by_name = sorted(files, key=lambda f: f.name)
+    assert [f.name for f in by_name[:3]] == ["chunk_0.pt", "chunk_1.pt", "chunk_10.pt"]
+    first = 0
+    for f in by_name:
+        _edit(src, lambda d, first=first: _number_episodes(d, first), name=f.name)
+        first += f.episodes
+    build_store(src, tmp_path / "store")
+
+
+def test_episode_key_that_disagrees_is_refused(src, tmp_path):
+    def reordered(d):
+        _number_episodes(d, 30)
+        d["episode"] = d["episode"].flip(0).contiguous()  # as if shuffled after loading
+
+    _edit(src, reordered)
+    message = _fails(src, tmp_path, "chunk_1.pt, episode 0", "'episode' key is 59 at row 0")
+    assert "Buffer.load writes 30 there (0 for a chunk loaded alone)" in message
+    command = message.split("save the chunk again: ")[1]
+    assert 'del td["episode"]' in command
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run(command, shell=True, check=True, env=env, capture_output=True)
+    build_store(src, tmp_path / "without-the-key")
+
+
+def test_episode_key_of_another_type_is_refused(src, tmp_path):
+    _edit(src, lambda d: d.__setitem__("episode", torch.zeros(d["task"].shape, dtype=torch.int32)))
+    _fails(src, tmp_path, "chunk_1.pt", "'episode' key is torch.int32", "torch.int64")
+
+
+def test_legacy_torch_save_file_is_named_with_its_conversion(src, tmp_path):
+    reference = build_store(src, tmp_path / "reference")
+    path = src / "chunk_1.pt"
+    torch.save(torch.load(path, weights_only=False), path, _use_new_zipfile_serialization=False)
+    message = _fails(src, tmp_path, "chunk_1.pt: is a legacy torch.save file", "zip format")
+    assert "truncated" not in message and "re-download" not in message
+    command = message.split("only for a file you trust): ")[1]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run(command, shell=True, check=True, env=env, capture_output=True)
+    assert _data_digest(build_store(src, tmp_path / "converted")) == _data_digest(reference)
