@@ -9,7 +9,9 @@ gives a teacher with a reward signal to distil.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -31,15 +33,17 @@ def make_teacher(
     batch_size: int = 256,
     device: str = "auto",
     nonzero_reward: bool = False,
+    progress: bool = False,
 ) -> Path:
     """Write an official new-API file `{"model": state_dict}` of a `size`M world model.
 
     With `train_steps` = 0 the model is a fresh, seeded init for the dims of `shards` (mt30
     when no store is given); `nonzero_reward` draws the reward head's last layer from the
     init of the other Linear layers instead of zeros, so that the teacher predicts rewards
-    other than 0 (for timing distillation with a teacher of any size). Otherwise it is trained for `train_steps` updates on `shards`
-    with `trainer train`; that run's folder (metrics, checkpoint) is kept beside `out` as
-    `<out stem>-run/`.
+    other than 0 (for timing distillation with a teacher of any size). Otherwise it is
+    trained for `train_steps` updates on `shards` with `trainer train`, in a temporary run
+    folder beside `out` that is removed once the model is exported (use `trainer train` and
+    `trainer export` to keep the run).
     """
     out = Path(out)
     if size not in PRESETS:
@@ -58,9 +62,23 @@ def make_teacher(
         return out
     if shards is None:
         raise ValueError("train_steps > 0 needs a store to train on: pass shards (--shards)")
-    run = out.with_name(f"{out.stem}-run")
-    cfg = TrainConfig(
-        shards=Path(shards),
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.stem}-run.", dir=out.parent) as run:
+        cfg = _teacher_run(size, Path(run), train_steps, shards, batch_size, seed, device)
+        return export(train(dataclasses.replace(cfg, progress=progress)), out)
+
+
+def _teacher_run(
+    size: int,
+    run: Path,
+    train_steps: int,
+    shards: str | os.PathLike,
+    batch_size: int,
+    seed: int,
+    device: str,
+) -> TrainConfig:
+    return TrainConfig(
+        shards=os.fspath(shards),
         out=run,
         steps=train_steps,
         batch_size=batch_size,
@@ -69,6 +87,4 @@ def make_teacher(
         model_size=size,
         log_every=max(1, train_steps // 20),
         save_every=train_steps,
-        progress=False,
     )
-    return export(train(cfg), out)
