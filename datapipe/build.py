@@ -18,6 +18,7 @@ from datapipe import __version__
 from datapipe import format as fmt
 from datapipe.errors import BuildWriteError, DatapipeError, DestinationError, SourceError
 from datapipe.location import Location, is_storage_error
+from datapipe.progress import Progress
 from datapipe.source import NOT_PLANNED, Layout, SourceFile, scan_sources
 from datapipe.tasksets import TaskSet, get_task_set, match_task_set
 from datapipe.units import Piece, build_shard, hash_source, write_json_atomic
@@ -162,17 +163,7 @@ def prepare_destination(dst: Location, plan: dict, command: str) -> bool:
 
 def _run(jobs: list[tuple], cfg: BuildConfig, total_rows: int, done_rows: int) -> None:
     """Run (fn, args, rows) jobs on dask (or in-process with workers=0), with progress."""
-    from tqdm import tqdm
-
-    bar = tqdm(
-        total=total_rows,
-        initial=done_rows,
-        unit="rows",
-        unit_scale=True,
-        desc="build",
-        disable=not cfg.progress,
-        smoothing=0.1,
-    )
+    bar = Progress(total_rows, "build", "row", enabled=cfg.progress, initial=done_rows)
     if cfg.workers == 0 and cfg.scheduler is None:
         for fn, args, rows in jobs:
             fn(*args)

@@ -31,6 +31,7 @@ import numpy as np
 from datapipe import format as fmt
 from datapipe.errors import DatapipeError
 from datapipe.location import Location
+from datapipe.progress import track
 from datapipe.shardreader import ShardReader
 from datapipe.source import ChunkReader, scan_sources
 from datapipe.store import Store, rebuild_command, repair_command
@@ -472,8 +473,6 @@ def verify(
 ) -> Report:
     """Check the store at `path`, a path or an fsspec URL (and against `src` if given); never
     raises on bad data."""
-    from tqdm import tqdm
-
     root = Location(path)
     report = Report(root.url, src=None if src is None else str(src))
     if _not_a_store(root, report) or _unfinished(root, report):
@@ -486,7 +485,7 @@ def verify(
     _check_counts(meta, index, report)
 
     def bar(items, what):
-        return tqdm(items, desc=f"verify {what}", unit=what, disable=not progress, leave=False)
+        return track(items, f"verify {what}", what.rstrip("s"), enabled=progress)
 
     missing = _check_manifest(root, meta, manifest, report, bar)
     try:

@@ -61,8 +61,14 @@ def main() -> None:
 @click.option(
     "--tasks", default="mt30", show_default=True, help="With --physics dmc: mt30 or task names."
 )
+@click.option(
+    "--progress/--no-progress",
+    default=True,
+    show_default=True,
+    help="With --physics dmc: episodes done, rate, ETA (one line a minute off a terminal).",
+)
 def make_mt30_cmd(
-    dst, episodes_per_task, chunks, seed, task_set, physics, policy, workers, noise, tasks
+    dst, episodes_per_task, chunks, seed, task_set, physics, policy, workers, noise, tasks, progress
 ) -> None:
     """Write a dataset in exactly the official MT30 chunk format."""
     try:
@@ -76,7 +82,7 @@ def make_mt30_cmd(
             except ValueError:
                 raise ValueError(f"--noise {noise!r}: give numbers, e.g. 0.1,0.3,1.0") from None
             paths = make_mt30_dmc(
-                dst, episodes_per_task, chunks, seed, policy, workers, tasks, stds
+                dst, episodes_per_task, chunks, seed, policy, workers, tasks, stds, progress
             )
         else:
             cfg = MakeConfig(
@@ -116,7 +122,13 @@ def make_mt30_cmd(
     is_flag=True,
     help="Random init: draw the reward head's last layer (default zeros: reward 0).",
 )
-def make_teacher_cmd(size, out, seed, train_steps, shards, nonzero_reward) -> None:
+@click.option(
+    "--progress/--no-progress",
+    default=True,
+    show_default=True,
+    help="Progress bar of the training steps (one line a minute off a terminal).",
+)
+def make_teacher_cmd(size, out, seed, train_steps, shards, nonzero_reward, progress) -> None:
     """Write a checkpoint of any size in the official new-API layout."""
     from datapipe.errors import DatapipeError
     from tools.make_teacher import make_teacher
@@ -131,6 +143,7 @@ def make_teacher_cmd(size, out, seed, train_steps, shards, nonzero_reward) -> No
             train_steps=train_steps,
             shards=shards,
             nonzero_reward=nonzero_reward,
+            progress=progress,
         )
     except (ValueError, DatapipeError, TrainError, CheckpointError) as e:
         raise click.ClickException(str(e)) from e
@@ -154,6 +167,7 @@ def make_teacher_cmd(size, out, seed, train_steps, shards, nonzero_reward) -> No
 def verify_shards_cmd(store, src, deep, sample, seed, as_json) -> None:
     """Prove STORE (a path or an fsspec URL) complete and uncorrupted; list every problem and
     exit 1 if any."""
+
     from datapipe.verify import verify
 
     report = verify(store, src=src, deep=deep, sample=sample, seed=seed, progress=not as_json)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from datapipe.progress import Progress
 from datapipe.tasksets import MT30
 from tools.make_mt30 import save_chunk
 
@@ -172,6 +173,7 @@ def make_mt30_dmc(
     workers: int = -1,
     tasks: str | list[str] | None = None,
     noise: tuple[float, ...] = CHECKPOINT_NOISE_STD,
+    progress: bool = False,
 ) -> list[Path]:
     """Roll out `policy` on the MT30 tasks and write chunk_0.pt .. into `dst`; returns the paths.
 
@@ -206,6 +208,7 @@ def make_mt30_dmc(
         workers = os.cpu_count() or 1
     per_chunk = _chunk_jobs(names, episodes_per_task, chunks)
     paths = []
+    bar = Progress(len(names) * episodes_per_task, "make-mt30", "episode", enabled=progress)
     pool = (
         ProcessPoolExecutor(workers, mp.get_context("spawn"), _init_worker, (policy,))
         if workers
@@ -216,14 +219,21 @@ def make_mt30_dmc(
             _set_policy(policy)
         for k, jobs in enumerate(per_chunk):
             if pool is not None:
-                parts = list(pool.map(_rollout_job, [(*job, seed, policy, noise) for job in jobs]))
+                parts = []
+                for part in pool.map(_rollout_job, [(*job, seed, policy, noise) for job in jobs]):
+                    parts.append(part)
+                    bar.update(len(part["reward"]))
             else:
                 with one_torch_thread():
-                    parts = [rollout_task(*job, seed, policy, noise) for job in jobs]
+                    parts = []
+                    for job in jobs:
+                        parts.append(rollout_task(*job, seed, policy, noise))
+                        bar.update(len(parts[-1]["reward"]))
             path = dst / f"chunk_{k}.pt"
             save_chunk(parts, path)
             paths.append(path)
     finally:
+        bar.close()
         if pool is not None:
             pool.shutdown()
     return paths

@@ -265,6 +265,12 @@ def eval_cmd(**kw: Any) -> None:
 @click.option(
     "--score-episodes", type=int, default=2, show_default=True, help="Episodes per scored task."
 )
+@click.option(
+    "--progress/--no-progress",
+    default=True,
+    show_default=True,
+    help="Progress of the score change's episodes (a plain line per 30 s off a terminal).",
+)
 def quantize_cmd(**kw: Any) -> None:
     """Post-training quantization with a size, fidelity and score report (<out>.report.json)."""
     import json

@@ -334,6 +334,7 @@ class QuantizeConfig:
     score_episodes: int = 2  # episodes per task for the score change
     workers: int = -1  # eval processes for the score change (see trainer.evaluate)
     seed: int = 1  # env seed of the score change and sampling seed of the held-out batches
+    progress: bool = True  # episodes of the score change done, rate, ETA (see trainer.evaluate)
 
 
 def run_quantize(cfg: QuantizeConfig) -> dict[str, Any]:
@@ -365,7 +366,13 @@ def run_quantize(cfg: QuantizeConfig) -> dict[str, Any]:
         runs = {}
         for name, model in (("fp32", reference), (cfg.dtype, candidate)):
             result = evaluate(
-                model, cfg.score_tasks, cfg.score_episodes, False, cfg.seed, cfg.workers
+                model,
+                cfg.score_tasks,
+                cfg.score_episodes,
+                False,
+                cfg.seed,
+                cfg.workers,
+                progress=cfg.progress,
             )
             runs[name] = result
         report["score"] = {

@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from datapipe.loader import SliceLoader
+from datapipe.progress import Progress
 from datapipe.store import Store, open_store
 from trainer.agent import TDMPC2Agent, prepare_teacher
 from trainer.checkpoint import (
@@ -193,7 +193,10 @@ class TrainConfig:
             "default: the policy mean."
         },
     )
-    progress: bool = field(default=True, metadata={"help": "Draw a progress bar."})
+    progress: bool = field(
+        default=True,
+        metadata={"help": "Progress with rate and ETA (off a terminal: one line a minute)."},
+    )
     ddp_check: bool = field(
         default=False,
         metadata={
@@ -453,11 +456,12 @@ def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
         StopRequest("finishing this step, then writing a checkpoint") as stop,
         loader,
         log,
-        tqdm(
-            total=cfg.steps,
+        Progress(
+            cfg.steps,
+            "distill" if cfg.teacher is not None else "train",
+            "step",
+            enabled=cfg.progress and ranks.is_main,
             initial=start,
-            unit="step",
-            disable=not (cfg.progress and ranks.is_main),
         ) as bar,
     ):
         if protocol is not None and previous is None:
@@ -482,10 +486,9 @@ def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
             if bad or step % cfg.log_every == 0 or step == cfg.steps:
                 info |= timer.close_window(step)
                 log.write(step, info)
-                bar.set_postfix(
-                    reward=f"{info['reward_loss']:.3f}",
-                    total=f"{info['total_loss']:.3f}",
-                    data=f"{info['data_wait']:.0%}",
+                bar.postfix = (
+                    f"reward loss {info['reward_loss']:.3f}, total {info['total_loss']:.3f}, "
+                    f"data wait {info['data_wait']:.0%}"
                 )
             if bad:
                 raise DivergedError(_diverged_message(step, bad, cfg, last_saved))
@@ -494,7 +497,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
             if stopping or step % cfg.save_every == 0 or step == cfg.steps:
                 save(step)
                 last_saved = step
-            bar.update(1)
+            bar.update(1, bar.postfix)
             if stopping:
                 raise Interrupted(_interrupted_message(cfg, ranks, step), stop.signum or 15)
 

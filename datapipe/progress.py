@@ -1,0 +1,101 @@
+"""Progress of a long step, for a person at a terminal and for a log file alike.
+
+On a terminal it is a tqdm bar (rate, ETA). Anywhere else (a log file, a CI job, a pipe)
+a bar's carriage returns turn into a flood of fragments, so it prints plain lines instead:
+at most one per `interval` seconds and one at the end, each with the count, the rate and
+the ETA. `enabled=False` prints nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+from tqdm import tqdm
+
+T = TypeVar("T")
+
+
+class Progress:
+    """`update(n)` as work finishes; `write(line)` prints without breaking the bar."""
+
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        unit: str,
+        enabled: bool = True,
+        initial: int = 0,
+        interval: float = 60.0,
+    ) -> None:
+        self.total, self.desc, self.unit, self.interval = total, desc, unit, interval
+        self.enabled, self.tty = enabled, enabled and sys.stderr.isatty()
+        self.n = self._first = initial
+        self.postfix = ""
+        self._t0 = self._last_line = time.monotonic()
+        self._bar = tqdm(
+            total=total,
+            initial=initial,
+            desc=desc,
+            unit=unit,
+            disable=not self.tty,
+            dynamic_ncols=True,
+        )
+
+    def update(self, n: int = 1, postfix: str | None = None) -> None:
+        self.n += n
+        if postfix is not None:
+            self.postfix = postfix
+        if self.tty:
+            if postfix is not None:
+                self._bar.set_postfix_str(postfix, refresh=False)
+            self._bar.update(n)
+        elif self.enabled:
+            now = time.monotonic()
+            if now - self._last_line >= self.interval or self.n >= self.total:
+                self._last_line = now
+                self._line()
+
+    def write(self, line: str) -> None:
+        if self.tty:
+            self._bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        self._bar.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _line(self) -> None:
+        elapsed = time.monotonic() - self._t0
+        rate = (self.n - self._first) / elapsed if elapsed > 0 else 0.0
+        left = self.total - self.n
+        eta = _hms(left / rate) if rate > 0 else "?"
+        extra = f", {self.postfix}" if self.postfix else ""
+        print(
+            f"{self.desc}: {self.n}/{self.total} {self.unit}s, {rate:.3g} {self.unit}s/s, "
+            f"ETA {eta}{extra}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def track(items: Iterable[T], desc: str, unit: str, enabled: bool = True) -> Iterator[T]:
+    """`items`, counted with a `Progress` as they are consumed."""
+    items = list(items)
+    with Progress(len(items), desc, unit, enabled) as bar:
+        for item in items:
+            yield item
+            bar.update()
+
+
+def _hms(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}"

@@ -1,0 +1,83 @@
+"""Progress of the long steps: rate and ETA, and clean logs off a terminal (a plain line per
+interval and one at the end, never a bar's carriage returns); `--no-progress` prints none."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from datapipe.progress import Progress, track
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args) -> subprocess.CompletedProcess:
+    """A command as it runs in a log: stdout and stderr are pipes, not a terminal."""
+    return subprocess.run(
+        [sys.executable, "-m", *(str(a) for a in args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+
+
+def progress_lines(text: str, desc: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(f"{desc}: ")]
+
+
+def test_lines_off_a_terminal(capsys):
+    with Progress(4, "work", "item", interval=0.0) as bar:
+        for _ in range(4):
+            bar.update(postfix="loss 0.5")
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = progress_lines(err, "work")
+    assert len(lines) == 4 and lines[-1].startswith("work: 4/4 items, ")
+    assert "items/s, ETA 0:00:00, loss 0.5" in lines[-1]
+
+    with Progress(1000, "quiet", "item", interval=3600.0) as bar:
+        for _ in range(1000):
+            bar.update()
+    assert len(progress_lines(capsys.readouterr().err, "quiet")) == 1  # the end only
+
+    assert list(track(range(3), "off", "item", enabled=False)) == [0, 1, 2]
+    assert capsys.readouterr().err == ""
+
+
+def test_train_and_make_teacher_progress(store, tmp_path):
+    common = ("--shards", store, "--steps", 5, "--batch-size", 8, "--device", "cpu")
+    shown = run("trainer", "train", *common, "--out", tmp_path / "a")
+    lines = progress_lines(shown.stderr, "train")
+    assert len(lines) == 1 and lines[0].startswith("train: 5/5 steps") and "ETA" in lines[0]
+    assert "\r" not in shown.stderr
+    quiet = run("trainer", "train", *common, "--out", tmp_path / "b", "--no-progress")
+    assert progress_lines(quiet.stderr, "train") == []
+
+    out = tmp_path / "teacher" / "t.pt"
+    made = run("tools.cli", "make-teacher", "--size", 1, "--out", out, "--train-steps", 3,
+               "--shards", store)  # fmt: skip
+    assert progress_lines(made.stderr, "train")[-1].startswith("train: 3/3 steps")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["t.pt"]  # no <stem>-run/ left
+
+
+def test_build_and_verify_progress(small_source, tmp_path):
+    dst = tmp_path / "store"
+    built = run("datapipe.cli", "build", "--src", small_source, "--dst", dst, "--format", "zarr",
+                "--workers", 0)  # fmt: skip
+    assert progress_lines(built.stderr, "build")[-1].startswith("build: ")
+    checked = run("tools.cli", "verify-shards", dst)
+    assert progress_lines(checked.stderr, "verify files")
+    assert checked.stdout.strip().splitlines()[-1].startswith("OK")
+    assert "\r" not in built.stderr + checked.stderr
+
+
+@pytest.mark.slow
+def test_make_mt30_physics_progress(tmp_path):
+    pytest.importorskip("dm_control")
+    made = run("tools.cli", "make-mt30", "--physics", "dmc", "--dst", tmp_path / "d", "--tasks",
+               "cartpole-balance", "--episodes-per-task", 2, "--workers", 0)  # fmt: skip
+    assert progress_lines(made.stderr, "make-mt30")[-1].startswith("make-mt30: 2/2 episodes")
