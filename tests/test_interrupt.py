@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -205,3 +206,15 @@ def test_a_run_folder_is_overwritten_only_when_asked(store, tmp_path):
 def test_missing_shards_is_a_usage_error_without_resume(tmp_path):
     result = CliRunner().invoke(main, ["train", "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "Missing option --shards" in result.output
+
+
+def test_out_inside_the_store_is_refused(store, tmp_path):
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    before = sorted(p.relative_to(copy) for p in copy.rglob("*"))
+    result = CliRunner().invoke(
+        main, ["train", "--shards", str(copy), "--out", str(copy / "run"), "--device", "cpu"]
+    )
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"--out {copy / 'run'} and the store {copy} overlap" in result.output
+    assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == before

@@ -336,6 +336,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
         torch.set_num_threads(cfg.threads)  # process-wide; on a shared CPU 1 can beat 2-3x
     if cfg.tensorboard:
         summary_writer_class()  # fail now, not after loading everything
+    _check_out_beside_store(cfg)
     previous = ranks.on_main(lambda: _previous_run(cfg))  # rank 0 owns OUT; all get its answer
 
     # The store decides the dims; an --init student or a teacher must have been built for them.
@@ -690,6 +691,19 @@ def resume_config(out: Path, given: dict[str, Any], command: str) -> TrainConfig
             f"them out to take the run's settings from {path}, or start a new run elsewhere"
         )
     return cfg
+
+
+def _check_out_beside_store(cfg: TrainConfig) -> None:
+    """Refuse a run folder inside the store (or the store inside the run folder): run files
+    would mix with the store's, and --overwrite would delete from it."""
+    if "://" in cfg.shards:
+        return
+    out, store = cfg.out.resolve(), Path(cfg.shards).resolve()
+    if out == store or store in out.parents or out in store.parents:
+        raise TrainConfigError(
+            f"--out {cfg.out} and the store {cfg.shards} overlap: run files would be written "
+            f"among the store's; give an --out outside the store, e.g. runs/<name>"
+        )
 
 
 def _previous_run(cfg: TrainConfig) -> dict[str, Any] | None:
