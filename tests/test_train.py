@@ -24,7 +24,7 @@ from trainer.errors import (
     ResumeError,
     TrainConfigError,
 )
-from trainer.runlog import UPDATE_METRICS, read_metrics
+from trainer.runlog import UPDATE_METRICS, read_evals, read_metrics
 from trainer.runstate import export, read_training_checkpoint
 from trainer.train import TrainConfig, train
 
@@ -443,3 +443,54 @@ def test_eval_settings_are_checked(store, tmp_path):
         config(store, tmp_path, eval_every=2, eval_tasks="walker-fly")
     with pytest.raises(TrainConfigError, match="eval_every must be >= 0"):
         config(store, tmp_path, eval_every=-1)
+
+
+def wandb_history(run: Path) -> list[dict[str, float]]:
+    """The history rows of the offline W&B run under `run`, read from its .wandb file
+    (leveldb-log records of wandb's protobuf Record; wandb ships no reader for it)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = run.glob("wandb/offline-run-*/run-*.wandb")
+    data, pos, block, records, part = path.read_bytes(), 7, 32768, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if length == 0 and kind == 0:
+            break
+        part += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            records.append(part)
+            part = b""
+    rows = []
+    for raw in records:
+        record = pb.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "history":
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                     for i in record.history.item}  # fmt: skip
+            rows.append({k: v for k, v in items.items() if not k.startswith("_") or k == "_step"})
+    return rows
+
+
+def test_wandb_offline_gets_the_csv_names(store, tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="the wandb extra is not installed")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    kw = dict(steps=4, log_every=2, wandb="mt30-test", eval_every=4)
+    train(config(store, run, eval_tasks="cartpole-balance", eval_episodes=1, **kw))
+    rows = wandb_history(run)
+    logged = [r for r in rows if "reward_loss" in r]
+    assert [r["_step"] for r in logged] == [2, 4]
+    csv_rows = read_metrics(run)
+    for mine, theirs in zip(logged, csv_rows, strict=True):  # (W&B merges a step's logs)
+        assert {k for k in mine if not k.startswith("eval/")} - {"_step"} == set(theirs) - {"step"}
+        assert all(mine[k] == pytest.approx(theirs[k]) for k in theirs if k != "step")
+    scores = [r["eval/normalized_score"] for r in rows if "eval/normalized_score" in r]
+    assert scores == [pytest.approx(e["normalized_score"]) for e in read_evals(run)]
+    assert len((run / "wandb-id.txt").read_text().strip()) == 8

@@ -6,4 +6,4 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 . .venv/bin/activate
-python -m pip install -q torch==2.13.0 -e '.[dev,envs,train]'
+python -m pip install -q torch==2.13.0 -e '.[dev,envs,train,wandb]'

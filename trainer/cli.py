@@ -68,6 +68,7 @@ def _run_options(fn: Callable) -> Callable:
         _option("resume", is_flag=True),
         _option("overwrite", is_flag=True),
         _option("tensorboard", is_flag=True),
+        _option("wandb", type=str, metavar="PROJECT"),
         _option("eval_every", type=int),
         _option("eval_tasks", type=str),
         _option("eval_episodes", type=int),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,9 @@ JSONL_FILE = "metrics.jsonl"
 EVAL_CSV_FILE = "evals.csv"
 EVAL_JSONL_FILE = "evals.jsonl"
 TENSORBOARD_DIR = "tensorboard"
-RUN_LOG_FILES = (CSV_FILE, JSONL_FILE, EVAL_CSV_FILE, EVAL_JSONL_FILE)
+WANDB_DIR = "wandb"  # wandb's own files (offline runs too), under the run folder
+WANDB_ID_FILE = "wandb-id.txt"  # the W&B run id, so that a resumed run continues the same run
+RUN_LOG_FILES = (CSV_FILE, JSONL_FILE, EVAL_CSV_FILE, EVAL_JSONL_FILE, WANDB_ID_FILE)
 
 
 def summary_writer_class() -> type:
@@ -71,10 +74,30 @@ def summary_writer_class() -> type:
     return SummaryWriter
 
 
-class MetricsLog:
-    """Appends metric rows to the run folder's CSV and JSONL files (and TensorBoard)."""
+def wandb_module() -> Any:
+    """The wandb package, or an error saying how to install it."""
+    try:
+        import wandb
+    except ImportError as e:
+        raise TrainConfigError(
+            f"--wandb needs the wandb package ({e}); install it with `pip install -e "
+            f"'.[wandb]'`, or leave out --wandb: metrics.csv and metrics.jsonl are always written"
+        ) from e
+    return wandb
 
-    def __init__(self, run_dir: Path, tensorboard: bool = False, resume_step: int | None = None):
+
+class MetricsLog:
+    """Appends metric rows to the run folder's CSV and JSONL files, and to TensorBoard
+    and Weights & Biases when asked (W&B: the CSV's names, evaluations under eval/)."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        tensorboard: bool = False,
+        resume_step: int | None = None,
+        wandb_project: str | None = None,
+        config: dict[str, Any] | None = None,
+    ):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         csv_path, jsonl_path = self.run_dir / CSV_FILE, self.run_dir / JSONL_FILE
@@ -91,6 +114,9 @@ class MetricsLog:
         if tensorboard:
             purge = None if resume_step is None else resume_step + 1
             self._tb = summary_writer_class()(str(self.run_dir / TENSORBOARD_DIR), purge_step=purge)
+        self._wandb = None
+        if wandb_project is not None:
+            self._wandb = _wandb_run(self.run_dir, wandb_project, config, resume_step)
 
     def write(self, step: int, values: dict[str, float]) -> None:
         """One row: `values` keyed by COLUMNS names (others are ignored)."""
@@ -100,10 +126,17 @@ class MetricsLog:
         clean = {k: (v if math.isfinite(v) else str(v)) for k, v in row.items()}
         self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
         self._jsonl.flush()
-        self.add_scalars("train", row, step)
+        self._tensorboard("train", row, step)
+        if self._wandb is not None:
+            self._wandb.log(row, step=step)
 
     def add_scalars(self, prefix: str, values: dict[str, float], step: int) -> None:
-        """`values` as TensorBoard scalars `prefix/name` (nothing without --tensorboard)."""
+        """`values` as scalars `prefix/name` in TensorBoard and W&B (if on)."""
+        self._tensorboard(prefix, values, step)
+        if self._wandb is not None:
+            self._wandb.log({f"{prefix}/{k}": v for k, v in values.items()}, step=step)
+
+    def _tensorboard(self, prefix: str, values: dict[str, float], step: int) -> None:
         if self._tb is not None:
             for key, value in values.items():
                 self._tb.add_scalar(f"{prefix}/{key}", value, step)
@@ -114,12 +147,36 @@ class MetricsLog:
         self._jsonl.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
     def __enter__(self) -> MetricsLog:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _wandb_run(
+    run_dir: Path, project: str, config: dict[str, Any] | None, resume_step: int | None
+) -> Any:
+    """A W&B run for the run folder: a new one, or on resume the one its id file names.
+    WANDB_MODE=offline (wandb's own setting) keeps it on this machine (`wandb sync` later)."""
+    wandb = wandb_module()
+    id_file = run_dir / WANDB_ID_FILE
+    if resume_step is not None and id_file.is_file():
+        run_id = id_file.read_text().strip()
+    else:
+        run_id = secrets.token_hex(4)
+        id_file.write_text(run_id + "\n")
+    return wandb.init(
+        project=project,
+        id=run_id,
+        resume="allow",
+        name=run_dir.name,
+        dir=str(run_dir),
+        config=config or {},
+    )
 
 
 class EvalLog:

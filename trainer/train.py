@@ -50,6 +50,7 @@ from trainer.runlog import (
     RUN_LOG_FILES,
     TENSORBOARD_DIR,
     UPDATE_METRICS,
+    WANDB_DIR,
     EvalLog,
     MetricsLog,
     NullLog,
@@ -59,6 +60,7 @@ from trainer.runlog import (
     read_evals,
     read_metrics,
     summary_writer_class,
+    wandb_module,
 )
 from trainer.runstate import (
     CHECKPOINT_FILE,
@@ -173,6 +175,13 @@ class TrainConfig:
     )
     tensorboard: bool = field(
         default=False, metadata={"help": "Also log to OUT/tensorboard (pip install tensorboard)."}
+    )
+    wandb: str | None = field(
+        default=None,
+        metadata={
+            "help": "Also log to this Weights & Biases project (pip install -e '.[wandb]'; "
+            "WANDB_MODE=offline keeps it local). Same metric names as metrics.csv."
+        },
     )
     eval_every: int = field(
         default=0,
@@ -336,6 +345,8 @@ def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
         torch.set_num_threads(cfg.threads)  # process-wide; on a shared CPU 1 can beat 2-3x
     if cfg.tensorboard:
         summary_writer_class()  # fail now, not after loading everything
+    if cfg.wandb:
+        wandb_module()
     _check_out_beside_store(cfg)
     previous = ranks.on_main(lambda: _previous_run(cfg))  # rank 0 owns OUT; all get its answer
 
@@ -438,7 +449,11 @@ def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
     timer = StepTimer(start)
     checked = 0
     resume_step = start if previous is not None else None
-    log = MetricsLog(cfg.out, cfg.tensorboard, resume_step) if ranks.is_main else NullLog()
+    log = (
+        MetricsLog(cfg.out, cfg.tensorboard, resume_step, cfg.wandb, description)
+        if ranks.is_main
+        else NullLog()
+    )
     evals = None
     protocol = cfg.eval_protocol
     if protocol is not None and ranks.is_main:
@@ -733,7 +748,7 @@ def _run_files(out: Path) -> list[Path]:
     """What a run writes into its folder (all of it: --overwrite deletes these)."""
     names = (
         CHECKPOINT_FILE, CONFIG_FILE, SUMMARY_FILE, *RUN_LOG_FILES, TENSORBOARD_DIR,
-        BEST_FILE, BEST_INFO_FILE,
+        WANDB_DIR, BEST_FILE, BEST_INFO_FILE,
     )  # fmt: skip
     return [out / name for name in names]
 
