@@ -259,12 +259,7 @@ def _commit(
         "episodes_per_shard": fmt.EPISODES_PER_SHARD,
         "n_shards": n_shards,
         "arrays": arrays,
-        "wds_members": {
-            "obs": "obs.npy.gz",
-            "action": "action.npy.gz",
-            "reward": "reward.npy.gz",
-            "task": "task.cls",
-        },
+        "wds_members": dict(fmt.WDS_MEMBERS),
         "sources": [
             {
                 "name": s.name,

@@ -24,6 +24,11 @@ for all of MT30).
 
 from __future__ import annotations
 
+import gzip
+import io
+import tarfile
+
+import numpy as np
 from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec
 
 FORMAT_VERSION = 1
@@ -104,6 +109,50 @@ def wds_shard_file(shard: int) -> str:
 def wds_key(episode: int) -> str:
     """The WebDataset sample key of a store episode."""
     return f"{episode:09d}"
+
+
+# A WebDataset sample is one episode: member `<key>.<suffix>` per array. The float arrays are
+# .npy files (no pickle) gzipped at WDS_GZIP_LEVEL with mtime 0, so that a build is
+# byte-reproducible; the task id is its decimal text (webdataset's .cls convention).
+WDS_MEMBERS = {
+    "obs": "obs.npy.gz",
+    "action": "action.npy.gz",
+    "reward": "reward.npy.gz",
+    "task": "task.cls",
+}
+_WDS_ARRAY_OF = {suffix: name for name, suffix in WDS_MEMBERS.items()}
+
+
+def wds_encode(name: str, value: np.ndarray | int) -> bytes:
+    """The bytes of member `name` of one sample: an episode's array, or its task id."""
+    if name == "task":
+        return str(int(value)).encode()
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.asarray(value), allow_pickle=False)
+    return gzip.compress(buf.getvalue(), compresslevel=WDS_GZIP_LEVEL, mtime=0)
+
+
+def wds_decode(suffix: str, blob: bytes) -> tuple[str, np.ndarray | int]:
+    """(array name, value) of a member with `suffix`; ValueError for a suffix not of ours,
+    gzip/npy errors (OSError, EOFError, ValueError, zlib.error) for damaged bytes."""
+    name = _WDS_ARRAY_OF.get(suffix)
+    if name is None:
+        raise ValueError(f"unexpected member suffix {suffix!r}; expected {sorted(_WDS_ARRAY_OF)}")
+    if name == "task":
+        return name, int(blob)
+    return name, np.load(io.BytesIO(gzip.decompress(blob)), allow_pickle=False)
+
+
+def read_wds_tar(tar: tarfile.TarFile) -> tuple[list[str], dict[str, list]]:
+    """A whole WebDataset shard: its sample keys in order and each array's values."""
+    keys, arrays = [], {name: [] for name in WDS_MEMBERS}
+    for member in tar.getmembers():
+        key, suffix = member.name.split(".", 1)
+        name, value = wds_decode(suffix, tar.extractfile(member).read())
+        arrays[name].append(value)
+        if name == "task":
+            keys.append(key)
+    return keys, arrays
 
 
 def unit_record_file(shard: int) -> str:

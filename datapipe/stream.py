@@ -46,10 +46,6 @@ from datapipe.store import Store, open_store, repair_command
 _SHARDS, _SLICES, _SHUFFLE = 11, 12, 13  # stream tags of the seeds
 
 
-def _decode_npy(payload: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(gzip.decompress(payload)), allow_pickle=False)
-
-
 def _read_whole(url: str) -> bytes:
     opened = wds.gopen(url) if url.startswith("pipe:") else fsspec.open(url, "rb").open()
     with opened as stream:
@@ -159,12 +155,15 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
         for sample in wds.tariterators.group_by_keys(files):
             where = f"{sample.get('__url__')}: sample {sample.get('__key__')}"
             try:
-                task = int(sample["task.cls"])
+                task = fmt.wds_decode(fmt.WDS_MEMBERS["task"], sample[fmt.WDS_MEMBERS["task"]])[1]
                 if not 0 <= task < len(self.slices_per_task):
                     raise ValueError(f"task id {task} out of range")
                 if self.slices_per_task[task] == 0:
                     continue  # not sampled: skip decoding it
-                ep = {k: _decode_npy(sample[f"{k}.npy.gz"]) for k in ("obs", "action", "reward")}
+                ep = {
+                    k: fmt.wds_decode(fmt.WDS_MEMBERS[k], sample[fmt.WDS_MEMBERS[k]])[1]
+                    for k in ("obs", "action", "reward")
+                }
                 ep["task"] = task
             except (KeyError, ValueError, OSError, EOFError, zlib.error) as e:
                 raise CorruptStoreError(

@@ -10,7 +10,6 @@ at any point loses at most the units in flight. The destination is a path or an 
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
@@ -69,25 +68,15 @@ def _write_zarr(root: Location, shard: int, arrays: dict) -> dict:
     return files
 
 
-def _npy_gz(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, array, allow_pickle=False)
-    return gzip.compress(buf.getvalue(), compresslevel=fmt.WDS_GZIP_LEVEL, mtime=0)
-
-
 def _write_webdataset(root: Location, shard: int, first: int, arrays: dict) -> dict:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for i in range(len(arrays["task"])):
             key = fmt.wds_key(first + i)
-            members = {
-                "obs.npy.gz": _npy_gz(arrays["obs"][i]),
-                "action.npy.gz": _npy_gz(arrays["action"][i]),
-                "reward.npy.gz": _npy_gz(arrays["reward"][i]),
-                "task.cls": str(int(arrays["task"][i, 0])).encode(),
-            }
-            for ext, payload in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
+            for name, suffix in fmt.WDS_MEMBERS.items():
+                value = arrays[name][i, 0] if name == "task" else arrays[name][i]
+                payload = fmt.wds_encode(name, value)
+                info = tarfile.TarInfo(f"{key}.{suffix}")
                 info.size, info.mtime, info.mode = len(payload), 0, 0o644
                 tar.addfile(info, io.BytesIO(payload))
     rel = fmt.wds_shard_file(shard)

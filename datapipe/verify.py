@@ -18,9 +18,7 @@ line of the text report and the last key of the JSON one.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import hashlib
-import io
 import json
 import tarfile
 from dataclasses import asdict, dataclass, field
@@ -318,18 +316,9 @@ def _zarr_arrays(store: Store, reader: ShardReader, eps: range, report: Report) 
 
 def _wds_arrays(root: Location, eps: range, report: Report) -> dict | None:
     rel = fmt.wds_shard_file(eps.start // fmt.EPISODES_PER_SHARD)
-    out = {k: [] for k in fmt.ARRAYS}
-    keys = []
     try:
         with root.open(rel) as f, tarfile.open(fileobj=f) as tar:
-            for m in tar.getmembers():
-                key, ext = m.name.split(".", 1)
-                blob = tar.extractfile(m).read()
-                if ext == "task.cls":
-                    keys.append(key)
-                    out["task"].append(int(blob))
-                else:
-                    out[ext.split(".")[0]].append(np.load(io.BytesIO(gzip.decompress(blob))))
+            keys, out = fmt.read_wds_tar(tar)
     except (tarfile.TarError, OSError, ValueError, EOFError) as e:
         report.add("webdataset", rel, f"unreadable: {type(e).__name__}: {e}", [eps.start, eps.stop])
         return None

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import tarfile
 from pathlib import Path
@@ -42,14 +40,10 @@ def _read_wds(root, meta):
     keys = []
     for shard in range(meta["n_shards"]):
         with tarfile.open(root / fmt.wds_shard_file(shard)) as tar:
-            for m in tar.getmembers():
-                key, ext = m.name.split(".", 1)
-                blob = tar.extractfile(m).read()
-                if ext == "task.cls":
-                    keys.append(key)
-                    out["task"].append(int(blob))
-                else:
-                    out[ext.split(".")[0]].append(np.load(io.BytesIO(gzip.decompress(blob))))
+            shard_keys, arrays = fmt.read_wds_tar(tar)
+        keys += shard_keys
+        for name, values in arrays.items():
+            out[name] += values
     return keys, out
 
 

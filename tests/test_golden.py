@@ -12,9 +12,7 @@ every existing store, and needs a new FORMAT_VERSION (and a new golden store bes
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import json
 import shutil
 import tarfile
@@ -67,17 +65,8 @@ def test_the_loaders_shard_reader_returns_format_1_bit_for_bit(tmp_path):
 
 
 def test_the_webdataset_tars_hold_format_1_bit_for_bit():
-    arrays = {name: [] for name in SOURCE_DIGESTS}
-    keys = []
     with tarfile.open(GOLDEN / fmt.wds_shard_file(0)) as tar:
-        for member in tar.getmembers():
-            key, ext = member.name.split(".", 1)
-            blob = tar.extractfile(member).read()
-            if ext == "task.cls":
-                keys.append(key)
-                arrays["task"].append(int(blob))
-            else:
-                arrays[ext.split(".")[0]].append(np.load(io.BytesIO(gzip.decompress(blob))))
+        keys, arrays = fmt.read_wds_tar(tar)
     assert keys == [fmt.wds_key(i) for i in range(30)]
     for name, values in arrays.items():
         dtype = np.int32 if name == "task" else np.float32
