@@ -282,6 +282,21 @@ def _legacy_error(where: str) -> SourceError:
 # --- the chunk index -------------------------------------------------------------------------
 
 
+# What zipfile and the unpickler raise on bytes that are not a torch zip file. Anything else
+# (AttributeError, TypeError, ...) is a bug of ours and keeps its traceback.
+_UNREADABLE = (
+    zipfile.BadZipFile,
+    zipfile.LargeZipFile,
+    pickle.UnpicklingError,
+    EOFError,
+    ValueError,  # also UnicodeDecodeError
+    KeyError,
+    IndexError,
+    OSError,
+    struct.error,
+)
+
+
 def read_index(f, where: str) -> dict:
     """key -> ChunkTensor (or whatever else the chunk holds there) of the chunk open as `f`,
     from the zip directory, data.pkl and each storage's local header; reads no tensor data."""
@@ -301,7 +316,7 @@ def read_index(f, where: str) -> dict:
             byteorder = archive.read(prefix + "byteorder").decode()
         if byteorder not in ("little", "big"):
             raise ValueError(f"unknown byte order {byteorder!r}")
-    except Exception as e:  # anything a damaged or foreign file makes zipfile or pickle raise
+    except _UNREADABLE as e:  # what a damaged or foreign file makes zipfile or pickle raise
         raise SourceError(
             f"{where}: cannot be read as a torch-saved TensorDict ({type(e).__name__}: {e}). "
             f"It may be truncated or not an MT30 chunk: {REFETCH}."

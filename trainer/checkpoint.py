@@ -23,6 +23,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import Tensor
 
+from trainer.errors import TrainError
 from trainer.model import WorldModel
 from trainer.presets import PRESETS, ModelConfig
 
@@ -39,7 +40,7 @@ _COPIED_FROM_MODEL = (
 _SHOW = 8  # how many offending keys an error message lists
 
 
-class CheckpointError(ValueError):
+class CheckpointError(TrainError, ValueError):
     """A checkpoint file cannot be used as a TD-MPC2 world model."""
 
 
@@ -149,7 +150,7 @@ def _describe_quantized(path: Path, quantized: dict[str, Tensor], n_entries: int
         f"{path} is a quantized checkpoint: {len(keys)} of {n_entries} entries are {'/'.join(dtypes)} "
         f"({shown}). Quantization scale: {scale_text}. {zero_fraction:.1%} of the quantized values "
         f"are exactly 0. {verdict} Use the float16/float32 checkpoint instead; to load it anyway "
-        f"(dequantized, for inspection) pass allow_quantized=True."
+        f"(dequantized, for inspection) pass --allow-quantized (allow_quantized=True in Python)."
     )
 
 
@@ -218,7 +219,10 @@ def detect_model_size(state: dict[str, Any], **dims: Any) -> int:
     if len(fits) == 1:
         return fits[0]
     if fits:
-        raise CheckpointError(f"state_dict fits several model sizes {fits}; pass size= explicitly")
+        raise CheckpointError(
+            f"state_dict fits several model sizes {fits}; give the size (--teacher-size or "
+            f"--model-size; size= in Python)"
+        )
     closest = min(report, key=lambda size: len(report[size]))
     counts = ", ".join(f"{size}M: {len(problems)}" for size, problems in report.items())
     raise CheckpointError(
