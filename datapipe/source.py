@@ -393,8 +393,5 @@ def _check_episode_numbers(numbers: np.ndarray, file: SourceFile, lo: int, fail)
 def file_sha256(path: str | Path, block: int = 1 << 24) -> str:
     """sha256 of a file (a local path or a URL), read in bounded blocks."""
     fs, inner, local = _filesystem(path)
-    h = hashlib.sha256()
     with _opened(fs, inner, local, str(path), block_size=block, cache_type="none") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -249,11 +249,9 @@ def _check_manifest(
             report.add("missing-file", rel, "data file is missing", expected[rel])
             missing.add(rel)
             continue
-        h, size = hashlib.sha256(), 0
         with root.open(rel) as f:
-            while block := f.read(1 << 24):
-                h.update(block)
-                size += len(block)
+            h = hashlib.file_digest(f, "sha256")
+            size = f.tell()
         want = listed.get(rel)
         if want and size != want["size"]:
             what = f"size {size} differs from the manifest's {want['size']} (truncated?)"

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from datapipe.source import file_sha256
 from trainer.checkpoint import (
     CheckpointError,
     QuantizedCheckpointError,
@@ -30,7 +31,7 @@ from trainer.quantize import (
     run_quantize,
     save_quantized,
 )
-from trainer.runstate import file_sha256, write_training_checkpoint
+from trainer.runstate import write_training_checkpoint
 
 FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures" / "td-mpc-opt"
 needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason="fixtures not present")

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from datapipe.source import file_sha256
 from trainer.checkpoint import (
     CheckpointError,
     detect_model_size,
@@ -45,7 +46,7 @@ from trainer.checkpoint import (
 from trainer.math import two_hot_inv
 from trainer.model import WorldModel
 from trainer.presets import ModelConfig
-from trainer.runstate import file_sha256, is_training_checkpoint, model_config_from_dict, model_dims
+from trainer.runstate import is_training_checkpoint, model_config_from_dict, model_dims
 
 FORMAT = "tdmpc2-ptq"
 FORMAT_VERSION = 1

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from datapipe.format import META_FILE
+from datapipe.source import file_sha256
 from datapipe.store import Store
 from trainer.checkpoint import (
     CheckpointError,
@@ -55,15 +56,6 @@ from trainer.presets import ModelConfig
 FORMAT = "mt30-trainer-ckpt"
 FORMAT_VERSION = 1
 CHECKPOINT_FILE = "checkpoint.pt"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 16 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def store_identity(store: Store) -> dict[str, Any]:
