@@ -20,11 +20,13 @@ from click.testing import CliRunner
 from tools.make_teacher import make_teacher
 from trainer.agent import TDMPC2Agent
 from trainer.cli import main
+from trainer.config import TrainConfig
 from trainer.errors import ResumeError
+from trainer.runfolder import resume_config
 from trainer.runlog import read_metrics
 from trainer.runstate import read_training_checkpoint
 from trainer.stop import StopRequest
-from trainer.train import TrainConfig, resume_config, train
+from trainer.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ("--batch-size", "8", "--cache-gb", "0.1", "--device", "cpu", "--threads", "1")

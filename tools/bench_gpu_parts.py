@@ -36,12 +36,13 @@ from datapipe.store import open_store
 from tools.make_teacher import make_teacher
 from trainer.agent import TDMPC2Agent, prepare_teacher
 from trainer.checkpoint import load_checkpoint
+from trainer.config import TEACHER_DTYPES
 from trainer.model import WorldModel
 from trainer.plan import OFFICIAL_MPPI, MPPIConfig, plan
 from trainer.presets import ModelConfig
 from trainer.runlog import StepTimer
 from trainer.runstate import write_json
-from trainer.train import TEACHER_DTYPES, _compile, store_dims
+from trainer.train import compile_model, store_dims
 
 # Training modes of the grid: (compile the student's MLPs, bf16 autocast, teacher dtype).
 MODES = {
@@ -286,7 +287,7 @@ def measure_cell(args: PartArgs, cell: dict, teachers: _TeacherCache) -> dict[st
     if cell["teacher"] is not None:
         teacher = teachers.get(cell["teacher"], teacher_dtype)
     if compiled:
-        _compile(agent.model)
+        compile_model(agent.model)
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
     )

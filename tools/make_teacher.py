@@ -2,9 +2,10 @@
 
 Everything that takes a teacher (or an --init student) runs without the official downloads
 on a file from `make_teacher`: either freshly initialised exactly as the official code does
-(spec B.7; note the reward head's last layer starts at zero, so such a teacher predicts a
-reward of 0 everywhere, unless `nonzero_reward` draws that layer like the others), or after `train_steps` updates of `trainer train` on a store, which
-gives a teacher with a reward signal to distil.
+(docs/tdmpc2.md#init; note the reward head's last layer starts at zero, so such a teacher
+predicts a reward of 0 everywhere, unless `nonzero_reward` draws that layer like the others),
+or after `train_steps` updates of `trainer train` on a store, which gives a teacher with a
+reward signal to distil.
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import torch
 
 from datapipe.store import open_store
 from trainer.checkpoint import save_official
+from trainer.config import TrainConfig
 from trainer.model import WorldModel, weight_init
 from trainer.presets import PRESETS, ModelConfig
 from trainer.runstate import export
-from trainer.train import TrainConfig, store_dims, train
+from trainer.train import store_dims, train
 
 
 def make_teacher(

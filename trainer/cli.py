@@ -18,19 +18,13 @@ from click.core import ParameterSource
 
 from datapipe.errors import DatapipeError
 from trainer.checkpoint import CheckpointError
+from trainer.config import D_SCHEDULES, DEVICES, DISTILL_STEPS, TEACHER_DTYPES, TrainConfig
 from trainer.errors import TrainError
 from trainer.presets import PRESETS
+from trainer.runfolder import resume_config
 from trainer.runstate import export
 from trainer.stop import Interrupted
-from trainer.train import (
-    D_SCHEDULES,
-    DEVICES,
-    DISTILL_STEPS,
-    TEACHER_DTYPES,
-    TrainConfig,
-    resume_config,
-    train,
-)
+from trainer.train import train
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _SIZES = click.Choice([str(s) for s in PRESETS])
@@ -225,7 +219,7 @@ def export_cmd(checkpoint: Path, out: Path) -> None:
     help="Episodes done per task, rate and ETA on stderr (a plain line per 30 s off a terminal).",
 )
 def eval_cmd(**kw: Any) -> None:
-    """Per-task returns and the normalized MT30 score of a checkpoint (spec E)."""
+    """Per-task returns and the normalized MT30 score of a checkpoint (docs/tdmpc2.md)."""
     from trainer.evaluate import EvalConfig, run_eval
 
     kw["mpc"] = not kw.pop("no_mpc")

@@ -13,14 +13,15 @@ one process would on the N*B slices side by side (up to float rounding):
   over the batch, so the average is the gradient of the N*B batch. Parameters a pass does not
   train keep their gradient as it was (None), as in one process, so clipping and Adam see the
   same tensors.
-- The task embedding's leftover policy gradient (spec D.4) is averaged in the policy pass,
-  so it is the same on every rank, and the next model pass ends with leftover + the average
-  new gradient, as in one process.
+- The task embedding's leftover policy gradient (docs/tdmpc2.md#exactness) is averaged in
+  the policy pass, so it is the same on every rank, and the next model pass ends with
+  leftover + the average new gradient, as in one process.
 - Batch statistics. Two things in the update are not means over the batch: the running Q
-  scale (P5/P95 of Q over the batch, spec D.2 step 7) and the max-norm renormalisation of the
-  task-embedding rows of the batch's tasks (B.6; it rewrites those rows in place). Both are
-  taken over the global batch here (`GlobalRunningScale`, `GlobalRenorm`); per rank they
-  would differ between ranks and the replicas would drift apart.
+  scale (P5/P95 of Q over the batch, docs/tdmpc2.md#running-scale) and the max-norm
+  renormalisation of the task-embedding rows of the batch's tasks
+  (docs/tdmpc2.md#task-embedding; it rewrites those rows in place). Both are taken over the
+  global batch here (`GlobalRunningScale`, `GlobalRenorm`); per rank they would differ
+  between ranks and the replicas would drift apart.
 - Everything else (clipping, Adam, the target-Q update) is a function of the averaged
   gradients and of the parameters, so the replicas stay identical; `check_replicas` proves
   it after every step with --ddp-check.
@@ -38,6 +39,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -212,11 +214,11 @@ class GlobalRunningScale(RunningScale):
 class GlobalRenorm:
     """Max-norm renormalisation of task-embedding rows over the global batch's tasks.
 
-    nn.Embedding(max_norm=1) rescales, in place, the rows of the tasks it looks up (spec B.6):
-    per rank that would touch different rows on different ranks. Here each embedding's own
-    renormalisation is switched off and, before every lookup, the rows of all ranks' tasks of
-    the current batch (`set_batch`) are renormalised instead: the rows one process would
-    rescale on the whole batch, with the same call.
+    nn.Embedding(max_norm=1) rescales, in place, the rows of the tasks it looks up
+    (docs/tdmpc2.md#task-embedding): per rank that would touch different rows on different
+    ranks. Here each embedding's own renormalisation is switched off and, before every
+    lookup, the rows of all ranks' tasks of the current batch (`set_batch`) are renormalised
+    instead: the rows one process would rescale on the whole batch, with the same call.
     """
 
     def __init__(self, embeddings: list[nn.Embedding]) -> None:
@@ -264,7 +266,7 @@ class DataParallelLosses(nn.Module):
     """`UpdateLosses` with each backward pass under its own DistributedDataParallel.
 
     The model pass trains the task embedding, encoder, dynamics, reward head and Q ensemble;
-    the policy pass trains pi and the task embedding (spec D.2 steps 6-7). Giving each pass
+    the policy pass trains pi and the task embedding (docs/tdmpc2.md#update). Giving each pass
     only its own parameters means every parameter DDP holds is used, so DDP needs no search
     for unused parameters and reduces no zeros; the parameters a pass does not train keep
     their gradients as they are, exactly as in one process (pi's None in the model pass; in
@@ -364,3 +366,44 @@ def check_replicas(agent: TDMPC2Agent, batch: tuple[Tensor, ...], step: int, ran
                 f"trainer/distributed.py)"
             )
         seen[b] = r
+
+
+@dataclass(frozen=True)
+class Stream:
+    """Where one rank's random draws come from (see `rank_stream`)."""
+
+    seed: int  # of the rank's loader, and of its update noise when `reseed`
+    loader: dict[str, Any] | None  # loader state to continue, or None: a fresh stream
+    rng: dict[str, Any] | None  # generator states to continue
+    reseed: bool  # seed torch/numpy/python with `seed` before the first update
+    notice: str | None = None  # what rank 0 says about it
+
+
+def rank_stream(
+    seed: int, checkpoint: Path, ranks: Ranks, previous: dict[str, Any] | None
+) -> Stream:
+    """This rank's data and update-noise stream.
+
+    A new run: `stream_seed(seed, rank, world size)`, which for a single rank is the run's
+    seed and its generators as model init left them (so one process draws what it always
+    did). A resume with the checkpoint's number of ranks: each rank continues its own saved
+    stream exactly. A resume with another number of ranks: the model, optimisers and step
+    continue, and every rank starts a fresh stream derived from (seed, rank, world size,
+    step), which no earlier stream of the run shares.
+    """
+    if previous is None:
+        seed = stream_seed(seed, ranks.rank, ranks.world_size)
+        return Stream(seed, None, None, reseed=ranks.distributed)
+    saved = [{"loader": previous["loader"], "rng": previous["rng"]}, *previous["other_ranks"]]
+    if len(saved) == ranks.world_size:
+        mine = saved[ranks.rank]
+        return Stream(mine["loader"]["seed"], mine["loader"], mine["rng"], reseed=False)
+    step = previous["step"]
+    notice = (
+        f"{checkpoint}: written by {len(saved)} rank(s), resumed by "
+        f"{ranks.world_size}: model, optimisers and step {step} continue; each rank's data "
+        f"stream is re-derived from (seed {seed}, rank, {ranks.world_size} ranks, step "
+        f"{step}), so the batches differ from those of an uninterrupted run"
+    )
+    seed = stream_seed(seed, ranks.rank, ranks.world_size, step)
+    return Stream(seed, None, None, reseed=True, notice=notice)

@@ -63,7 +63,9 @@ from pathlib import Path
 from typing import Any
 
 from trainer.checkpoint import CheckpointError
+from trainer.config import TrainConfig
 from trainer.errors import TrainConfigError
+from trainer.runfolder import CONFIG_FILE, SUMMARY_FILE
 from trainer.runlog import JSONL_FILE
 from trainer.runstate import (
     CHECKPOINT_FILE,
@@ -72,7 +74,6 @@ from trainer.runstate import (
     write_json,
 )
 from trainer.stop import SIGNALS, Interrupted
-from trainer.train import CONFIG_FILE, SUMMARY_FILE, TrainConfig
 from trainer.traineval import EvalProtocol
 
 EXPERIMENT_FILE = "experiment.json"

@@ -41,9 +41,9 @@ from trainer.errors import ReportError
 from trainer.experiment import EXPERIMENT_FILE, FORMAT, REFERENCE_FILE, VERSION
 from trainer.math import two_hot_inv
 from trainer.model import WorldModel
+from trainer.runfolder import SUMMARY_FILE
 from trainer.runlog import read_evals, read_metrics
 from trainer.runstate import CHECKPOINT_FILE
-from trainer.train import SUMMARY_FILE
 
 REPORT_MD, REPORT_JSON, FIGURES_DIR = "report.md", "report.json", "figures"
 REPORT_FORMAT, REPORT_VERSION = "mt30-experiment-report", 1

@@ -1,23 +1,21 @@
 """`trainer train` and `trainer distill`: offline TD-MPC2 training on a store, optionally with
-a frozen teacher whose rewards the student is distilled towards (spec D.5).
+a frozen teacher whose rewards the student is distilled towards (docs/distillation.md#loss).
 
-Owns `TrainConfig` (the settings of one run, with the values derived from them), the checks
-that the store, the student and the teacher fit together, and `train(cfg)`: the training
-loop, one function read top to bottom. The update itself is `TDMPC2Agent.update`; the
-checkpoint format is `trainer.runstate`, the log files `trainer.runlog`.
+Owns `train(cfg)`, read top to bottom: setup (store, student, teacher, loader, resume
+state), the loop, the summary; and the checks that the store, the student and the teacher
+fit together. The settings are `trainer.config.TrainConfig`; whether a run may start or
+continue in its folder, `trainer.runfolder`; each rank's random stream,
+`trainer.distributed`; the update, `TDMPC2Agent.update`; the checkpoint format,
+`trainer.runstate`; the log files, `trainer.runlog`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-import os
 import random
-import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,23 +32,27 @@ from trainer.checkpoint import (
     load_checkpoint,
     load_model_state,
 )
+from trainer.config import TEACHER_DTYPES, TrainConfig
 from trainer.distributed import (
     DataParallelUpdate,
     Ranks,
     check_replicas,
     process_group,
-    stream_seed,
+    rank_stream,
 )
-from trainer.errors import DivergedError, IncompatibleDataError, ResumeError, TrainConfigError
-from trainer.evaluate import resolve_tasks
+from trainer.errors import DivergedError, IncompatibleDataError
 from trainer.model import WorldModel
-from trainer.presets import PRESETS, ModelConfig
+from trainer.presets import ModelConfig
+from trainer.runfolder import (
+    CONFIG_FILE,
+    SUMMARY_FILE,
+    check_out_beside_store,
+    check_resumable,
+    previous_run,
+)
 from trainer.runlog import (
     DISTILL_METRICS,
-    RUN_LOG_FILES,
-    TENSORBOARD_DIR,
     UPDATE_METRICS,
-    WANDB_DIR,
     EvalLog,
     MetricsLog,
     NullLog,
@@ -63,10 +65,8 @@ from trainer.runlog import (
     wandb_module,
 )
 from trainer.runstate import (
-    CHECKPOINT_FILE,
     official_dims,
     read_official,
-    read_training_checkpoint,
     rng_state,
     set_rng_state,
     store_identity,
@@ -75,259 +75,16 @@ from trainer.runstate import (
     write_training_checkpoint,
 )
 from trainer.stop import Interrupted, StopRequest
-from trainer.traineval import BEST_FILE, BEST_INFO_FILE, EvalProtocol, TrainingEval
-
-CONFIG_FILE = "config.json"
-SUMMARY_FILE = "summary.json"
-DEVICES = ("auto", "cpu", "cuda")
-D_SCHEDULES = ("constant", "linear")
-DISTILL_STEPS = ("first", "all")
-TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Settings of one training or distillation run. Defaults run at toy scale on CPU."""
-
-    shards: str = field(
-        metadata={
-            "help": "Store written by `datapipe build`: a folder or an fsspec URL (s3://b/store)."
-        }
-    )
-    out: Path = field(
-        default=Path("runs/train"),
-        metadata={"help": "Run folder: checkpoint, config.json, metrics."},
-    )
-    steps: int = field(
-        default=1000,
-        metadata={"help": "Gradient updates in the whole run (a resumed run continues to it)."},
-    )
-    batch_size: int = field(
-        default=256,
-        metadata={"help": "Slices per batch on each rank (B); N torchrun ranks step on N x B."},
-    )
-    horizon: int = field(
-        default=3, metadata={"help": "Latent rollout length H (the official value is 3)."}
-    )
-    seed: int = field(
-        default=1,
-        metadata={"help": "Seed of the student's init, the updates' random draws and the data."},
-    )
-    device: str = field(
-        default="auto", metadata={"help": "auto (cuda when available), cpu or cuda."}
-    )
-    model_size: int = field(
-        default=1, metadata={"help": "Student size, millions of parameters: 1, 5, 19, 48 or 317."}
-    )
-    init: Path | None = field(
-        default=None, metadata={"help": "Start the student from this official checkpoint."}
-    )
-    teacher: Path | None = field(
-        default=None, metadata={"help": "Official checkpoint of the frozen teacher (distill)."}
-    )
-    teacher_size: int | None = field(
-        default=None, metadata={"help": "Teacher size; default: read from its shapes."}
-    )
-    d_coef: float = field(
-        default=0.0,
-        metadata={"help": "Weight of the reward-distillation loss (paper's best: 0.4)."},
-    )
-    d_schedule: str = field(
-        default="constant", metadata={"help": "constant, or linear: d_coef falls to 0 at the end."}
-    )
-    distill: str = field(
-        default="first",
-        metadata={"help": "first: distil at t=0 only (paper); all: every step of H."},
-    )
-    teacher_dtype: str = field(
-        default="float32", metadata={"help": "Teacher dtype: float32, bfloat16/float16 (CUDA)."}
-    )
-    threads: int = field(
-        default=0,
-        metadata={"help": "torch CPU threads per rank; 0: torch's default (one per core)."},
-    )
-    compile: bool = field(
-        default=False, metadata={"help": "torch.compile the student's networks (CUDA only)."}
-    )
-    amp: bool = field(
-        default=False, metadata={"help": "bfloat16 autocast in the update (CUDA only)."}
-    )
-    cache_gb: float = field(
-        default=1.0,
-        metadata={"help": "RAM for the loader's pool of decoded episodes, GB (per rank)."},
-    )
-    log_every: int = field(
-        default=100, metadata={"help": "Steps between metric rows (and one at the end)."}
-    )
-    save_every: int = field(
-        default=1000, metadata={"help": "Steps between checkpoints (and one at the end)."}
-    )
-    resume: bool = field(
-        default=False,
-        metadata={
-            "help": "Continue the run in --out from its checkpoint, with the settings of its "
-            "config.json; flags given again must agree (except --steps, logging and progress)."
-        },
-    )
-    overwrite: bool = field(
-        default=False,
-        metadata={"help": "Delete the run in --out (its checkpoint and logs) and start again."},
-    )
-    tensorboard: bool = field(
-        default=False, metadata={"help": "Also log to OUT/tensorboard (pip install tensorboard)."}
-    )
-    wandb: str | None = field(
-        default=None,
-        metadata={
-            "help": "Also log to this Weights & Biases project (pip install -e '.[wandb]'; "
-            "WANDB_MODE=offline keeps it local). Same metric names as metrics.csv."
-        },
-    )
-    eval_every: int = field(
-        default=0,
-        metadata={
-            "help": "Evaluate the student every N steps (and at step 0 and the last step) on "
-            "dm_control; 0: never. Keeps best.pt, the best-scoring model."
-        },
-    )
-    eval_tasks: str = field(
-        default="mt30",
-        metadata={"help": "Tasks of those evaluations: mt30 or comma-separated names."},
-    )
-    eval_episodes: int = field(default=1, metadata={"help": "Episodes per task per evaluation."})
-    eval_mpc: bool = field(
-        default=False,
-        metadata={
-            "help": "Plan with MPPI in those evaluations (about 170 s per episode per CPU core); "
-            "default: the policy mean."
-        },
-    )
-    progress: bool = field(
-        default=True,
-        metadata={"help": "Progress with rate and ETA (off a terminal: one line a minute)."},
-    )
-    ddp_check: bool = field(
-        default=False,
-        metadata={
-            "help": "torchrun: after every step verify that all ranks hold the same model and "
-            "optimiser state and drew different batches (slow; for debugging)."
-        },
-    )
-
-    def __post_init__(self) -> None:
-        # The store may be a URL: a Path would fold "s3://b" into "s3:/b".
-        object.__setattr__(self, "shards", os.fspath(self.shards))
-        for name in ("out", "init", "teacher"):  # accept str paths
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, Path):
-                object.__setattr__(self, name, Path(value))
-        problems = []
-        for name in ("steps", "batch_size", "horizon", "log_every", "save_every", "eval_episodes"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1 (got {getattr(self, name)})")
-        if self.eval_every < 0:
-            problems.append(f"eval_every must be >= 0 (got {self.eval_every})")
-        try:
-            resolve_tasks(self.eval_tasks)
-        except ValueError as e:
-            problems.append(f"eval_tasks: {e}")
-        if self.threads < 0:
-            problems.append(f"threads must be >= 0 (got {self.threads})")
-        for name, value, choices in (
-            ("device", self.device, DEVICES),
-            ("d_schedule", self.d_schedule, D_SCHEDULES),
-            ("distill", self.distill, DISTILL_STEPS),
-            ("teacher_dtype", self.teacher_dtype, tuple(TEACHER_DTYPES)),
-            ("model_size", self.model_size, tuple(PRESETS)),
-            ("teacher_size", self.teacher_size, (None, *PRESETS)),
-        ):
-            if value not in choices:
-                problems.append(f"{name} must be one of {choices} (got {value!r})")
-        if not (math.isfinite(self.d_coef) and self.d_coef >= 0):
-            problems.append(f"d_coef must be a finite number >= 0 (got {self.d_coef})")
-        if self.d_coef > 0 and self.teacher is None:
-            problems.append("d_coef > 0 needs a teacher checkpoint (--teacher)")
-        if self.resume and self.overwrite:
-            problems.append("resume and overwrite exclude each other: pick one")
-        if self.cache_gb <= 0:
-            problems.append(f"cache_gb must be > 0 (got {self.cache_gb})")
-        if problems:
-            raise TrainConfigError("invalid training settings: " + "; ".join(problems))
-
-    # -- derived values (all of them, here) -----------------------------------------------
-
-    def resolve(self) -> TrainConfig:
-        """This config with the device chosen (auto -> cuda when available), and the
-        CUDA-only options checked against it. Called once, by `train`."""
-        cuda = torch.cuda.is_available()
-        if self.device == "cuda" and not cuda:
-            raise TrainConfigError(
-                "--device cuda, but torch sees no CUDA device (torch.cuda.is_available() is "
-                "False); use --device cpu or auto, or install a CUDA build of torch"
-            )
-        device = ("cuda" if cuda else "cpu") if self.device == "auto" else self.device
-        if device == "cpu":
-            on_gpu_only = [
-                name
-                for name, on in (
-                    ("--compile", self.compile),
-                    ("--amp", self.amp),
-                    (f"--teacher-dtype {self.teacher_dtype}", self.teacher_dtype != "float32"),
-                )
-                if on
-            ]
-            if on_gpu_only:
-                raise TrainConfigError(
-                    f"{', '.join(on_gpu_only)}: only on CUDA, and this run is on the CPU; "
-                    f"leave them out (on CPU the update runs in float32, uncompiled)"
-                )
-        return dataclasses.replace(self, device=device)
-
-    @property
-    def checkpoint_path(self) -> Path:
-        """The run's training checkpoint (the last one written)."""
-        return self.out / CHECKPOINT_FILE
-
-    @property
-    def math_fields(self) -> tuple[str, ...]:
-        """Settings a resumed run must share with the original, because they change the
-        numbers (the store and the teacher are compared by content, not by path). The number
-        of ranks may change: the data streams are then re-derived (see `_rank_stream`)."""
-        fields = (
-            "batch_size", "horizon", "seed", "model_size", "init", "teacher_size", "d_coef",
-            "d_schedule", "distill", "teacher_dtype", "compile", "amp", "cache_gb",
-        )  # fmt: skip
-        return (*fields, "steps") if self.d_schedule == "linear" else fields
-
-    @property
-    def eval_protocol(self) -> EvalProtocol | None:
-        """What evaluations during training run (None without --eval-every). The env seed is
-        the run's seed, as in the official training loop."""
-        if not self.eval_every:
-            return None
-        return EvalProtocol.of(self.eval_tasks, self.eval_episodes, self.eval_mpc, self.seed)
-
-    def d_coef_at(self, done: int) -> float:
-        """Distillation weight of the update that follows `done` finished updates."""
-        if self.d_schedule == "linear":
-            return self.d_coef * (1 - done / self.steps)
-        return self.d_coef
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain values (paths as strings), as saved in config.json and checkpoints."""
-        return {
-            f.name: str(v) if isinstance(v, Path) else v
-            for f in dataclasses.fields(self)
-            for v in [getattr(self, f.name)]
-        }
+from trainer.traineval import TrainingEval
 
 
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) the training described by `cfg`; return the last checkpoint's path.
 
     Without a teacher this is plain offline TD-MPC2 training; with one, the student's loss
-    gains `d_coef * MSE(r_student, r_teacher)` (spec D.5). Metrics go to OUT/metrics.csv and
-    .jsonl (and TensorBoard), checkpoints to OUT/checkpoint.pt every save_every steps.
+    gains `d_coef * MSE(r_student, r_teacher)` (docs/distillation.md#loss). Metrics go to
+    OUT/metrics.csv and .jsonl (and TensorBoard), checkpoints to OUT/checkpoint.pt every
+    save_every steps.
 
     Started by torchrun (WORLD_SIZE > 1), every rank runs this function: DDP keeps the student
     identical on all ranks, each rank loads the teacher and samples its own batches, and only
@@ -347,8 +104,8 @@ def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
         summary_writer_class()  # fail now, not after loading everything
     if cfg.wandb:
         wandb_module()
-    _check_out_beside_store(cfg)
-    previous = ranks.on_main(lambda: _previous_run(cfg))  # rank 0 owns OUT; all get its answer
+    check_out_beside_store(cfg)
+    previous = ranks.on_main(lambda: previous_run(cfg))  # rank 0 owns OUT; all get its answer
 
     # The store decides the dims; an --init student or a teacher must have been built for them.
     store = open_store(cfg.shards)
@@ -362,7 +119,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
         check_fits("teacher", cfg.teacher, read_official(cfg.teacher), store)
         teacher_id = teacher_identity(cfg.teacher)
     if previous is not None:
-        _check_resumable(cfg, previous, store_id, teacher_id)
+        check_resumable(cfg, previous, store_id, teacher_id)
     init_state = None
     if cfg.init is not None and previous is None:
         init_state = read_official(cfg.init)
@@ -371,9 +128,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
     # Student (seeded alike on every rank), teacher (frozen; its construction leaves the
     # student's random stream alone, so a distillation run with d_coef=0 is plain training),
     # loader (seeded per rank, see _rank_stream).
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    random.seed(cfg.seed)
+    _seed_all(cfg.seed)
     agent = TDMPC2Agent(model_cfg, device)
     if init_state is not None:
         _load_into(agent.model, init_state, cfg.init, dims)
@@ -384,8 +139,8 @@ def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
         teacher = prepare_teacher(teacher.to(device), TEACHER_DTYPES[cfg.teacher_dtype])
         teacher_id["size"] = teacher.cfg.model_size
     if cfg.compile:
-        _compile(agent.model)
-    stream = _rank_stream(cfg, ranks, previous)
+        compile_model(agent.model)
+    stream = rank_stream(cfg.seed, cfg.checkpoint_path, ranks, previous)
     loader = SliceLoader(
         store,
         batch_size=cfg.batch_size,
@@ -556,43 +311,7 @@ def _final_rows(out: Path) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True)
-class _Stream:
-    """Where one rank's random draws come from (see `_rank_stream`)."""
-
-    seed: int  # of the rank's loader, and of its update noise when `reseed`
-    loader: dict[str, Any] | None  # loader state to continue, or None: a fresh stream
-    rng: dict[str, Any] | None  # generator states to continue
-    reseed: bool  # seed torch/numpy/python with `seed` before the first update
-    notice: str | None = None  # what rank 0 says about it
-
-
-def _rank_stream(cfg: TrainConfig, ranks: Ranks, previous: dict[str, Any] | None) -> _Stream:
-    """This rank's data and update-noise stream.
-
-    A new run: `stream_seed(seed, rank, world size)`, which for a single rank is the run's
-    seed and its generators as model init left them (so one process draws what it always
-    did). A resume with the checkpoint's number of ranks: each rank continues its own saved
-    stream exactly. A resume with another number of ranks: the model, optimisers and step
-    continue, and every rank starts a fresh stream derived from (seed, rank, world size,
-    step), which no earlier stream of the run shares.
-    """
-    if previous is None:
-        seed = stream_seed(cfg.seed, ranks.rank, ranks.world_size)
-        return _Stream(seed, None, None, reseed=ranks.distributed)
-    saved = [{"loader": previous["loader"], "rng": previous["rng"]}, *previous["other_ranks"]]
-    if len(saved) == ranks.world_size:
-        mine = saved[ranks.rank]
-        return _Stream(mine["loader"]["seed"], mine["loader"], mine["rng"], reseed=False)
-    step = previous["step"]
-    notice = (
-        f"{cfg.checkpoint_path}: written by {len(saved)} rank(s), resumed by "
-        f"{ranks.world_size}: model, optimisers and step {step} continue; each rank's data "
-        f"stream is re-derived from (seed {cfg.seed}, rank, {ranks.world_size} ranks, step "
-        f"{step}), so the batches differ from those of an uninterrupted run"
-    )
-    seed = stream_seed(cfg.seed, ranks.rank, ranks.world_size, step)
-    return _Stream(seed, None, None, reseed=True, notice=notice)
+# -- checks ------------------------------------------------------------------------------------
 
 
 def _seed_all(seed: int) -> None:
@@ -601,12 +320,10 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
 
 
-# -- checks ------------------------------------------------------------------------------------
-
-
 def store_dims(store: Store) -> dict[str, Any]:
     """`ModelConfig.for_size` dims from a store's metadata. An episode of R stored rows holds
-    R - 1 agent steps (row 0 is the reset observation), which sets the discount (spec A.3)."""
+    R - 1 agent steps (row 0 is the reset observation), which sets the discount
+    (docs/tdmpc2.md#discount)."""
     n_tasks = len(store.task_names)
     return {
         "obs_dim": store.obs_dim,
@@ -665,125 +382,10 @@ def _load_teacher(path: Path, size: int | None, dims: dict[str, Any]) -> WorldMo
     return teacher
 
 
-def _compile(model: WorldModel) -> None:
+def compile_model(model: WorldModel) -> None:
     """Compile the MLPs in place (state_dict keys unchanged); the Q ensemble stays eager."""
     for module in (model._encoder["state"], model._dynamics, model._reward, model._pi):
         module.compile()
-
-
-def resume_config(out: Path, given: dict[str, Any], command: str) -> TrainConfig:
-    """The settings of the run in `out` (its config.json), for `trainer <command> --out OUT
-    --resume`, with the settings in `given` given again: those that change the math must
-    agree with the run's; the others (--steps, logging, progress, threads) replace them."""
-    path = Path(out) / CONFIG_FILE
-    if not path.is_file():
-        raise ResumeError(
-            f"--resume: {out} holds no {CONFIG_FILE}, so no run to continue; start the run "
-            f"without --resume"
-        )
-    try:
-        saved = json.loads(path.read_text())["config"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ResumeError(
-            f"{path} is damaged ({e!r}); give every setting again together with --resume"
-        ) from e
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    saved = {k: v for k, v in saved.items() if k in known}
-    if (command == "distill") != (saved.get("teacher") is not None):
-        kind = "a distillation run" if saved.get("teacher") is not None else "a training run"
-        other = "distill" if saved.get("teacher") is not None else "train"
-        raise ResumeError(f"{out} holds {kind}: resume it with `trainer {other} --resume`")
-    cfg = TrainConfig(**{**saved, **given, "out": out, "resume": True, "overwrite": False})
-    old = TrainConfig(**{**saved, "out": out, "resume": True, "overwrite": False})
-    differ = [
-        f"--{k.replace('_', '-')} {getattr(old, k)} (the run's) vs {getattr(cfg, k)} (given)"
-        for k in cfg.math_fields
-        if k in given and getattr(cfg, k) != getattr(old, k)
-    ]
-    if differ:
-        raise ResumeError(
-            f"--resume: {'; '.join(differ)}: these change the math of the run in {out}; leave "
-            f"them out to take the run's settings from {path}, or start a new run elsewhere"
-        )
-    return cfg
-
-
-def _check_out_beside_store(cfg: TrainConfig) -> None:
-    """Refuse a run folder inside the store (or the store inside the run folder): run files
-    would mix with the store's, and --overwrite would delete from it."""
-    if "://" in cfg.shards:
-        return
-    out, store = cfg.out.resolve(), Path(cfg.shards).resolve()
-    if out == store or store in out.parents or out in store.parents:
-        raise TrainConfigError(
-            f"--out {cfg.out} and the store {cfg.shards} overlap: run files would be written "
-            f"among the store's; give an --out outside the store, e.g. runs/<name>"
-        )
-
-
-def _previous_run(cfg: TrainConfig) -> dict[str, Any] | None:
-    """The checkpoint to resume from, or None for a new run; refuses to overwrite a run
-    unless told to (--overwrite), and then removes the old run's files first."""
-    path = cfg.checkpoint_path
-    if cfg.resume:
-        if not path.is_file():
-            raise ResumeError(
-                f"--resume: {cfg.out} holds no {CHECKPOINT_FILE} to continue from (the run "
-                f"stopped before its first checkpoint); start it again with --overwrite"
-            )
-        return read_training_checkpoint(path)
-    found = [p for p in _run_files(cfg.out) if p.exists()]
-    if found and not cfg.overwrite:
-        raise ResumeError(
-            f"{cfg.out} already holds a run ({', '.join(p.name for p in found)}); pass "
-            f"--resume to continue it, --overwrite to delete it and start again, or choose "
-            f"another --out"
-        )
-    for p in found:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    return None
-
-
-def _run_files(out: Path) -> list[Path]:
-    """What a run writes into its folder (all of it: --overwrite deletes these)."""
-    names = (
-        CHECKPOINT_FILE, CONFIG_FILE, SUMMARY_FILE, *RUN_LOG_FILES, TENSORBOARD_DIR,
-        WANDB_DIR, BEST_FILE, BEST_INFO_FILE,
-    )  # fmt: skip
-    return [out / name for name in names]
-
-
-def _check_resumable(
-    cfg: TrainConfig,
-    previous: dict[str, Any],
-    store_id: dict[str, Any],
-    teacher_id: dict[str, Any] | None,
-) -> None:
-    old, new = previous["config"], cfg.to_dict()
-    differ = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in cfg.math_fields if old.get(k) != new[k]]
-    if previous["store"]["meta_sha256"] != store_id["meta_sha256"]:
-        differ.append(
-            f"store {previous['store']['path']} -> {store_id['path']} (other data: "
-            f"meta.json sha256 {previous['store']['meta_sha256'][:12]} vs "
-            f"{store_id['meta_sha256'][:12]})"
-        )
-    old_teacher = previous.get("teacher")
-    if (old_teacher is None) != (teacher_id is None) or (
-        teacher_id is not None and old_teacher["sha256"] != teacher_id["sha256"]
-    ):
-        describe = lambda t: "none" if t is None else f"{t['path']} (sha256 {t['sha256'][:12]})"  # noqa: E731
-        differ.append(f"teacher {describe(old_teacher)} -> {describe(teacher_id)}")
-    if differ:
-        raise ResumeError(
-            f"cannot resume {cfg.checkpoint_path}: settings that change the math differ from "
-            f"the run's: {'; '.join(differ)}. Resume with the run's settings (see "
-            f"{cfg.out / CONFIG_FILE}) or start a new run in another --out."
-        )
-    if cfg.steps < previous["step"]:
-        raise ResumeError(
-            f"cannot resume {cfg.checkpoint_path}: it is at step {previous['step']}, past "
-            f"--steps {cfg.steps}; give --steps >= {previous['step']}"
-        )
 
 
 # -- reporting ---------------------------------------------------------------------------------
