@@ -10,7 +10,7 @@ Owns the episode pool, its background refill and the batch hand-off to the devic
   Which episodes enter, and which (slot, start row) each batch draws, come from
   `datapipe.sample` as a function of the seed and a counter: same seed, same batches.
 - Batch: numpy `take` from the pool straight into the batch's buffers, in the official layout
-  (../shared/spec/mt30.md): obs [H+1,B,O], action [H,B,A], reward [H,B,1], task [B] long,
+  (docs/mt30.md#slices): obs [H+1,B,O], action [H,B,A], reward [H,B,1], task [B] long,
   from rows obs[s:s+H+1], action[s+1:s+H+1], reward[s+1:s+H+1], task of the episode. Row 0's
   NaN action/reward therefore never enter a batch.
 - Device: on CPU every batch is gathered straight into new tensors (no pinning, nothing

@@ -1,4 +1,5 @@
-"""Tests for trainer.checkpoint: official file formats (spec C.2, C.3), quantized files (G)."""
+"""Tests for trainer.checkpoint: official file formats (docs/tdmpc2.md#checkpoints), quantized files
+(docs/distillation.md#quantization)."""
 
 from pathlib import Path
 
@@ -31,7 +32,7 @@ OLD_FIELDS = ("weight", "bias", "ln.weight", "ln.bias")
 
 
 def to_old_api(state: dict) -> dict:
-    """Our new-API state_dict in the pre-Nov-2024 layout (inverse of spec C.3)."""
+    """Our new-API state_dict in the pre-Nov-2024 layout (inverse of docs/tdmpc2.md#old-api)."""
     out = {}
     for key, value in state.items():
         if key in ("_action_masks", "log_std_min", "log_std_dif"):
@@ -238,7 +239,8 @@ def test_fixture_fp16_loads_as_1m_model():
     assert torch.equal(sd["_target_Qs_params.0.weight"], raw["_target_Qs.params.0"].float())
     assert all(torch.isfinite(x).all() for x in outputs(model))
     norms = model._task_emb.weight.norm(dim=-1)
-    assert norms.max() < 1.001 and norms.min() > 0.8  # spec B.6: trained rows near norm 1
+    # trained rows sit near norm 1 (docs/tdmpc2.md#task-embedding)
+    assert norms.max() < 1.001 and norms.min() > 0.8
 
 
 @needs_fixtures

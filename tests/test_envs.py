@@ -1,5 +1,5 @@
 """MT30 envs: dims, padding, masking and episode length for all 30 tasks, and the 11 custom
-rewards checked on hand-set physics states (spec A.2, A.3, E, F)."""
+rewards checked on hand-set physics states (docs/tdmpc2.md#tasks, #environments, #custom-tasks)."""
 
 from __future__ import annotations
 

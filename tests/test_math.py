@@ -1,4 +1,5 @@
-"""Tests for trainer.math: symlog, two-hot regression (spec B.5) and RunningScale (D.2 step 7)."""
+"""Tests for trainer.math: symlog, two-hot regression (docs/tdmpc2.md#two-hot) and RunningScale
+(docs/tdmpc2.md#running-scale)."""
 
 import math
 

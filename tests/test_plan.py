@@ -1,4 +1,4 @@
-"""trainer.plan: batched MPPI (spec E) and policy-only action selection."""
+"""trainer.plan: batched MPPI (docs/tdmpc2.md#mppi) and policy-only action selection."""
 
 from __future__ import annotations
 

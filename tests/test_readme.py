@@ -1,5 +1,8 @@
 """The README's module map is the project's table of contents: every file it lists exists
-in the folder it lists it under, and every module and script of the packages is listed."""
+in the folder it lists it under, and every module and script of the packages is listed.
+The facts the code cites live in docs/: every `docs/NAME.md#anchor` pointer names a heading
+there, and nothing points at the development notes beside the repository, which a clone
+does not have."""
 
 from __future__ import annotations
 
@@ -55,3 +58,62 @@ def test_every_module_is_listed():
             assert any(fnmatch.fnmatch(name, pattern) for pattern in listed[package]), (
                 f"{package}/{name} is not in the README's module map"
             )
+
+
+# `docs/tdmpc2.md#update`, optionally followed by more anchors of the same page: `, #batch`.
+POINTER = re.compile(r"docs/([a-z0-9_]+\.md)(#[a-z0-9-]+(?:,\s*#[a-z0-9-]+)*)")
+DOC_LINK = re.compile(r"\]\(([a-z0-9_]+\.md)?(#[a-z0-9-]+)\)")  # [text](page.md#a), [text](#a)
+
+
+def cited_files() -> list[Path]:
+    """Every file whose comments, docstrings or text may cite docs/."""
+    files = [path for package in PACKAGES for path in (ROOT / package).rglob("*.py")]
+    files += (ROOT / "tests").glob("*.py")
+    return files + list(ROOT.glob("*.md")) + list((ROOT / "docs").glob("*.md"))
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors of a markdown page (lower case, punctuation dropped)."""
+    found, fenced = set(), False
+    for line in page.read_text().splitlines():
+        fenced ^= line.startswith("```")
+        if not fenced and re.match(r"^#{1,6} ", line):
+            title = line.lstrip("#").strip().lower()
+            found.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return found
+
+
+def pointers(path: Path) -> list[tuple[str, str]]:
+    """(page, anchor) of every docs pointer in `path`; links inside docs/ count too."""
+    text = path.read_text()
+    found = [
+        (page, anchor)
+        for page, tail in POINTER.findall(text)
+        for anchor in re.findall(r"#[a-z0-9-]+", tail)
+    ]
+    if path.parent == ROOT / "docs":
+        found += [(page or path.name, anchor) for page, anchor in DOC_LINK.findall(text)]
+    return found
+
+
+def test_every_docs_pointer_names_a_heading():
+    targets = {page.name: anchors(page) for page in (ROOT / "docs").glob("*.md")}
+    assert {"tdmpc2.md", "mt30.md", "distillation.md"} <= set(targets)
+    cited = {(path, page, anchor) for path in cited_files() for page, anchor in pointers(path)}
+    assert len(cited) > 100, "the pointer pattern no longer finds the code's docs/ pointers"
+    for path, page, anchor in sorted(cited):
+        where = path.relative_to(ROOT)
+        assert page in targets, f"{where} points at docs/{page}, which does not exist"
+        assert anchor[1:] in targets[page], (
+            f"{where} points at docs/{page}{anchor}, which is no heading of that page; "
+            f"its anchors: {sorted(targets[page])}"
+        )
+
+
+def test_nothing_points_at_the_development_notes():
+    notes = "shared" + "/spec"  # spelled in two parts so this file does not match itself
+    for path in cited_files():
+        assert notes not in path.read_text(), (
+            f"{path.relative_to(ROOT)} cites ../{notes}, which a clone does not have; "
+            f"point at the matching docs/ section instead"
+        )

@@ -1,4 +1,5 @@
-"""The TD-MPC2 agent: optimisers, the update (spec D.2-D.4) and reward distillation (D.5).
+"""The TD-MPC2 agent: optimisers, the update (docs/tdmpc2.md#update) and reward distillation
+(docs/distillation.md#loss).
 
 The losses are pure functions of a model and tensors; `TDMPC2Agent` owns the mutable state
 (world model, two Adam optimisers, running Q scale, discounts) and runs one update at a time.
@@ -26,9 +27,10 @@ DistillSteps = Literal["first", "all"]
 def td_targets(
     model: WorldModel, next_z: Tensor, reward: Tensor, discount: Tensor, task: Tensor
 ) -> Tensor:
-    """y_t = r_t + gamma_task * Q_min^target(z'_t, a'_t), a'_t ~ pi(z'_t) (spec D.2 step 1).
+    """y_t = r_t + gamma_task * Q_min^target(z'_t, a'_t), a'_t ~ pi(z'_t).
 
-    mt30 is not episodic: the official (1 - terminated) factor is 1 and is left out.
+    docs/tdmpc2.md#td-targets. mt30 is not episodic: the official (1 - terminated) factor is
+    1 and is left out.
     """
     action, _ = model.pi(next_z, task)
     return reward + discount * model.Q(next_z, action, task, mode="min", target=True)
@@ -44,7 +46,7 @@ def model_losses(
     task: Tensor,
     rho: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Latent rollout and the world-model losses (spec D.2 steps 3-5).
+    """Latent rollout and the world-model losses (docs/tdmpc2.md#model-loss).
 
     Returns (zs [H+1, B, L], consistency, reward, value), each loss already divided by H
     (value also by Nq).
@@ -87,10 +89,10 @@ def pi_loss(
     entropy_coef: float,
     rho: float,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Policy loss on detached latents (spec D.2 step 7); updates `scale` from Q at t = 0.
+    """Policy loss on detached latents; updates `scale` from Q at t = 0.
 
-    Q comes from the detached online ensemble: gradients reach the actions and the task
-    embedding, never the Q weights.
+    docs/tdmpc2.md#policy-update. Q comes from the detached online ensemble: gradients reach
+    the actions and the task embedding, never the Q weights.
     """
     action, info = model.pi(zs, task)
     q = model.Q(zs, action, task, mode="avg", detach=True)
@@ -109,7 +111,7 @@ def reward_distillation_loss(
     task: Tensor,
     steps: DistillSteps = "first",
 ) -> tuple[Tensor, Tensor]:
-    """MSE between student and teacher scalar rewards on real data (spec D.5).
+    """MSE between student and teacher scalar rewards on real data (docs/distillation.md#loss).
 
     r = two_hot_inv(reward(encode(obs_t), action_t)) with the student's bins for both.
     `steps="first"`: t = 0 only (the paper's variant); `"all"`: t = 0..H-1, plain mean.
@@ -149,8 +151,9 @@ def world_model_loss(
     d_coef: float = 0.0,
     distill: DistillSteps = "first",
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """The loss of the model step (spec D.2 step 5), plus d_coef times the reward-distillation
-    loss (D.5) with a teacher (with d_coef = 0 that loss is only computed for the log).
+    """The loss of the model step (docs/tdmpc2.md#model-loss), plus d_coef times the reward-
+    distillation loss (docs/distillation.md#loss) with a teacher (with d_coef = 0 that loss
+    is only computed for the log).
 
     Returns (total, zs [H+1, B, L], the logged losses as tensors).
     """
@@ -267,9 +270,10 @@ class TDMPC2Agent:
         d_coef: float = 0.0,
         distill: DistillSteps = "first",
     ) -> dict[str, float]:
-        """One update (spec D.2) on obs [H+1, B, O], action [H, B, A], reward [H, B, 1] (or
-        [H, B]) and task [B]. With a teacher and d_coef > 0 the reward-distillation loss
-        (spec D.5) enters the same backward pass; with d_coef = 0 it is only logged."""
+        """One update (docs/tdmpc2.md#update) on obs [H+1, B, O], action [H, B, A], reward
+        [H, B, 1] (or [H, B]) and task [B]. With a teacher and d_coef > 0 the reward-
+        distillation loss (docs/distillation.md#loss) enters the same backward pass; with
+        d_coef = 0 it is only logged."""
         cfg, model = self.cfg, self.model
         obs, action, reward, task = self._check_batch(obs, action, reward, task)
 
@@ -302,10 +306,10 @@ class TDMPC2Agent:
         }
 
     def update_pi(self, zs: Tensor, task: Tensor) -> dict[str, float]:
-        """Policy step on detached latents [H+1, B, L] (spec D.2 step 7).
+        """Policy step on detached latents [H+1, B, L] (docs/tdmpc2.md#policy-update).
 
         The task-embedding gradient it leaves behind is not cleared: as in the official
-        code it is added to the next model step (spec D.4).
+        code it is added to the next model step (docs/tdmpc2.md#exactness).
         """
         cfg = self.cfg
         loss, info = self.losses("pi", zs, task, self.scale, cfg.entropy_coef, cfg.rho)
@@ -354,7 +358,7 @@ class TDMPC2Agent:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume training exactly: model, optimisers, running scale and
-        the leftover task-embedding gradient (spec D.4)."""
+        the leftover task-embedding gradient (docs/tdmpc2.md#exactness)."""
         grad = self.model._task_emb.weight.grad
         return {
             "model": self.model.state_dict(),

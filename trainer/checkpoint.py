@@ -1,9 +1,9 @@
-"""Reading and writing official TD-MPC2 world-model files (spec C.2, C.3, G).
+"""Reading and writing official TD-MPC2 world-model files (docs/tdmpc2.md#checkpoints).
 
 The official file format is `{"model": state_dict}`. This module owns:
   * reading such files (new API, or old API converted as the official `load()` does),
     with float16/bfloat16 tensors cast to float32;
-  * refusing quantized files (spec G) unless explicitly allowed;
+  * refusing quantized files (docs/distillation.md#quantization) unless explicitly allowed;
   * telling the model size from the tensor shapes;
   * writing our model in the new-API format, atomically.
 """
@@ -49,7 +49,10 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 
 
 class QuantizedCheckpointError(CheckpointError):
-    """A checkpoint holds quantized tensors (spec G) and quantized files were not allowed."""
+    """A checkpoint holds quantized tensors and quantized files were not allowed.
+
+    What the paper's quantized files hold: docs/distillation.md#quantization.
+    """
 
 
 def read_checkpoint(path: str | os.PathLike, allow_quantized: bool = False) -> dict[str, Any]:
@@ -142,7 +145,7 @@ def _describe_quantized(path: Path, quantized: dict[str, Tensor], n_entries: int
     scale_text = ", ".join(repr(s) for s in sorted(scales)[:_SHOW])
     verdict = (
         "At scale 1.0 every weight of magnitude below 0.5 rounds to 0, so the network these "
-        "tensors describe is destroyed: the file is unusable as a model (spec G)."
+        "tensors describe is destroyed: the file is unusable as a model (docs/distillation.md#quantization)."
         if scales == {1.0}
         else "Check that the quantization scales are calibrated before trusting this file."
     )
@@ -186,7 +189,7 @@ def _rename_old_q_keys(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def convert_to_new_api(state: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
-    """Spec C.3: an old- or new-API state_dict in the new layout of `reference`.
+    """docs/tdmpc2.md#old-api: an old- or new-API state_dict in the new layout of `reference`.
 
     `reference` is the state_dict of a freshly built model; old-API files get their
     `__batch_size`/`__device`, `log_std_*` and `_action_masks` entries from it.

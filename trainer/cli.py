@@ -170,7 +170,7 @@ def export_cmd(checkpoint: Path, out: Path) -> None:
     "--tasks", default="mt30", show_default=True, help="mt30, or comma-separated task names."
 )
 @click.option(
-    "--episodes", type=int, default=10, show_default=True, help="Episodes per task (spec E: 10)."
+    "--episodes", type=int, default=10, show_default=True, help="Episodes per task (official: 10)."
 )
 @click.option("--no-mpc", is_flag=True, help="Act with the policy mean instead of MPPI planning.")
 @click.option(

@@ -1,4 +1,4 @@
-"""MT30 evaluation on dm_control physics (spec E): `trainer eval`.
+"""MT30 evaluation on dm_control physics (docs/tdmpc2.md#evaluation): `trainer eval`.
 
 This module owns the evaluation protocol and its outputs: per-task mean undiscounted return
 over `episodes` episodes, the normalized score (mean over tasks of return / 10), and the
@@ -7,7 +7,7 @@ files eval.csv, eval.json and eval.png (bar chart of per-task scores).
 Protocol. Each task's env is built with seed `seed` (`task_kwargs={'random': seed}`) and its
 RandomState carries over across resets, so episode k starts from the state drawn by the
 (k+1)-th reset, as in the official loop (one env per task, its episodes in turn). Actions:
-MPPI (spec E) or the policy mean, without exploration noise (eval_mode, the official
+MPPI (docs/tdmpc2.md#mppi) or the policy mean, without exploration noise (eval_mode, the official
 training-loop protocol; the official standalone evaluate.py adds planner noise).
 
 Batching. By default every episode is its own batch, as in the official code: the networks
@@ -19,8 +19,8 @@ float32 GEMM rounding depends on the batch size and the chaotic tasks (walker, c
 fish, hopper, finger-turn-hard) amplify 1e-6 into tens of points, so lockstep returns depend
 on which tasks and episodes run together: a different protocol, recorded as such.
 
-Seeding. The env seed is `seed` (spec E). The planner's draws (and the policy's samples,
-which the policy mean ignores) come from torch's global generator, seeded at the start of
+Seeding. The env seed is `seed` (docs/tdmpc2.md#environments). The planner's draws (and the
+policy's samples, which the policy mean ignores) come from torch's global generator, seeded at the start of
 each episode from (seed, task id, episode index) (`episode_seed`): an episode's plans do not
 depend on which process runs it or on what ran before it. The official loop seeds once and
 draws from one stream across all tasks in turn, so MPPI returns match it in distribution,
@@ -68,7 +68,7 @@ class EvalConfig:
         Path  # world-model file: official (old/new API, any size) or `trainer quantize` output
     )
     tasks: str = "mt30"  # "mt30" (all 30) or comma-separated MT30 task names
-    episodes: int = 10  # episodes per task (spec E: 10)
+    episodes: int = 10  # episodes per task (docs/tdmpc2.md#normalized-score: 10)
     mpc: bool = True  # plan with MPPI; False (--no-mpc): act with the policy mean
     workers: int = -1  # processes over episodes; 0 or 1 = all in this process; -1 = one per core
     seed: int = 1  # env seed (task_kwargs random), root of the planner's per-episode seeds
@@ -110,7 +110,7 @@ class EvalResult:
 
     @property
     def normalized_score(self) -> float:
-        """Mean over tasks of return / 10 (spec E)."""
+        """Mean over tasks of return / 10 (docs/tdmpc2.md#normalized-score)."""
         return float(np.mean([t.score for t in self.tasks]))
 
     def to_dict(self) -> dict[str, Any]:
@@ -369,10 +369,11 @@ def evaluate(
     lockstep: bool = False,
     progress: bool = False,
 ) -> EvalResult:
-    """Per-task returns and the normalized score of `model` on MT30 tasks (spec E).
+    """Per-task returns and the normalized score of `model` on MT30 tasks.
 
-    `eval_mode=False` adds the planner's exploration noise, as the official standalone
-    evaluate.py (and TD-MPC-Opt's) do; it has no effect with `mpc=False`.
+    The protocol: docs/tdmpc2.md#evaluation. `eval_mode=False` adds the planner's exploration
+    noise, as the official standalone evaluate.py (and TD-MPC-Opt's) do; it has no effect
+    with `mpc=False`.
 
     Each episode is its own batch (the returns do not depend on `workers`); `workers` >= 2:
     that many processes (spawned, one torch thread each), one job per episode; 0 or 1: this

@@ -1,4 +1,5 @@
-"""Discrete regression in symlog space (spec B.5) and the running Q scale (spec D.2 step 7).
+"""Discrete regression in symlog space (docs/tdmpc2.md#two-hot) and the running Q scale
+(docs/tdmpc2.md#running-scale).
 
 Pure tensor functions plus one small stateful module; nothing here knows about devices
 beyond following its inputs.

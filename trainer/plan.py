@@ -1,4 +1,4 @@
-"""Action selection from a world model: batched MPPI planning (spec E) and policy-only.
+"""Action selection from a world model: batched MPPI planning (docs/tdmpc2.md#mppi) and policy-only.
 
 This module owns the planner's parameters (`MPPIConfig`, the official values), the planning
 computation and the per-environment warm-start state (`Actor`). Everything is batched over a
@@ -26,7 +26,7 @@ from trainer.model import WorldModel
 
 @dataclass(frozen=True)
 class MPPIConfig:
-    """MPPI parameters (spec E; the official mt30 values are the defaults)."""
+    """MPPI parameters (docs/tdmpc2.md#mppi; the official mt30 values are the defaults)."""
 
     horizon: int = 3  # planning horizon H, in latent steps
     iterations: int = 6  # MPPI iterations per chosen action
@@ -89,7 +89,7 @@ def plan(
     cfg: MPPIConfig = OFFICIAL_MPPI,
     eval_mode: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """One MPPI step for N environments at once (spec E, official `_plan`).
+    """One MPPI step for N environments at once (docs/tdmpc2.md#mppi, official `_plan`).
 
     obs [N, O], task [N] (long); prev_mean [N, H, A] is the previous step's final mean (the
     warm start), zeros or None at an episode's first step. Returns (action [N, A] in [-1, 1]
@@ -155,7 +155,7 @@ class Actor:
     """Chooses actions for N environments: MPPI with its warm start, or the policy mean.
 
     `reset(envs)` marks the start of an episode in those environments (all by default), so
-    their next plan starts from mean 0 (spec E).
+    their next plan starts from mean 0 (docs/tdmpc2.md#mppi).
     """
 
     def __init__(

@@ -1,7 +1,7 @@
 """TD-MPC2 model-size presets for mt30 and the frozen `ModelConfig` built from them.
 
 This module owns every number that shapes the world model or the update: the size table
-(spec A.1, values after the official config parser has run with `task=mt30`) and the
+(docs/tdmpc2.md#sizes: values after the official config parser has run with `task=mt30`) and the
 hyperparameters shared by all sizes. Dataset facts (obs/action dims, number of tasks,
 episode lengths) are constructor arguments, so they can come from a store's metadata; the
 mt30 values below are only defaults.
@@ -24,7 +24,7 @@ class SizePreset:
     task_dim: int
 
 
-# Spec A.1. The mt30 special cases are already applied:
+# docs/tdmpc2.md#sizes. The mt30 special cases are already applied:
 #   task_dim is 96 for sizes 1 and 317 and 64 otherwise;
 #   num_q is 2 for 1M, 8 for 317M and the config default 5 otherwise;
 #   19M uses latent_dim 512 on mt30 (the generic size table says 768).
@@ -42,11 +42,11 @@ PRESETS: dict[int, SizePreset] = {
     ),
 }
 
-# Spec A.2: active action dims of the 30 mt30 tasks, in task-index order.
+# docs/tdmpc2.md#tasks: active action dims of the 30 mt30 tasks, in task-index order.
 MT30_ACTION_DIMS: tuple[int, ...] = (
     6, 6, 6, 6, 2, 2, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 5, 4, 4, 6, 6, 6, 6, 6, 6, 4, 3, 3, 2, 1,
 )  # fmt: skip
-# Spec A.3: every mt30 episode lasts 500 agent steps.
+# docs/tdmpc2.md#discount: every mt30 episode lasts 500 agent steps.
 MT30_EPISODE_LENGTH = 500
 
 
@@ -54,7 +54,7 @@ MT30_EPISODE_LENGTH = 500
 class ModelConfig:
     """Everything the world model and its update need; build it with `ModelConfig.for_size`."""
 
-    # Preset (spec A.1 first table).
+    # Preset (docs/tdmpc2.md#sizes).
     model_size: int = 1  # parameter count in millions; a key of PRESETS
     enc_dim: int = 256  # width of the encoder's hidden layers
     mlp_dim: int = 384  # width of the dynamics/reward/pi/Q hidden layers
@@ -62,12 +62,12 @@ class ModelConfig:
     num_enc_layers: int = 2  # number of NormedLinear layers in the encoder
     num_q: int = 2  # members of the Q ensemble
     task_dim: int = 96  # task-embedding width
-    # Dataset dims (spec A.2/A.3; defaults are mt30).
+    # Dataset dims (docs/tdmpc2.md#tasks, #discount; defaults are mt30).
     obs_dim: int = 24  # padded observation dim
     action_dim: int = 6  # padded action dim
     action_dims: tuple[int, ...] = MT30_ACTION_DIMS  # active action dims per task
     episode_lengths: tuple[int, ...] = field(default=(MT30_EPISODE_LENGTH,) * 30)  # per task
-    # Shared hyperparameters (spec A.1 second table, A.3).
+    # Shared hyperparameters (docs/tdmpc2.md#settings, #discount).
     simnorm_dim: int = 8  # SimNorm group size
     num_bins: int = 101  # two-hot bins
     vmin: float = -10.0  # lowest bin, symlog space
@@ -155,7 +155,7 @@ class ModelConfig:
 
     @property
     def discounts(self) -> tuple[float, ...]:
-        """Per-task discount (spec A.3): clip((frac-1)/frac) with frac = length/denom."""
+        """Per-task discount (docs/tdmpc2.md#discount): clip((frac-1)/frac), frac = length/denom."""
         out = []
         for length in self.episode_lengths:
             frac = length / self.discount_denom

@@ -14,13 +14,13 @@ This module owns:
     rounding error (there is no int8 kernel on this path; the gain is file size);
   * `load_any`: a runnable model from an official file (old or new API, any size, dims read
     from the file), from our training checkpoints or quantized files, or refusing the paper's scale-1.0 qint8 files
-    (spec G) unless `allow_quantized`;
+    (docs/distillation.md#quantization) unless `allow_quantized`;
   * `fidelity`: quantized vs reference outputs (reward, Q, policy action) on held-out batches;
   * `heldout_transitions`: (obs_{k-1}, a_k, r_k, task) of real rollouts in a chunk folder,
     the held-out data of `fidelity` and of `trainer.report`'s reward errors.
 
-The paper's quantization (spec G) rounds every weight with scale 1.0, which zeroes almost all
-of them; nothing here uses a fixed scale.
+The paper's quantization (docs/distillation.md#quantization) rounds every weight with scale
+1.0, which zeroes almost all of them; nothing here uses a fixed scale.
 """
 
 from __future__ import annotations
@@ -184,8 +184,8 @@ def load_any(
     * Our training checkpoints (`trainer.runstate`): the world model they hold, float32.
     * Our quantized files: fp16/bf16 run in that dtype where the device supports it
       (`runtime_dtype`), int8 is dequantized into float32.
-    * The paper's qint8 files (scale 1.0, spec G) raise `QuantizedCheckpointError` with what
-      is wrong, unless `allow_quantized` (then they load dequantized, for inspection only).
+    * The paper's qint8 files (scale 1.0, docs/distillation.md#quantization) raise
+      `QuantizedCheckpointError` with what is wrong, unless `allow_quantized` (then they load dequantized, for inspection only).
     `dtype` forces the compute dtype.
     """
     path = Path(path)

@@ -640,7 +640,7 @@ def _clean(obj: Any) -> Any:
 
 def policy_words(mpc: bool) -> str:
     if mpc:
-        return "MPPI planning with the world model (spec E)"
+        return "MPPI planning with the world model (docs/tdmpc2.md#mppi)"
     return "policy-only: the policy network's mean action, no planning"
 
 

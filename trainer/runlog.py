@@ -30,7 +30,7 @@ import torch
 
 from trainer.errors import TrainConfigError
 
-# Spec D.2 step 10, in the official order.
+# docs/tdmpc2.md#logged-values, in the official order.
 UPDATE_METRICS = (
     "consistency_loss",
     "reward_loss",
@@ -44,8 +44,8 @@ UPDATE_METRICS = (
     "pi_scaled_entropy",
     "pi_scale",
 )
-# Spec D.5: logged when a teacher is given; reward_mae_teacher = mean |r_student - r_teacher|
-# on the batch (lower: closer to the teacher).
+# docs/distillation.md#loss: logged when a teacher is given; reward_mae_teacher =
+# mean |r_student - r_teacher| on the batch (lower: closer to the teacher).
 DISTILL_METRICS = ("distill_loss", "reward_mae_teacher", "d_coef")
 # Speed over the steps since the previous row; data_wait = share of that time spent in the loader.
 SPEED_METRICS = ("steps_per_s", "data_wait")

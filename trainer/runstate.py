@@ -20,8 +20,8 @@ dict of plain values and tensors, readable with `torch.load(..., weights_only=Tr
     teacher       identity of the teacher file (path, sha256, size) or None
     torch_version the torch that wrote it
 
-Official world-model files (`{"model": state_dict}`, spec C.2) are a separate format owned by
-`trainer.checkpoint`; `export` writes one from either kind of file.
+Official world-model files (`{"model": state_dict}`, docs/tdmpc2.md#checkpoints) are a
+separate format owned by `trainer.checkpoint`; `export` writes one from either kind of file.
 """
 
 from __future__ import annotations
@@ -79,9 +79,10 @@ def teacher_identity(path: str | os.PathLike, size: int | None = None) -> dict[s
 
 
 def official_dims(state: dict[str, Any]) -> dict[str, Any]:
-    """Dataset dims an official state_dict was built for, read from its shapes (spec C.2):
-    n_tasks, obs_dim, action_dim and, where `_action_masks` is stored (new API), action_dims.
-    A dim that cannot be read is left out; the size check then reports the layout problem."""
+    """Dataset dims an official state_dict was built for, read from its shapes
+    (docs/tdmpc2.md#new-api): n_tasks, obs_dim, action_dim and, where `_action_masks` is
+    stored (new API), action_dims. A dim that cannot be read is left out; the size check then
+    reports the layout problem."""
     dims: dict[str, Any] = {}
     emb, enc, pi = (
         state.get(k) for k in ("_task_emb.weight", "_encoder.state.0.weight", "_pi.2.weight")

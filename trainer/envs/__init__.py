@@ -1,7 +1,7 @@
 """The 30 MT30 evaluation environments (dm_control; needs the `envs` extra).
 
 suite    -- MT30Env (padding, action masking and repeat, 500-step episodes) and make_env
-custom   -- the 11 custom tasks: rewards and initialisation written from spec F
+custom   -- the 11 custom tasks: rewards and initialisation (docs/tdmpc2.md#custom-tasks)
 models   -- their MuJoCo models, edited from dm_control's shipped XML
 headless -- no GLFW/X11 or MuJoCo deprecation lines on a machine without a display
 

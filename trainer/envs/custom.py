@@ -1,8 +1,9 @@
-"""The 11 custom MT30 tasks (spec F): dm_control physics and tasks with our own rewards.
+"""The 11 custom MT30 tasks: dm_control physics and tasks with our own rewards.
 
-Each task subclasses the standard dm_control task of its domain, keeping its physics,
-initial-state randomisation, observation and 1000-control-step time limit, and overrides the
-reward (cup-spin also its initialisation). `CUSTOM_TASKS` maps an MT30 task name to a builder
+What each task rewards: docs/tdmpc2.md#custom-tasks. Each task subclasses the standard
+dm_control task of its domain, keeping its physics, initial-state randomisation, observation
+and 1000-control-step time limit, and overrides the reward (cup-spin also its
+initialisation). `CUSTOM_TASKS` maps an MT30 task name to a builder
 `random -> dm_control.rl.control.Environment`; nothing is registered in dm_control's suite.
 """
 

@@ -1,4 +1,6 @@
-"""MuJoCo models of the custom MT30 tasks (spec F), derived from dm_control's shipped XML.
+"""MuJoCo models of the custom MT30 tasks, derived from dm_control's shipped XML.
+
+The tasks and their arenas: docs/tdmpc2.md#custom-tasks.
 
 Each function loads the standard suite XML, edits it with xml.etree and returns
 `(xml_bytes, assets)`, ready for `Physics.from_xml_string(*model)`:

@@ -1,4 +1,4 @@
-"""MT30Env: one MT30 task as TD-MPC2's evaluation sees it (spec A.2, A.3, E).
+"""MT30Env: one MT30 task as TD-MPC2's evaluation sees it (docs/tdmpc2.md#environments).
 
 The env is built once per task with `task_kwargs={'random': seed}`, so its RandomState carries
 over across resets. Observations are the flat dm_control observation dict (dict order) as
