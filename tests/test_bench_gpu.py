@@ -13,8 +13,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tools.bench_gpu import SHARES, BenchGPUConfig, _run, bench_gpu, gpu_test_modules
-from tools.bench_gpu_parts import (
+from tools.bench.gpu import SHARES, BenchGPUConfig, _run, bench_gpu, gpu_test_modules
+from tools.bench.gpu_parts import (
     DEVICE_SIZES,
     DRY_SIZES,
     Accel,
@@ -25,7 +25,7 @@ from tools.bench_gpu_parts import (
     planner,
     project_eval,
 )
-from tools.bench_gpu_peer import official_source, official_updates
+from tools.bench.gpu_peer import official_source, official_updates
 from tools.make_teacher import make_teacher
 from trainer.checkpoint import read_checkpoint
 from trainer.errors import TrainConfigError

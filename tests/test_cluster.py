@@ -16,7 +16,7 @@ from conftest import build_store, make_source, remote_digest, store_digest
 
 from datapipe import format as fmt
 from datapipe.verify import verify
-from tools.dask_cluster import local_dask_cluster
+from tools.bench.dask_cluster import local_dask_cluster
 
 
 @pytest.fixture

@@ -182,7 +182,7 @@ def verify_shards_cmd(store, src, deep, sample, seed, as_json) -> None:
 @click.option("--episodes", type=int, default=300, show_default=True, help="Episodes to sample.")
 def bench_codecs_cmd(src, episodes) -> None:
     """Compression ratio and one-thread speed of candidate codecs and layouts."""
-    from tools.bench_codecs import bench_codecs
+    from tools.bench.codecs import bench_codecs
 
     click.echo(
         f"{'array':7} {'layout':11} {'codec':22} {'ratio':>6} {'enc MB/s':>9} {'dec GB/s':>9}"
@@ -209,7 +209,7 @@ def bench_codecs_cmd(src, episodes) -> None:
               help="Build on a real `dask scheduler` + `dask worker` processes started for it.")  # fmt: skip
 def bench_build_cmd(src, work, workers, formats, cluster) -> None:
     """Build throughput and peak RSS against a plain read of the same sources."""
-    from tools.bench_build import bench_build
+    from tools.bench.build import bench_build
 
     r = bench_build(src, work, tuple(int(w) for w in workers.split(",")), formats, cluster)
     click.echo(
@@ -251,7 +251,7 @@ def bench_build_cmd(src, work, workers, formats, cluster) -> None:
 def bench_loader_cmd(store, src, batch_sizes, horizon, cache_gb, seconds, approaches, threads,
                      refill_every, json_out):  # fmt: skip
     """Batches/s, transitions/s and peak RSS: SliceLoader vs the official torchrl path vs numpy."""
-    from tools.bench_loader import BenchLoaderConfig, bench_loader
+    from tools.bench.loader import BenchLoaderConfig, bench_loader
 
     cfg = BenchLoaderConfig(store=store, src=src, batch_sizes=tuple(batch_sizes), horizon=horizon,
                             cache_gb=cache_gb, seconds=seconds, approaches=tuple(approaches),
@@ -287,7 +287,7 @@ def bench_loader_cmd(store, src, batch_sizes, horizon, cache_gb, seconds, approa
 @click.option("--per-kind", type=int, default=10, show_default=True, help="Faults of each kind.")
 def bench_verify_cmd(store, faults_store, work, per_kind) -> None:
     """verify-shards GB/s and peak RSS; detection table of injected faults."""
-    from tools.bench_verify import fault_table, verify_throughput
+    from tools.bench.verify import fault_table, verify_throughput
 
     r = verify_throughput(store)
     click.echo(
@@ -320,7 +320,7 @@ def bench_verify_cmd(store, faults_store, work, per_kind) -> None:
 def bench_ddp_cmd(shards, work, ranks, model_size, batch_size, steps, warmup, teacher, json_out):
     """Per-step time of N-rank CPU training (torchrun, gloo) against 1 rank and against N
     independent 1-rank runs at once; the same batch per rank."""
-    from tools.bench_ddp import BenchDDPConfig, bench_ddp
+    from tools.bench.ddp import BenchDDPConfig, bench_ddp
 
     cfg = BenchDDPConfig(shards=shards, work=work, ranks=ranks, model_size=int(model_size),
                          batch_size=batch_size, steps=steps, warmup=warmup, teacher=teacher)  # fmt: skip
@@ -383,7 +383,7 @@ def bench_gpu_cmd(out, budget_s, dry_run, official, env_steps_per_s) -> None:
     after every part and OUT/gpu.md; exits 1 if a part failed or ran out of time."""
     import shlex
 
-    from tools.bench_gpu import BenchGPUConfig, bench_gpu
+    from tools.bench.gpu import BenchGPUConfig, bench_gpu
 
     if not dry_run:
         import torch
@@ -423,7 +423,7 @@ def bench_gpu_cmd(out, budget_s, dry_run, official, env_steps_per_s) -> None:
 def bench_envs_cmd(steps, tasks) -> None:
     """Agent steps/s of every MT30 environment (one process, random actions)."""
     from datapipe.tasksets import MT30
-    from tools.bench_envs import bench_envs
+    from tools.bench.envs import bench_envs
 
     names = list(MT30.names) if tasks == "mt30" else tasks.split(",")
     click.echo(f"{'task':28} {'steps/s':>9}")

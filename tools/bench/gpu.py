@@ -1,6 +1,6 @@
 """`tools bench-gpu`: every GPU figure of BENCHMARKS.md from one prepared command.
 
-Runs, in order, each in its own process with its own time cap (`tools.bench_gpu_parts`):
+Runs, in order, each in its own process with its own time cap (`tools.bench.gpu_parts`):
 the machine; `pytest -m gpu`; the synthetic store the rest reads; the training grid (1M
 student, teachers of 317M/48M/5M or none, fp32/bf16 teacher/amp/compile/compile+amp, B=256
 and 1024, in priority order); the official update beside ours (`--official PATH`); the loader
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tools.bench_gpu_parts import DEVICE_SIZES, DRY_SIZES, PartArgs
-from tools.bench_gpu_report import write_markdown
+from tools.bench.gpu_parts import DEVICE_SIZES, DRY_SIZES, PartArgs
+from tools.bench.gpu_report import write_markdown
 from trainer.runstate import write_json
 
 # Parts in the order they run, and their shares of the time budget.
@@ -94,7 +94,7 @@ def _run_part(name: str, cfg: BenchGPUConfig, device: str, cap: float, done: dic
                    *map(str, gpu_test_modules())]  # fmt: skip
     else:
         args = _part_args(cfg, device, time.time() + cap - 2)
-        command = [sys.executable, "-m", "tools.bench_gpu_parts", name, args.to_json(), str(result)]
+        command = [sys.executable, "-m", "tools.bench.gpu_parts", name, args.to_json(), str(result)]
     record = {"cap_s": cap, **_run(command, cap, log)}
     if result.is_file():
         record["result"] = json.loads(result.read_text())
@@ -108,7 +108,7 @@ def _run_part(name: str, cfg: BenchGPUConfig, device: str, cap: float, done: dic
 def gpu_test_modules() -> list[Path]:
     """The test modules holding GPU-marked tests. Only they are collected: the device's image
     lacks what other modules import (dm_control, rliable, dask)."""
-    tests = Path(__file__).resolve().parents[1] / "tests"
+    tests = Path(__file__).resolve().parents[2] / "tests"
     return [p for p in sorted(tests.glob("test_*.py")) if "pytest.mark.gpu" in p.read_text()]
 
 

@@ -3,7 +3,7 @@
 In one run on the same source: the time to merely read every source episode (as the build
 reads them, in 256-episode blocks, no checks, no encoding), then `datapipe build` with each
 worker count as a subprocess: on a dask LocalCluster, or with `cluster=True` on a real
-`dask scheduler` with that many `dask worker` processes started for it (tools.dask_cluster).
+`dask scheduler` with that many `dask worker` processes started for it (tools.bench.dask_cluster).
 For each build: wall time, rows/s, raw MB/s, the peak summed RSS of every process involved
 (sampled every 20 ms) and the largest single process's peak RSS.
 """
@@ -53,7 +53,7 @@ def timed_build(src: Path, dst: Path, workers: int, formats: str, cluster: bool 
     shutil.rmtree(dst, ignore_errors=True)
     if not cluster:
         return _timed(src, dst, ["--workers", str(workers)], workers, formats, [])
-    from tools.dask_cluster import local_dask_cluster
+    from tools.bench.dask_cluster import local_dask_cluster
 
     with local_dask_cluster(workers) as (address, pids):
         return _timed(src, dst, ["--scheduler", address], workers, formats, pids)

@@ -1,6 +1,6 @@
 """The measurements of `tools bench-gpu`, one function per part, each run in its own process.
 
-`tools.bench_gpu` starts `python -m tools.bench_gpu_parts PART SETTINGS RESULT` for every
+`tools.bench.gpu` starts `python -m tools.bench.gpu_parts PART SETTINGS RESULT` for every
 part with its own time cap; the part writes RESULT (JSON, atomically) as it goes, so a part
 that runs out of time still leaves what it finished. Everything runs on CPU as well (the dry
 run), where the CUDA-only calls of the measurements are answered by `Accel` for the CPU.
@@ -474,7 +474,7 @@ def torchrun_part(args: PartArgs, report: Callable[[dict], None]) -> None:
         summary = json.loads((out / "summary.json").read_text())
         result["distill"] |= {k: summary[k] for k in ("steps", "steps_per_s", "peak_vram_bytes")}
     report(result)
-    collective = ["-m", "tools.bench_gpu_parts", "collective", backend, args.device]
+    collective = ["-m", "tools.bench.gpu_parts", "collective", backend, args.device]
     result["collective"] = {"backend": backend, **_torchrun(collective, args)}
     report(result)
     if any(r["returncode"] for r in result.values()):
@@ -509,7 +509,7 @@ def collective(backend: str, device: str) -> None:
 
 
 def official_part(args: PartArgs, report: Callable[[dict], None]) -> None:
-    from tools.bench_gpu_peer import official_updates
+    from tools.bench.gpu_peer import official_updates
 
     report(official_updates(args, _loader, Accel(args.torch_device)))
 
@@ -526,7 +526,7 @@ PARTS: dict[str, Callable[[PartArgs, Callable[[dict], None]], None]] = {
 
 
 def main(argv: list[str]) -> None:
-    """`python -m tools.bench_gpu_parts PART SETTINGS_JSON RESULT_JSON`, or `collective
+    """`python -m tools.bench.gpu_parts PART SETTINGS_JSON RESULT_JSON`, or `collective
     BACKEND DEVICE` inside a torchrun rank."""
     if argv[0] == "collective":
         collective(argv[1], argv[2])

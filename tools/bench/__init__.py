@@ -1,0 +1,1 @@
+"""The measurements behind BENCHMARKS.md, one module per `tools bench-*` command."""
