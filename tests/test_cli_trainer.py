@@ -202,3 +202,28 @@ def test_eval_and_quantize_commands(tmp_path):
     assert result.exit_code == 0, result.output
     result = runner.invoke(main, ["eval", "--checkpoint", str(model), "--tasks", "walker-fly"])
     assert result.exit_code != 0 and "walker-walk" in result.output  # lists the valid names
+
+
+def test_every_setting_is_a_flag_with_its_help():
+    """One field per flag: each command's config fields all reach its CLI, with the
+    field's help text (the options are generated from the dataclass)."""
+    import dataclasses
+
+    from trainer.config import TrainConfig
+    from trainer.evaluate import EvalConfig
+    from trainer.quantize import QuantizeConfig
+
+    distill_only = {"teacher", "teacher_size", "d_coef", "d_schedule", "distill", "teacher_dtype"}
+    for command, config, skip in (
+        ("eval", EvalConfig, set()),
+        ("quantize", QuantizeConfig, set()),
+        ("distill", TrainConfig, set()),
+        ("train", TrainConfig, distill_only),
+    ):
+        params = {p.name: p for p in main.commands[command].params}
+        for f in dataclasses.fields(config):
+            if f.name in skip:
+                assert f.name not in params, (command, f.name)
+                continue
+            assert f.name in params, f"trainer {command} has no flag for {config.__name__}.{f.name}"
+            assert params[f.name].help == f.metadata["help"] != "", (command, f.name)

@@ -7,7 +7,7 @@ one-line messages.
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,27 +18,19 @@ from click.core import ParameterSource
 
 from datapipe.errors import DatapipeError
 from trainer.checkpoint import CheckpointError
-from trainer.config import D_SCHEDULES, DEVICES, DISTILL_STEPS, TEACHER_DTYPES, TrainConfig
+from trainer.config import D_SCHEDULES, DISTILL_STEPS, TEACHER_DTYPES, TrainConfig
 from trainer.errors import TrainError
+from trainer.evaluate import EvalConfig
+from trainer.options import DEVICES, option
 from trainer.presets import PRESETS
+from trainer.quantize import QuantizeConfig
 from trainer.runfolder import resume_config
 from trainer.runstate import export
 from trainer.stop import Interrupted
 from trainer.train import train
 
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _SIZES = click.Choice([str(s) for s in PRESETS])
-
-
-def _option(name: str, *decls: str, **kw: Any) -> Callable:
-    """A click option for TrainConfig field `name`: its help, its default."""
-    f = _FIELDS[name]
-    if f.default is not dataclasses.MISSING and "default" not in kw:
-        kw["default"] = f.default
-    kw.setdefault("show_default", kw.get("default") is not None)
-    return click.option(
-        *(decls or (f"--{name.replace('_', '-')}",)), name, help=f.metadata["help"], **kw
-    )
+_option = functools.partial(option, TrainConfig)  # a TrainConfig field's option
 
 
 def _run_options(fn: Callable) -> Callable:
@@ -51,7 +43,7 @@ def _run_options(fn: Callable) -> Callable:
         _option("horizon", type=int),
         _option("seed", type=int),
         _option("device", type=click.Choice(DEVICES)),
-        _option("model_size", type=_SIZES, default=str(_FIELDS["model_size"].default)),
+        _option("model_size", type=_SIZES, default=str(TrainConfig.model_size)),
         _option("init", type=click.Path(path_type=Path, exists=True, dir_okay=False)),
         _option("threads", type=int),
         _option("compile", is_flag=True),
@@ -70,8 +62,8 @@ def _run_options(fn: Callable) -> Callable:
         _option("progress", "--progress/--no-progress"),
         _option("ddp_check", is_flag=True),
     ]
-    for option in reversed(options):
-        fn = option(fn)
+    for decorate in reversed(options):
+        fn = decorate(fn)
     return fn
 
 
@@ -160,69 +152,24 @@ def export_cmd(checkpoint: Path, out: Path) -> None:
 
 
 @main.command("eval")
-@click.option(
-    "--checkpoint",
-    type=click.Path(path_type=Path, exists=True, dir_okay=False),
-    required=True,
-    help="World model: official file (old/new API, any size) or `trainer quantize` output.",
-)
-@click.option(
-    "--tasks", default="mt30", show_default=True, help="mt30, or comma-separated task names."
-)
-@click.option(
-    "--episodes", type=int, default=10, show_default=True, help="Episodes per task (official: 10)."
-)
-@click.option("--no-mpc", is_flag=True, help="Act with the policy mean instead of MPPI planning.")
-@click.option(
-    "--workers",
-    type=int,
-    default=-1,
-    show_default=True,
-    help="Processes over episodes; 0: this process; -1: one per core. Returns do not depend on it.",
-)
-@click.option("--seed", type=int, default=1, show_default=True, help="Env and planner seed.")
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path),
-    default=Path("runs/eval"),
-    show_default=True,
-    help="Folder for eval.csv, eval.json and eval.png.",
-)
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="cpu",
-    show_default=True,
-    help="cuda plans every environment in lockstep in this process.",
-)
-@click.option(
-    "--max-steps", type=int, default=None, help="Cut episodes after this many steps (smoke tests)."
-)
-@click.option(
-    "--planner-noise",
-    is_flag=True,
-    help="Add std[0]*N(0,1) to planned actions, as the official evaluate.py does.",
-)
-@click.option(
-    "--allow-quantized", is_flag=True, help="Load the paper's broken scale-1.0 int8 files anyway."
-)
-@click.option(
-    "--lockstep",
-    is_flag=True,
-    help="Plan all episodes as one batch in this process: fast on a GPU, but the returns then "
-    "depend on the batch (default: one episode per batch, as the official code).",
-)
-@click.option(
-    "--progress/--no-progress",
-    default=True,
-    show_default=True,
-    help="Episodes done per task, rate and ETA on stderr (a plain line per 30 s off a terminal).",
-)
+@option(EvalConfig, "checkpoint", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+        required=True)  # fmt: skip
+@option(EvalConfig, "tasks", type=str)
+@option(EvalConfig, "episodes", type=int)
+@option(EvalConfig, "mpc", "--mpc/--no-mpc")
+@option(EvalConfig, "workers", type=int)
+@option(EvalConfig, "seed", type=int)
+@option(EvalConfig, "out", type=click.Path(path_type=Path))
+@option(EvalConfig, "device", type=click.Choice(DEVICES))
+@option(EvalConfig, "max_steps", type=int)
+@option(EvalConfig, "planner_noise", is_flag=True)
+@option(EvalConfig, "allow_quantized", is_flag=True)
+@option(EvalConfig, "lockstep", is_flag=True)
+@option(EvalConfig, "progress", "--progress/--no-progress")
 def eval_cmd(**kw: Any) -> None:
     """Per-task returns and the normalized MT30 score of a checkpoint (docs/tdmpc2.md)."""
-    from trainer.evaluate import EvalConfig, run_eval
+    from trainer.evaluate import run_eval
 
-    kw["mpc"] = not kw.pop("no_mpc")
     result = _run(lambda: run_eval(EvalConfig(**kw)))
     for t in result.tasks:
         click.echo(f"{t.task:28} {t.mean_return:8.1f}")
@@ -233,44 +180,23 @@ def eval_cmd(**kw: Any) -> None:
 
 
 @main.command("quantize")
-@click.option(
-    "--checkpoint",
-    type=click.Path(path_type=Path, exists=True, dir_okay=False),
-    required=True,
-    help="Source world model (official file, fp32 or fp16, any size).",
-)
-@click.option(
-    "--dtype",
-    type=click.Choice(["fp16", "bf16", "int8"]),
-    required=True,
-    help="fp16/bf16: cast; int8: per-channel Linear weights, scales from the weights.",
-)
-@click.option(
-    "--out", type=click.Path(path_type=Path), required=True, help="Quantized file to write."
-)
-@click.option(
-    "--heldout",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Folder of chunk_K.pt for the fidelity report (reward, Q, action error).",
-)
-@click.option(
-    "--score-tasks", default="", help="Comma-separated tasks for the policy-only score change."
-)
-@click.option(
-    "--score-episodes", type=int, default=2, show_default=True, help="Episodes per scored task."
-)
-@click.option(
-    "--progress/--no-progress",
-    default=True,
-    show_default=True,
-    help="Progress of the score change's episodes (a plain line per 30 s off a terminal).",
-)
+@option(QuantizeConfig, "checkpoint", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+        required=True)  # fmt: skip
+@option(QuantizeConfig, "dtype", type=click.Choice(["fp16", "bf16", "int8"]), required=True)
+@option(QuantizeConfig, "out", type=click.Path(path_type=Path), required=True)
+@option(QuantizeConfig, "heldout", type=click.Path(path_type=Path))
+@option(QuantizeConfig, "batches", type=int)
+@option(QuantizeConfig, "batch_size", type=int)
+@option(QuantizeConfig, "score_tasks", type=str)
+@option(QuantizeConfig, "score_episodes", type=int)
+@option(QuantizeConfig, "workers", type=int)
+@option(QuantizeConfig, "seed", type=int)
+@option(QuantizeConfig, "progress", "--progress/--no-progress")
 def quantize_cmd(**kw: Any) -> None:
     """Post-training quantization with a size, fidelity and score report (<out>.report.json)."""
     import json
 
-    from trainer.quantize import QuantizeConfig, run_quantize
+    from trainer.quantize import run_quantize
 
     report = _run(lambda: run_quantize(QuantizeConfig(**kw)))
     click.echo(json.dumps(report, indent=1))

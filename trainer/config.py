@@ -16,11 +16,11 @@ import torch
 
 from trainer.errors import TrainConfigError
 from trainer.evaluate import resolve_tasks
+from trainer.options import DEVICES, resolve_device
 from trainer.presets import PRESETS
 from trainer.runstate import CHECKPOINT_FILE
 from trainer.traineval import EvalProtocol
 
-DEVICES = ("auto", "cpu", "cuda")
 D_SCHEDULES = ("constant", "linear")
 DISTILL_STEPS = ("first", "all")
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -200,13 +200,7 @@ class TrainConfig:
     def resolve(self) -> TrainConfig:
         """This config with the device chosen (auto -> cuda when available), and the
         CUDA-only options checked against it. Called once, by `train`."""
-        cuda = torch.cuda.is_available()
-        if self.device == "cuda" and not cuda:
-            raise TrainConfigError(
-                "--device cuda, but torch sees no CUDA device (torch.cuda.is_available() is "
-                "False); use --device cpu or auto, or install a CUDA build of torch"
-            )
-        device = ("cuda" if cuda else "cpu") if self.device == "auto" else self.device
+        device = resolve_device(self.device)
         if device == "cpu":
             on_gpu_only = [
                 name

@@ -56,31 +56,45 @@ from datapipe.tasksets import MT30, TaskSet
 from trainer.checkpoint import CheckpointError
 from trainer.errors import TrainConfigError
 from trainer.model import WorldModel
+from trainer.options import resolve_device, setting
 from trainer.plan import OFFICIAL_MPPI, Actor, MPPIConfig, describe_protocol, model_dtype
 from trainer.presets import ModelConfig
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Settings of `trainer eval` (one field per flag)."""
+    """Settings of `trainer eval`, one field per flag (the options are generated from them)."""
 
-    checkpoint: (
-        Path  # world-model file: official (old/new API, any size) or `trainer quantize` output
+    checkpoint: Path = setting(
+        help="World model: official file (old/new API, any size) or `trainer quantize` output."
     )
-    tasks: str = "mt30"  # "mt30" (all 30) or comma-separated MT30 task names
-    episodes: int = 10  # episodes per task (docs/tdmpc2.md#normalized-score: 10)
-    mpc: bool = True  # plan with MPPI; False (--no-mpc): act with the policy mean
-    workers: int = -1  # processes over episodes; 0 or 1 = all in this process; -1 = one per core
-    seed: int = 1  # env seed (task_kwargs random), root of the planner's per-episode seeds
-    out: Path = Path("runs/eval")  # folder for eval.csv, eval.json, eval.png
-    device: str = "cpu"  # cpu | cuda | auto (cuda if available); cuda implies workers=0
-    max_steps: int | None = None  # cut episodes after this many agent steps (smoke tests only)
-    allow_quantized: bool = False  # load the paper's scale-1.0 qint8 files anyway (garbage)
-    planner_noise: bool = (
-        False  # MPPI adds std[0]*N(0,1) as the official evaluate.py (not eval_mode)
+    tasks: str = setting("mt30", "mt30, or comma-separated task names.")
+    episodes: int = setting(10, "Episodes per task (official: 10).")
+    mpc: bool = setting(True, "Plan with MPPI (official); --no-mpc: act with the policy mean.")
+    workers: int = setting(
+        -1,
+        "Processes over episodes; 0: this process; -1: one per core. Returns do not depend on it.",
     )
-    lockstep: bool = False  # all episodes as one batch here (GPU fast path; batch-dependent)
-    progress: bool = True  # episodes done, per task, rate and ETA on stderr
+    seed: int = setting(1, "Env seed, and the root of each episode's planner seed.")
+    out: Path = setting(Path("runs/eval"), "Folder for eval.csv, eval.json and eval.png.")
+    device: str = setting(
+        "cpu",
+        "cpu, cuda or auto (cuda when available). One episode per batch is fastest on CPU "
+        "workers; on cuda use --lockstep.",
+    )
+    max_steps: int | None = setting(None, "Cut episodes after this many steps (smoke tests).")
+    allow_quantized: bool = setting(False, "Load the paper's broken scale-1.0 int8 files anyway.")
+    planner_noise: bool = setting(
+        False, "Add std[0]*N(0,1) to planned actions, as the official evaluate.py does."
+    )
+    lockstep: bool = setting(
+        False,
+        "Plan all episodes as one batch in this process: fast on a GPU, but the returns then "
+        "depend on the batch (default: one episode per batch, as the official code).",
+    )
+    progress: bool = setting(
+        True, "Episodes done per task, rate and ETA on stderr (a line per 30 s off a terminal)."
+    )
 
 
 @dataclass
@@ -553,9 +567,7 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     from datapipe.source import file_sha256
     from trainer.quantize import load_any, read_meta
 
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(cfg.device)
     names = resolve_tasks(cfg.tasks)
     model = load_any(cfg.checkpoint, allow_quantized=cfg.allow_quantized, device=device)
     result = evaluate(

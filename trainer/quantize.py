@@ -45,6 +45,7 @@ from trainer.checkpoint import (
 )
 from trainer.math import two_hot_inv
 from trainer.model import WorldModel
+from trainer.options import setting
 from trainer.presets import ModelConfig
 from trainer.runstate import is_training_checkpoint, model_config_from_dict, model_dims
 
@@ -323,19 +324,28 @@ def fidelity(
 
 @dataclasses.dataclass(frozen=True)
 class QuantizeConfig:
-    """Settings of `trainer quantize` (one field per flag)."""
+    """Settings of `trainer quantize`, one field per flag (the options are generated from
+    them)."""
 
-    checkpoint: Path  # source world model: official file (old/new API, fp32/fp16, any size)
-    dtype: str = "int8"  # fp16 | bf16 | int8
-    out: Path = Path("runs/quantized.pt")  # file to write; the report goes to <out>.report.json
-    heldout: Path | None = None  # folder of real-physics chunk_K.pt for the fidelity report
-    batches: int = 8  # held-out batches for the fidelity report
-    batch_size: int = 256  # rows per held-out batch
-    score_tasks: str = ""  # comma-separated MT30 tasks for the policy-only score change; "" = skip
-    score_episodes: int = 2  # episodes per task for the score change
-    workers: int = -1  # eval processes for the score change (see trainer.evaluate)
-    seed: int = 1  # env seed of the score change and sampling seed of the held-out batches
-    progress: bool = True  # episodes of the score change done, rate, ETA (see trainer.evaluate)
+    checkpoint: Path = setting(help="Source world model (official file, fp32 or fp16, any size).")
+    dtype: str = setting(
+        "int8", "fp16/bf16: cast; int8: per-channel Linear weights, scales from the weights."
+    )
+    out: Path = setting(
+        Path("runs/quantized.pt"), "Quantized file to write; the report goes to <out>.report.json."
+    )
+    heldout: Path | None = setting(
+        None, "Folder of chunk_K.pt for the fidelity report (reward, Q, action error)."
+    )
+    batches: int = setting(8, "Held-out batches for the fidelity report.")
+    batch_size: int = setting(256, "Rows per held-out batch.")
+    score_tasks: str = setting("", "Comma-separated tasks for the policy-only score change.")
+    score_episodes: int = setting(2, "Episodes per scored task.")
+    workers: int = setting(-1, "Eval processes of the score change (see trainer eval).")
+    seed: int = setting(1, "Env seed of the score change; sampling seed of held-out batches.")
+    progress: bool = setting(
+        True, "Progress of the score change's episodes (a line per 30 s off a terminal)."
+    )
 
 
 def run_quantize(cfg: QuantizeConfig) -> dict[str, Any]:
