@@ -14,7 +14,7 @@ from click.testing import CliRunner
 pytest.importorskip("dm_control")
 
 from datapipe.tasksets import MT30
-from trainer.checkpoint import CheckpointError, QuantizedCheckpointError, save_official
+from trainer.checkpoint import CheckpointError, QuantizedCheckpointError, load_any, save_official
 from trainer.cli import main
 from trainer.envs import make_env
 from trainer.errors import TrainConfigError
@@ -22,7 +22,6 @@ from trainer.evaluate import EvalConfig, check_task_set, evaluate, resolve_tasks
 from trainer.model import WorldModel
 from trainer.plan import MPPIConfig
 from trainer.presets import ModelConfig
-from trainer.quantize import load_any
 
 FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures" / "td-mpc-opt"
 TWO = "cartpole-swingup,pendulum-spin"

@@ -10,24 +10,24 @@ import pytest
 import torch
 
 from datapipe.source import file_sha256
+from trainer.checkpoint import QUANTIZED_FORMAT as FORMAT
 from trainer.checkpoint import (
     CheckpointError,
     QuantizedCheckpointError,
+    dequantize_per_channel,
+    load_any,
     load_checkpoint,
     read_checkpoint,
+    read_meta,
     save_official,
 )
 from trainer.model import WorldModel
 from trainer.presets import ModelConfig
 from trainer.quantize import (
-    FORMAT,
     QuantizeConfig,
-    dequantize_per_channel,
     fidelity,
     linear_weight_keys,
-    load_any,
     quantize_per_channel,
-    read_meta,
     run_quantize,
     save_quantized,
 )

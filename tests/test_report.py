@@ -12,9 +12,8 @@ import torch
 from conftest import load_chunk, make_source
 
 from tools.make_teacher import make_teacher
-from trainer.checkpoint import save_official
+from trainer.checkpoint import load_any, save_official
 from trainer.math import two_hot_inv
-from trainer.quantize import load_any
 from trainer.report import REPORT_JSON, REPORT_MD, reward_errors, write_report
 
 TASKS = ["walker-walk", "cheetah-run", "cartpole-swingup"]

@@ -17,7 +17,13 @@ from conftest import build_store, make_source
 from datapipe.errors import IncompleteStoreError, StoreNotFoundError
 from tools.make_teacher import make_teacher
 from trainer.agent import TDMPC2Agent
-from trainer.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_atomic
+from trainer.checkpoint import (
+    CheckpointError,
+    export,
+    load_checkpoint,
+    read_checkpoint,
+    save_atomic,
+)
 from trainer.errors import (
     DivergedError,
     IncompatibleDataError,
@@ -25,7 +31,7 @@ from trainer.errors import (
     TrainConfigError,
 )
 from trainer.runlog import UPDATE_METRICS, read_evals, read_metrics
-from trainer.runstate import export, read_training_checkpoint
+from trainer.runstate import read_training_checkpoint
 from trainer.train import TrainConfig, train
 
 LOSSES = (*UPDATE_METRICS, "distill_loss", "reward_mae_teacher", "d_coef")

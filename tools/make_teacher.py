@@ -18,11 +18,10 @@ from pathlib import Path
 import torch
 
 from datapipe.store import open_store
-from trainer.checkpoint import save_official
+from trainer.checkpoint import export, save_official
 from trainer.config import TrainConfig
 from trainer.model import WorldModel, weight_init
 from trainer.presets import PRESETS, ModelConfig
-from trainer.runstate import export
 from trainer.train import store_dims, train
 
 

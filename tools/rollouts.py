@@ -63,7 +63,7 @@ def _set_policy(policy: str) -> None:
     if policy in POLICIES:
         _WORKER_MODEL = None
     else:
-        from trainer.quantize import load_any
+        from trainer.checkpoint import load_any
 
         _WORKER_MODEL = load_any(policy)
 
@@ -198,8 +198,8 @@ def make_mt30_dmc(
             f"--policy must be one of {', '.join(POLICIES)} or a checkpoint file; got {policy!r}"
         )
     if policy not in POLICIES:
+        from trainer.checkpoint import load_any
         from trainer.evaluate import check_task_set
-        from trainer.quantize import load_any
 
         check_task_set(load_any(policy).cfg)  # fail here, not inside every worker
     dst = Path(dst)

@@ -1,16 +1,21 @@
-"""Reading and writing official TD-MPC2 world-model files (docs/tdmpc2.md#checkpoints).
+"""Every world-model file this project reads or writes (docs/tdmpc2.md#checkpoints).
 
-The official file format is `{"model": state_dict}`. This module owns:
-  * reading such files (new API, or old API converted as the official `load()` does),
-    with float16/bfloat16 tensors cast to float32;
-  * refusing quantized files (docs/distillation.md#quantization) unless explicitly allowed;
-  * telling the model size from the tensor shapes;
-  * writing our model in the new-API format, atomically.
+The official format is `{"model": state_dict}`. This module owns:
+  * reading official files (new API, or old API converted as the official `load()` does),
+    with float16/bfloat16 tensors cast to float32, and what a file is when it is not one
+    (`torch_load`);
+  * refusing the paper's quantized files (docs/distillation.md#quantization) unless allowed;
+  * the model size and the dataset dims of a state_dict, from its shapes;
+  * writing our model in the new-API format, atomically (`atomic_file` for every file);
+  * the world model inside our training checkpoints and our quantized files (which
+    `trainer.runstate` and `trainer.quantize` write);
+  * `load_any`, a runnable model from any of these, and `export` = official file of it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import pickle
@@ -21,7 +26,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from trainer.errors import TrainError
 from trainer.model import WorldModel
@@ -338,3 +343,171 @@ def _mismatches(
 def _join(problems: list[str]) -> str:
     more = f"; ... ({len(problems) - _SHOW} more)" if len(problems) > _SHOW else ""
     return "; ".join(problems[:_SHOW]) + more
+
+
+# -- every kind of world-model file: dims, our formats, load_any, export ------------------------
+
+TRAINING_FORMAT = "mt30-trainer-ckpt"  # our training checkpoints (trainer.runstate writes them)
+QUANTIZED_FORMAT = "tdmpc2-ptq"  # our quantized files (trainer.quantize writes them)
+QUANTIZED_VERSION = 1
+QUANTIZED_DTYPES: dict[str, torch.dtype] = {
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "int8": torch.int8,
+}
+DETACH_PREFIX = "_detach_Qs_params."  # new-API keys that duplicate `_Qs.params.` (rebuilt on load)
+
+
+def is_training_checkpoint(obj: Any) -> bool:
+    """Whether a loaded object is one of our training checkpoints."""
+    return isinstance(obj, dict) and obj.get("format") == TRAINING_FORMAT
+
+
+def official_dims(state: dict[str, Any]) -> dict[str, Any]:
+    """Dataset dims an official state_dict was built for, read from its shapes
+    (docs/tdmpc2.md#new-api): n_tasks, obs_dim, action_dim and, where `_action_masks` is
+    stored (new API), action_dims. A dim that cannot be read is left out; the size check then
+    reports the layout problem."""
+    dims: dict[str, Any] = {}
+    emb, enc, pi = (
+        state.get(k) for k in ("_task_emb.weight", "_encoder.state.0.weight", "_pi.2.weight")
+    )
+    if emb is not None and emb.ndim == 2:
+        dims["n_tasks"] = int(emb.shape[0])
+        if enc is not None and enc.ndim == 2:
+            dims["obs_dim"] = int(enc.shape[1] - emb.shape[1])
+    if pi is not None and pi.ndim == 2:
+        dims["action_dim"] = int(pi.shape[0] // 2)
+    masks = state.get("_action_masks")
+    if masks is not None and masks.ndim == 2:
+        dims["action_dims"] = tuple(int(n) for n in masks.sum(1).round().long())
+    return dims
+
+
+def model_dims(state: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """`ModelConfig.for_size` dims for an official state_dict, from its shapes.
+
+    Old-API files store no action masks: they are taken as mt30's when the file has 30
+    tasks, and refused otherwise (the per-task action dims cannot be known).
+    """
+    dims = official_dims(state)
+    if "action_dims" not in dims:
+        if dims.get("n_tasks", 30) != 30:
+            raise CheckpointError(
+                f"{path}: an old-API file for {dims['n_tasks']} tasks stores no action masks, "
+                f"so its per-task action dims are unknown; load it with "
+                f"load_checkpoint(path, action_dims=...) and save it with save_official"
+            )
+        dims.pop("n_tasks", None)  # ModelConfig.for_size then uses the mt30 action dims
+    return dims
+
+
+def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig a checkpoint recorded (lists back to tuples)."""
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
+    )
+
+
+def dequantize_per_channel(q: Tensor, scale: Tensor) -> Tensor:
+    """float32 weight from `quantize_per_channel`'s output."""
+    return q.float() * scale[..., None]
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The descriptive entries of a quantized file (no tensors), or None for other files."""
+    raw = _peek(Path(path))
+    if not (isinstance(raw, dict) and raw.get("format") == QUANTIZED_FORMAT):
+        return None
+    return {k: v for k, v in raw.items() if k not in ("model", "int8", "scales", "other")}
+
+
+def _peek(path: Path) -> Any:
+    return torch_load(path, mmap=True)
+
+
+def runtime_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+    """`dtype` if the device runs the model's ops (Linear, LayerNorm, Mish, softmax) in it,
+    else float32."""
+    try:
+        x = torch.randn(4, 8, device=device, dtype=dtype)
+        layer = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Mish()).to(device, dtype)
+        torch.softmax(layer(x), -1)
+    except (RuntimeError, TypeError):
+        return torch.float32
+    return dtype
+
+
+def load_any(
+    path: str | os.PathLike,
+    allow_quantized: bool = False,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> WorldModel:
+    """A runnable WorldModel (eval mode) from any world-model file we know.
+
+    * Official `{"model": state_dict}` files, old or new API, fp32 or fp16, any size: dims
+      are read from the shapes (`model_dims`); the model runs in float32,
+      as the official loader does.
+    * Our training checkpoints (`trainer.runstate`): the world model they hold, float32.
+    * Our quantized files: fp16/bf16 run in that dtype where the device supports it
+      (`runtime_dtype`), int8 is dequantized into float32.
+    * The paper's qint8 files (scale 1.0, docs/distillation.md#quantization) raise
+      `QuantizedCheckpointError` with what is wrong, unless `allow_quantized` (then they load dequantized, for inspection only).
+    `dtype` forces the compute dtype.
+    """
+    path = Path(path)
+    raw = _peek(path)
+    if isinstance(raw, dict) and raw.get("format") == QUANTIZED_FORMAT:
+        model = _load_ours(raw, path)
+        if dtype is None:
+            dtype = QUANTIZED_DTYPES[raw["dtype"]] if raw["dtype"] != "int8" else torch.float32
+    elif is_training_checkpoint(raw):
+        model = WorldModel(model_config_from_dict(raw["model_config"]))
+        model.load_state_dict(raw["agent"]["model"])
+    else:
+        del raw
+        state = read_checkpoint(path, allow_quantized=allow_quantized)
+        dims = model_dims(state, path)
+        model = WorldModel(ModelConfig.for_size(detect_model_size(state, **dims), **dims))
+        load_model_state(model, state)
+    dtype = dtype or torch.float32
+    return model.to(device, runtime_dtype(dtype, device)).eval()
+
+
+def _load_ours(raw: dict[str, Any], path: Path) -> WorldModel:
+    if raw.get("format_version") != QUANTIZED_VERSION or raw.get("dtype") not in QUANTIZED_DTYPES:
+        raise CheckpointError(
+            f"{path}: quantized file of format version {raw.get('format_version')} and dtype "
+            f"{raw.get('dtype')!r}; this code reads version {QUANTIZED_VERSION} with dtype in "
+            f"{', '.join(QUANTIZED_DTYPES)}. Re-run `trainer quantize` on the source checkpoint."
+        )
+    model = WorldModel(model_config_from_dict(raw["model_config"]))
+    state = model.state_dict()
+    if raw["dtype"] == "int8":
+        loaded = dict(raw["other"])
+        loaded |= {k: dequantize_per_channel(q, raw["scales"][k]) for k, q in raw["int8"].items()}
+    else:
+        loaded = {k: v.float() for k, v in raw["model"].items() if isinstance(v, Tensor)}
+    missing = [
+        k for k, v in state.items() if isinstance(v, Tensor) and not k.startswith(DETACH_PREFIX)
+    ]
+    missing = [k for k in missing if k not in loaded]
+    if missing:
+        raise CheckpointError(f"{path}: quantized file lacks {', '.join(missing[:8])}")
+    for key in state:
+        if key.startswith(DETACH_PREFIX) and isinstance(state[key], Tensor):
+            loaded[key] = loaded["_Qs.params." + key[len(DETACH_PREFIX) :]]
+    model.load_state_dict(state | loaded, strict=True)
+    return model
+
+
+def export(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Write the world model in `src` (any file `load_any` reads) as an official new-API file
+    `{"model": state_dict}`, float32; it loads with `load_checkpoint` and the official code."""
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise CheckpointError(f"export would overwrite its source {src}; choose another --out")
+    save_official(load_any(src).float(), dst)
+    return dst

@@ -17,7 +17,7 @@ import click
 from click.core import ParameterSource
 
 from datapipe.errors import DatapipeError
-from trainer.checkpoint import CheckpointError
+from trainer.checkpoint import CheckpointError, export
 from trainer.config import D_SCHEDULES, DISTILL_STEPS, TEACHER_DTYPES, TrainConfig
 from trainer.errors import TrainError
 from trainer.evaluate import EvalConfig
@@ -25,7 +25,6 @@ from trainer.options import DEVICES, option
 from trainer.presets import PRESETS
 from trainer.quantize import QuantizeConfig
 from trainer.runfolder import resume_config
-from trainer.runstate import export
 from trainer.stop import Interrupted
 from trainer.train import train
 

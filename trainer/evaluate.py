@@ -565,7 +565,7 @@ def plot_scores(result: EvalResult, path: str | os.PathLike) -> None:
 def run_eval(cfg: EvalConfig) -> EvalResult:
     """`trainer eval`: load the checkpoint, evaluate, write the outputs into cfg.out."""
     from datapipe.source import file_sha256
-    from trainer.quantize import load_any, read_meta
+    from trainer.checkpoint import load_any, read_meta
 
     device = resolve_device(cfg.device)
     names = resolve_tasks(cfg.tasks)

@@ -62,14 +62,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint import CheckpointError
+from trainer.checkpoint import CheckpointError, read_checkpoint
 from trainer.config import TrainConfig
 from trainer.errors import TrainConfigError
 from trainer.runfolder import CONFIG_FILE, SUMMARY_FILE
 from trainer.runlog import JSONL_FILE
 from trainer.runstate import (
     CHECKPOINT_FILE,
-    read_official,
     read_training_checkpoint,
     write_json,
 )
@@ -363,7 +362,7 @@ def _check_model_file(spec: Path, where: str, key: str, path: Path) -> None:
             f"checkpoint (e.g. from `tools make-teacher` or `trainer export`)"
         )
     try:
-        read_official(path)
+        read_checkpoint(path)
     except (CheckpointError, OSError) as e:
         raise SpecError(f"{spec}: {where} {key} = {str(path)!r}: {e}") from None
 

@@ -1,8 +1,9 @@
-"""Post-training quantization of world models, the quantized file format, and `load_any`.
+"""Post-training quantization of world models: writing our quantized files, and measuring
+what quantization changed. (Reading them back is `trainer.checkpoint.load_any`.)
 
 This module owns:
-  * the quantized file format (`FORMAT`, version `FORMAT_VERSION`): self-describing (dtype,
-    scheme, model config, source file and its sha256);
+  * the payload of a quantized file (`trainer.checkpoint.QUANTIZED_FORMAT`): self-describing
+    (dtype, scheme, model config, source file and its sha256);
   * fp16 / bf16: every float tensor cast. The file keeps the official `{"model": state_dict}`
     entry, so official loaders read it too (as float32); `load_any` runs it in that dtype
     where the device supports it;
@@ -12,9 +13,6 @@ This module owns:
     LayerNorms and the task embedding stay float32. Weight-only: `load_any` dequantizes into
     a float32 model, so inference runs in float32 on weights carrying exactly the int8
     rounding error (there is no int8 kernel on this path; the gain is file size);
-  * `load_any`: a runnable model from an official file (old or new API, any size, dims read
-    from the file), from our training checkpoints or quantized files, or refusing the paper's scale-1.0 qint8 files
-    (docs/distillation.md#quantization) unless `allow_quantized`;
   * `fidelity`: quantized vs reference outputs (reward, Q, policy action) on held-out batches;
   * `heldout_transitions`: (obs_{k-1}, a_k, r_k, task) of real rollouts in a chunk folder,
     the held-out data of `fidelity` and of `trainer.report`'s reward errors.
@@ -36,28 +34,19 @@ from torch import Tensor, nn
 
 from datapipe.source import file_sha256
 from trainer.checkpoint import (
-    CheckpointError,
-    detect_model_size,
-    load_model_state,
-    read_checkpoint,
+    DETACH_PREFIX,
+    QUANTIZED_DTYPES,
+    QUANTIZED_FORMAT,
+    QUANTIZED_VERSION,
+    load_any,
     save_atomic,
-    torch_load,
 )
 from trainer.math import two_hot_inv
 from trainer.model import WorldModel
 from trainer.options import setting
 from trainer.presets import ModelConfig
-from trainer.runstate import is_training_checkpoint, model_config_from_dict, model_dims
 
-FORMAT = "tdmpc2-ptq"
-FORMAT_VERSION = 1
-DTYPES: dict[str, torch.dtype] = {
-    "fp16": torch.float16,
-    "bf16": torch.bfloat16,
-    "int8": torch.int8,
-}
 INT8_SCHEME = "int8 symmetric per-output-channel weights of every Linear, scale = max|W_c|/127"
-_DETACH = "_detach_Qs_params."  # new-API keys that duplicate `_Qs.params.` (rebuilt on load)
 
 
 # -- int8 per-channel scheme -------------------------------------------------------------------
@@ -71,11 +60,6 @@ def quantize_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row stays 0
     q = torch.round(w / scale[..., None]).clamp(-127, 127).to(torch.int8)
     return q, scale
-
-
-def dequantize_per_channel(q: Tensor, scale: Tensor) -> Tensor:
-    """float32 weight from `quantize_per_channel`'s output."""
-    return q.float() * scale[..., None]
 
 
 def linear_weight_keys(model: WorldModel) -> list[str]:
@@ -98,12 +82,12 @@ def _config_dict(cfg: ModelConfig) -> dict[str, Any]:
 
 def quantize_model(model: WorldModel, dtype: str) -> dict[str, Any]:
     """The file payload of `model` quantized to `dtype` (fp16 | bf16 | int8)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if dtype not in QUANTIZED_DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(QUANTIZED_DTYPES)}")
     state = model.state_dict()
     payload: dict[str, Any] = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format": QUANTIZED_FORMAT,
+        "format_version": QUANTIZED_VERSION,
         "dtype": dtype,
         "model_config": _config_dict(model.cfg),
     }
@@ -111,18 +95,18 @@ def quantize_model(model: WorldModel, dtype: str) -> dict[str, Any]:
         cast: dict[str, Any] = {}
         for key, value in state.items():
             if isinstance(value, Tensor) and value.is_floating_point():
-                if key.startswith(_DETACH):  # same tensor object: stored once by torch.save
-                    value = cast["_Qs.params." + key[len(_DETACH) :]]
+                if key.startswith(DETACH_PREFIX):  # same tensor object: stored once by torch.save
+                    value = cast["_Qs.params." + key[len(DETACH_PREFIX) :]]
                 else:
-                    value = value.detach().to(DTYPES[dtype]).clone()
+                    value = value.detach().to(QUANTIZED_DTYPES[dtype]).clone()
             cast[key] = value
-        payload["scheme"] = f"cast of every float tensor to {DTYPES[dtype]}"
+        payload["scheme"] = f"cast of every float tensor to {QUANTIZED_DTYPES[dtype]}"
         payload["model"] = cast
         return payload
     linear = set(linear_weight_keys(model))
     weights, scales, others = {}, {}, {}
     for key, value in state.items():
-        if not isinstance(value, Tensor) or key.startswith(_DETACH):
+        if not isinstance(value, Tensor) or key.startswith(DETACH_PREFIX):
             continue
         if key in linear:
             weights[key], scales[key] = quantize_per_channel(value)
@@ -142,97 +126,6 @@ def save_quantized(
         payload["source"] = {"path": str(source), "sha256": file_sha256(source)}
     save_atomic(payload, out)
     return Path(out)
-
-
-# -- reading ------------------------------------------------------------------------------------
-
-
-def read_meta(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The descriptive entries of a quantized file (no tensors), or None for other files."""
-    raw = _peek(Path(path))
-    if not (isinstance(raw, dict) and raw.get("format") == FORMAT):
-        return None
-    return {k: v for k, v in raw.items() if k not in ("model", "int8", "scales", "other")}
-
-
-def _peek(path: Path) -> Any:
-    return torch_load(path, mmap=True)
-
-
-def runtime_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
-    """`dtype` if the device runs the model's ops (Linear, LayerNorm, Mish, softmax) in it,
-    else float32."""
-    try:
-        x = torch.randn(4, 8, device=device, dtype=dtype)
-        layer = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Mish()).to(device, dtype)
-        torch.softmax(layer(x), -1)
-    except (RuntimeError, TypeError):
-        return torch.float32
-    return dtype
-
-
-def load_any(
-    path: str | os.PathLike,
-    allow_quantized: bool = False,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-) -> WorldModel:
-    """A runnable WorldModel (eval mode) from any world-model file we know.
-
-    * Official `{"model": state_dict}` files, old or new API, fp32 or fp16, any size: dims
-      are read from the shapes (`trainer.runstate.model_dims`); the model runs in float32,
-      as the official loader does.
-    * Our training checkpoints (`trainer.runstate`): the world model they hold, float32.
-    * Our quantized files: fp16/bf16 run in that dtype where the device supports it
-      (`runtime_dtype`), int8 is dequantized into float32.
-    * The paper's qint8 files (scale 1.0, docs/distillation.md#quantization) raise
-      `QuantizedCheckpointError` with what is wrong, unless `allow_quantized` (then they load dequantized, for inspection only).
-    `dtype` forces the compute dtype.
-    """
-    path = Path(path)
-    raw = _peek(path)
-    if isinstance(raw, dict) and raw.get("format") == FORMAT:
-        model = _load_ours(raw, path)
-        if dtype is None:
-            dtype = DTYPES[raw["dtype"]] if raw["dtype"] != "int8" else torch.float32
-    elif is_training_checkpoint(raw):
-        model = WorldModel(model_config_from_dict(raw["model_config"]))
-        model.load_state_dict(raw["agent"]["model"])
-    else:
-        del raw
-        state = read_checkpoint(path, allow_quantized=allow_quantized)
-        dims = model_dims(state, path)
-        model = WorldModel(ModelConfig.for_size(detect_model_size(state, **dims), **dims))
-        load_model_state(model, state)
-    dtype = dtype or torch.float32
-    return model.to(device, runtime_dtype(dtype, device)).eval()
-
-
-def _load_ours(raw: dict[str, Any], path: Path) -> WorldModel:
-    if raw.get("format_version") != FORMAT_VERSION or raw.get("dtype") not in DTYPES:
-        raise CheckpointError(
-            f"{path}: quantized file of format version {raw.get('format_version')} and dtype "
-            f"{raw.get('dtype')!r}; this code reads version {FORMAT_VERSION} with dtype in "
-            f"{', '.join(DTYPES)}. Re-run `trainer quantize` on the source checkpoint."
-        )
-    cfg = raw["model_config"]
-    cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
-    model = WorldModel(ModelConfig(**cfg))
-    state = model.state_dict()
-    if raw["dtype"] == "int8":
-        loaded = dict(raw["other"])
-        loaded |= {k: dequantize_per_channel(q, raw["scales"][k]) for k, q in raw["int8"].items()}
-    else:
-        loaded = {k: v.float() for k, v in raw["model"].items() if isinstance(v, Tensor)}
-    missing = [k for k, v in state.items() if isinstance(v, Tensor) and not k.startswith(_DETACH)]
-    missing = [k for k in missing if k not in loaded]
-    if missing:
-        raise CheckpointError(f"{path}: quantized file lacks {', '.join(missing[:8])}")
-    for key in state:
-        if key.startswith(_DETACH) and isinstance(state[key], Tensor):
-            loaded[key] = loaded["_Qs.params." + key[len(_DETACH) :]]
-    model.load_state_dict(state | loaded, strict=True)
-    return model
 
 
 # -- fidelity -------------------------------------------------------------------------------------

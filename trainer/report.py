@@ -404,7 +404,8 @@ def reward_errors(
 
     Every transition when the folder holds at most `n`, else `n` drawn by `seed` (the same
     ones for every model)."""
-    from trainer.quantize import heldout_transitions, load_any
+    from trainer.checkpoint import load_any
+    from trainer.quantize import heldout_transitions
 
     heldout = Path(heldout)
     count = None if heldout_size(heldout) <= n else n

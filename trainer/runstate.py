@@ -1,4 +1,4 @@
-"""Training checkpoints: the self-describing file a run resumes from, and export to official.
+"""Training checkpoints: the self-describing file a run resumes from.
 
 A training checkpoint (`<out>/checkpoint.pt`, written atomically) is one torch file holding a
 dict of plain values and tensors, readable with `torch.load(..., weights_only=True)`:
@@ -20,13 +20,12 @@ dict of plain values and tensors, readable with `torch.load(..., weights_only=Tr
     teacher       identity of the teacher file (path, sha256, size) or None
     torch_version the torch that wrote it
 
-Official world-model files (`{"model": state_dict}`, docs/tdmpc2.md#checkpoints) are a
-separate format owned by `trainer.checkpoint`; `export` writes one from either kind of file.
+Every world-model file format, this one's model included (`load_any`, `export`), is read
+by `trainer.checkpoint`; this module writes and reads the rest of a training checkpoint.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -42,18 +41,14 @@ from datapipe.format import META_FILE
 from datapipe.source import file_sha256
 from datapipe.store import Store
 from trainer.checkpoint import (
-    CheckpointError,
+    TRAINING_FORMAT,
     atomic_file,
-    load_checkpoint,
-    read_checkpoint,
+    is_training_checkpoint,
     save_atomic,
-    save_official,
 )
 from trainer.errors import ResumeError
-from trainer.model import WorldModel
-from trainer.presets import ModelConfig
 
-FORMAT = "mt30-trainer-ckpt"
+FORMAT = TRAINING_FORMAT
 FORMAT_VERSION = 1
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -76,54 +71,6 @@ def store_identity(store: Store) -> dict[str, Any]:
 def teacher_identity(path: str | os.PathLike, size: int | None = None) -> dict[str, Any]:
     """Path, sha256 and model size (None: not known yet) of a teacher file."""
     return {"path": str(Path(path).resolve()), "sha256": file_sha256(path), "size": size}
-
-
-def official_dims(state: dict[str, Any]) -> dict[str, Any]:
-    """Dataset dims an official state_dict was built for, read from its shapes
-    (docs/tdmpc2.md#new-api): n_tasks, obs_dim, action_dim and, where `_action_masks` is
-    stored (new API), action_dims. A dim that cannot be read is left out; the size check then
-    reports the layout problem."""
-    dims: dict[str, Any] = {}
-    emb, enc, pi = (
-        state.get(k) for k in ("_task_emb.weight", "_encoder.state.0.weight", "_pi.2.weight")
-    )
-    if emb is not None and emb.ndim == 2:
-        dims["n_tasks"] = int(emb.shape[0])
-        if enc is not None and enc.ndim == 2:
-            dims["obs_dim"] = int(enc.shape[1] - emb.shape[1])
-    if pi is not None and pi.ndim == 2:
-        dims["action_dim"] = int(pi.shape[0] // 2)
-    masks = state.get("_action_masks")
-    if masks is not None and masks.ndim == 2:
-        dims["action_dims"] = tuple(int(n) for n in masks.sum(1).round().long())
-    return dims
-
-
-def read_official(path: str | os.PathLike) -> dict[str, Any]:
-    """`trainer.checkpoint.read_checkpoint`, with a file torch cannot open at all (not a
-    torch file, truncated) reported as a CheckpointError too."""
-    try:
-        return read_checkpoint(path)
-    except (RuntimeError, EOFError) as e:
-        raise CheckpointError(f"{path} is not a readable torch file ({e})") from e
-
-
-def model_dims(state: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
-    """`ModelConfig.for_size` dims for an official state_dict, from its shapes.
-
-    Old-API files store no action masks: they are taken as mt30's when the file has 30
-    tasks, and refused otherwise (the per-task action dims cannot be known).
-    """
-    dims = official_dims(state)
-    if "action_dims" not in dims:
-        if dims.get("n_tasks", 30) != 30:
-            raise CheckpointError(
-                f"{path}: an old-API file for {dims['n_tasks']} tasks stores no action masks, "
-                f"so its per-task action dims are unknown; load it with "
-                f"load_checkpoint(path, action_dims=...) and save it with save_official"
-            )
-        dims.pop("n_tasks", None)  # ModelConfig.for_size then uses the mt30 action dims
-    return dims
 
 
 # -- RNG states --------------------------------------------------------------------------------
@@ -204,42 +151,3 @@ def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     obj.setdefault("world_size", 1)  # written before data-parallel training: one process
     obj.setdefault("other_ranks", [])
     return obj
-
-
-def is_training_checkpoint(obj: Any) -> bool:
-    """Whether a loaded object is one of our training checkpoints."""
-    return isinstance(obj, dict) and obj.get("format") == FORMAT
-
-
-def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
-    """The ModelConfig a checkpoint recorded (lists back to tuples)."""
-    names = {f.name for f in dataclasses.fields(ModelConfig)}
-    return ModelConfig(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
-    )
-
-
-def export(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    """Write the world model in `src` as an official new-API file `{"model": state_dict}`.
-
-    `src` is a training checkpoint or an official (new- or old-API, fp16/fp32) file; the
-    result loads with `trainer.checkpoint.load_checkpoint` and with the official code.
-    """
-    src, dst = Path(src), Path(dst)
-    if not src.is_file():
-        raise FileNotFoundError(f"{src}: no such checkpoint")
-    if src.resolve() == dst.resolve():
-        raise CheckpointError(f"export would overwrite its source {src}; choose another --out")
-    try:
-        obj = torch.load(src, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        obj = None  # not plain tensors and containers: read_official below says why
-    except (RuntimeError, EOFError) as e:
-        raise CheckpointError(f"{src} is not a readable torch file ({e})") from e
-    if is_training_checkpoint(obj):
-        model = WorldModel(model_config_from_dict(obj["model_config"]))
-        model.load_state_dict(obj["agent"]["model"])
-    else:
-        model = load_checkpoint(src, **model_dims(read_official(src), src))
-    save_official(model, dst)
-    return dst

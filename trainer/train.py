@@ -31,6 +31,8 @@ from trainer.checkpoint import (
     detect_model_size,
     load_checkpoint,
     load_model_state,
+    official_dims,
+    read_checkpoint,
 )
 from trainer.config import TEACHER_DTYPES, TrainConfig
 from trainer.distributed import (
@@ -65,8 +67,6 @@ from trainer.runlog import (
     wandb_module,
 )
 from trainer.runstate import (
-    official_dims,
-    read_official,
     rng_state,
     set_rng_state,
     store_identity,
@@ -116,13 +116,13 @@ def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
     store_id = store_identity(store)
     teacher_id = None
     if cfg.teacher is not None:
-        check_fits("teacher", cfg.teacher, read_official(cfg.teacher), store)
+        check_fits("teacher", cfg.teacher, read_checkpoint(cfg.teacher), store)
         teacher_id = teacher_identity(cfg.teacher)
     if previous is not None:
         check_resumable(cfg, previous, store_id, teacher_id)
     init_state = None
     if cfg.init is not None and previous is None:
-        init_state = read_official(cfg.init)
+        init_state = read_checkpoint(cfg.init)
         check_fits("--init student", cfg.init, init_state, store)
 
     # Student (seeded alike on every rank), teacher (frozen; its construction leaves the
