@@ -1,4 +1,7 @@
-"""Tests for trainer.agent: optimisers (spec D.3), the update (D.2, D.4), distillation (D.5)."""
+"""Tests for trainer.agent: optimisers, the update and distillation.
+
+The facts tested: docs/tdmpc2.md#optimisers, #update, #exactness; docs/distillation.md#loss.
+"""
 
 import copy
 import math
@@ -116,7 +119,8 @@ def test_policy_step_leaves_q_alone_and_keeps_the_embedding_gradient():
     agent.update_pi(zs, task)
     for name, t in agent.model._Qs.params.tensors().items():
         assert torch.equal(t, q_before[name]) and t.grad is None
-    # spec D.4: pi_optim does not own the embedding, so its gradient stays for the next step.
+    # docs/tdmpc2.md#exactness: pi_optim does not own the embedding, so its gradient stays
+    # for the next step.
     assert torch.equal(agent.model._task_emb.weight, emb_before)
     assert agent.model._task_emb.weight.grad is not None
     assert agent.model._task_emb.weight.grad.abs().sum() > 0

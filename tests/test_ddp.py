@@ -171,7 +171,13 @@ def test_two_ranks_on_half_batches_equal_one_process_on_the_whole(tmp_path):
     assert single.keys() == rank0.keys() == rank1.keys()
     for name in single:
         assert torch.equal(rank0[name], rank1[name]), name
-        torch.testing.assert_close(rank0[name], single[name], rtol=1e-5, atol=2e-5, msg=name)
+        if name != "task_emb_grad":
+            torch.testing.assert_close(rank0[name], single[name], rtol=1e-5, atol=2e-5, msg=name)
+    # The embedding's leftover policy gradient is a gradient, not a state: compare it by
+    # relative norm. Its per-row terms nearly cancel, so merely reordering the batch rows in
+    # one process moves it by up to 2e-4 here; skipping the rank average would move it by ~1.
+    g = single["task_emb_grad"]
+    assert (rank0["task_emb_grad"] - g).norm() / g.norm() < 1e-3
     # The batch statistics took part: rows were renormalised, the scale moved.
     renormalised = (rank0["model._task_emb.weight"].norm(dim=1) - 1).abs() < 0.01
     assert renormalised.sum() >= 5

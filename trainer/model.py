@@ -86,6 +86,18 @@ def weight_init(module: nn.Module) -> None:
         nn.init.uniform_(module.weight, -0.02, 0.02)
 
 
+def _q_member(in_dim: int, hidden: list[int], cfg: ModelConfig) -> nn.Sequential:
+    """One Q member, built and given the spec B.7 init at once (official order).
+
+    Building draws PyTorch's default Linear init and `weight_init` then draws the
+    trunc_normal weights; doing both per member, rather than building all members first,
+    is what makes the same seed give the official Q weights.
+    """
+    member = mlp(in_dim, hidden, cfg.num_bins, dropout=cfg.dropout)
+    member.apply(weight_init)
+    return member
+
+
 def _device_entry(tensor: Tensor) -> torch.device | None:
     """The `__device` value tensordict writes: None for CPU tensors, else their device."""
     return None if tensor.device.type == "cpu" else tensor.device
@@ -238,7 +250,8 @@ class WorldModel(nn.Module):
         self.cfg = cfg
         L, E, A = cfg.latent_dim, cfg.task_dim, cfg.action_dim
         hidden = [cfg.mlp_dim, cfg.mlp_dim]
-        # Construction order matches the official code, so default inits draw the same numbers.
+        # Construction and init order match the official code, so a seed gives the official
+        # initial weights bit for bit (tests/test_model.py holds their digests).
         self._task_emb = nn.Embedding(cfg.n_tasks, E, max_norm=1)
         masks = torch.zeros(cfg.n_tasks, A)
         for i, dims in enumerate(cfg.action_dims):
@@ -251,12 +264,7 @@ class WorldModel(nn.Module):
         self._dynamics = mlp(L + E + A, hidden, L, act=SimNorm(cfg.simnorm_dim))
         self._reward = mlp(L + E + A, hidden, cfg.num_bins)
         self._pi = mlp(L + E, hidden, 2 * A)
-        members = [
-            mlp(L + E + A, hidden, cfg.num_bins, dropout=cfg.dropout) for _ in range(cfg.num_q)
-        ]
-        for member in members:  # spec B.7: each member initialised before stacking
-            member.apply(weight_init)
-        self._Qs = QEnsemble(members)
+        self._Qs = QEnsemble([_q_member(L + E + A, hidden, cfg) for _ in range(cfg.num_q)])
         self.apply(weight_init)  # the stacked Q params are not Linear modules: untouched
         with torch.no_grad():
             self._reward[-1].weight.zero_()
