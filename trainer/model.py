@@ -1,7 +1,7 @@
-"""The TD-MPC2 world model (spec B): networks, their forward passes and the parameter layout.
+"""The TD-MPC2 world model (docs/tdmpc2.md#model): networks, their forward passes and the parameter layout.
 
 Losses, optimisers and the update live in `trainer.agent`. The module tree reproduces the
-official new-API state_dict (spec C.2) key for key: the Q ensemble's stacked parameters sit
+official new-API state_dict (docs/tdmpc2.md#new-api) key for key: the Q ensemble's stacked parameters sit
 under `_Qs.params`, a no-grad view of them under `_detach_Qs_params` and the Polyak target
 under `_target_Qs_params`, each followed by `__batch_size` and `__device` entries.
 """
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from trainer.math import two_hot_inv
 from trainer.presets import ModelConfig
 
-# ln(sqrt(2 pi)), subtracted per action dim in the Gaussian log-density (spec B.3).
+# ln(sqrt(2 pi)), subtracted per action dim in the Gaussian log-density (docs/tdmpc2.md#policy).
 _LOG_SQRT_2PI = 0.9189385175704956
 _BATCH_SIZE_KEY = "__batch_size"
 _DEVICE_KEY = "__device"
@@ -77,7 +77,7 @@ def mlp(
 
 
 def weight_init(module: nn.Module) -> None:
-    """Spec B.7: Linear weights trunc_normal(0, 0.02), biases 0; Embedding U(-0.02, 0.02)."""
+    """docs/tdmpc2.md#init: Linear weights trunc_normal(0, 0.02), biases 0; Embedding U(-0.02, 0.02)."""
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
@@ -87,7 +87,7 @@ def weight_init(module: nn.Module) -> None:
 
 
 def _q_member(in_dim: int, hidden: list[int], cfg: ModelConfig) -> nn.Sequential:
-    """One Q member, built and given the spec B.7 init at once (official order).
+    """One Q member, built and given the init of docs/tdmpc2.md#init at once (official order).
 
     Building draws PyTorch's default Linear init and `weight_init` then draws the
     trunc_normal weights; doing both per member, rather than building all members first,
@@ -216,7 +216,7 @@ def _check_tensordict_entries(num: int, state_dict, prefix, missing_keys, errors
 
 
 class QEnsemble(nn.Module):
-    """Nq copies of one mlp, evaluated with vmap over stacked parameters (spec B.2).
+    """Nq copies of one mlp, evaluated with vmap over stacked parameters (docs/tdmpc2.md#q-ensemble).
 
     `params` holds the online (learnable) weights. `forward` takes whichever parameter set
     the caller passes (online, detached or target), so the three share one code path.
@@ -243,7 +243,7 @@ class QEnsemble(nn.Module):
 
 
 class WorldModel(nn.Module):
-    """Multi-task TD-MPC2 world model for state observations (spec B)."""
+    """Multi-task TD-MPC2 world model for state observations (docs/tdmpc2.md#model)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -274,7 +274,7 @@ class WorldModel(nn.Module):
         self._detach_Qs_params = DetachedParams(self._Qs.params)
         self._target_Qs_params = StackedParams(self._Qs.params.tensors(), learnable=False)
 
-    # -- forward passes (spec B.3, B.4) -----------------------------------------------------
+    # -- forward passes (docs/tdmpc2.md#networks, #policy) --------------------------------------------------
 
     def task_emb(self, x: Tensor, task: Tensor | int) -> Tensor:
         """Concatenate the embedding of `task` ([B] or one int) to the last axis of x
@@ -301,7 +301,7 @@ class WorldModel(nn.Module):
         return self._reward(torch.cat([self.task_emb(z, task), a], dim=-1))
 
     def pi(self, z: Tensor, task: Tensor | int) -> tuple[Tensor, dict[str, Tensor]]:
-        """One reparameterised, tanh-squashed policy sample and its info dict (spec B.3)."""
+        """One reparameterised, tanh-squashed policy sample and its info dict (docs/tdmpc2.md#policy)."""
         mean, raw_log_std = self._pi(self.task_emb(z, task)).chunk(2, dim=-1)
         log_std = self.log_std_min + 0.5 * self.log_std_dif * (torch.tanh(raw_log_std) + 1)
         eps = torch.randn_like(mean)
@@ -368,7 +368,7 @@ def count_parameters(module: nn.Module) -> int:
 
 
 def parameter_counts(model: WorldModel) -> dict[str, Any]:
-    """Per-module learnable parameter counts, as in spec C.1."""
+    """Per-module learnable parameter counts, as in docs/tdmpc2.md#parameter-counts."""
     parts = {
         "task_emb": model._task_emb,
         "encoder": model._encoder,
