@@ -274,7 +274,7 @@ class WorldModel(nn.Module):
         self._detach_Qs_params = DetachedParams(self._Qs.params)
         self._target_Qs_params = StackedParams(self._Qs.params.tensors(), learnable=False)
 
-    # -- forward passes (docs/tdmpc2.md#networks, #policy) --------------------------------------------------
+    # -- forward passes (docs/tdmpc2.md#networks, #policy) -------------------------------------
 
     def task_emb(self, x: Tensor, task: Tensor | int) -> Tensor:
         """Concatenate the embedding of `task` ([B] or one int) to the last axis of x
