@@ -1,8 +1,9 @@
-"""The TD-MPC2 world model (docs/tdmpc2.md#model): networks, their forward passes and the parameter layout.
+"""The TD-MPC2 world model (docs/tdmpc2.md#model): networks, their forward passes and the
+parameter layout.
 
 Losses, optimisers and the update live in `trainer.agent`. The module tree reproduces the
-official new-API state_dict (docs/tdmpc2.md#new-api) key for key: the Q ensemble's stacked parameters sit
-under `_Qs.params`, a no-grad view of them under `_detach_Qs_params` and the Polyak target
+official new-API state_dict (docs/tdmpc2.md#new-api) key for key: the Q ensemble's stacked
+parameters sit under `_Qs.params`, a no-grad view of them under `_detach_Qs_params` and the Polyak target
 under `_target_Qs_params`, each followed by `__batch_size` and `__device` entries.
 """
 
