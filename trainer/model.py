@@ -3,9 +3,9 @@ parameter layout.
 
 Losses, optimisers and the update live in `trainer.agent`. The module tree reproduces the
 official new-API state_dict (docs/tdmpc2.md#new-api) key for key: the Q ensemble's stacked
-parameters sit under `_Qs.params`, a no-grad view of them under `_detach_Qs_params` and the Polyak target
-under `_target_Qs_params`, each followed by `__batch_size` and `__device` entries.
-"""
+parameters sit under `_Qs.params`, a no-grad view of them under `_detach_Qs_params` and the
+Polyak target under `_target_Qs_params`, each followed by `__batch_size` and `__device`
+entries. """
 
 from __future__ import annotations
 
@@ -78,7 +78,8 @@ def mlp(
 
 
 def weight_init(module: nn.Module) -> None:
-    """docs/tdmpc2.md#init: Linear weights trunc_normal(0, 0.02), biases 0; Embedding U(-0.02, 0.02)."""
+    """docs/tdmpc2.md#init: Linear weights trunc_normal(0, 0.02), biases 0; Embedding
+    U(-0.02, 0.02)."""
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
