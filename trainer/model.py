@@ -5,7 +5,8 @@ Losses, optimisers and the update live in `trainer.agent`. The module tree repro
 official new-API state_dict (docs/tdmpc2.md#new-api) key for key: the Q ensemble's stacked
 parameters sit under `_Qs.params`, a no-grad view of them under `_detach_Qs_params` and the
 Polyak target under `_target_Qs_params`, each followed by `__batch_size` and `__device`
-entries. """
+entries.
+"""
 
 from __future__ import annotations
 
@@ -218,7 +219,8 @@ def _check_tensordict_entries(num: int, state_dict, prefix, missing_keys, errors
 
 
 class QEnsemble(nn.Module):
-    """Nq copies of one mlp, evaluated with vmap over stacked parameters (docs/tdmpc2.md#q-ensemble).
+    """Nq copies of one mlp, evaluated with vmap over stacked parameters
+    (docs/tdmpc2.md#q-ensemble).
 
     `params` holds the online (learnable) weights. `forward` takes whichever parameter set
     the caller passes (online, detached or target), so the three share one code path.
@@ -303,7 +305,8 @@ class WorldModel(nn.Module):
         return self._reward(torch.cat([self.task_emb(z, task), a], dim=-1))
 
     def pi(self, z: Tensor, task: Tensor | int) -> tuple[Tensor, dict[str, Tensor]]:
-        """One reparameterised, tanh-squashed policy sample and its info dict (docs/tdmpc2.md#policy)."""
+        """One reparameterised, tanh-squashed policy sample and its info dict
+        (docs/tdmpc2.md#policy)."""
         mean, raw_log_std = self._pi(self.task_emb(z, task)).chunk(2, dim=-1)
         log_std = self.log_std_min + 0.5 * self.log_std_dif * (torch.tanh(raw_log_std) + 1)
         eps = torch.randn_like(mean)
