@@ -102,6 +102,23 @@ def zarr_shard_file(name: str, shard: int) -> str:
     return "/".join([ZARR_DIR, name, "c", str(shard), *["0"] * (ARRAY_NDIM[name] - 1)])
 
 
+# A Zarr v3 shard file: its inner chunks, each followed by its crc32c, then the shard index
+# (one little-endian uint64 (offset, nbytes) pair per inner chunk; SHARD_INDEX_EMPTY for a
+# chunk never written) and the index's own crc32c.
+SHARD_INDEX_EMPTY = 2**64 - 1
+
+
+def shard_index_nbytes(n_chunks: int = EPISODES_PER_SHARD) -> int:
+    """Bytes at the end of a shard file of `n_chunks` inner chunks: its index and crc32c."""
+    return n_chunks * 16 + 4
+
+
+def shard_index(tail: bytes, n_chunks: int = EPISODES_PER_SHARD) -> np.ndarray:
+    """The [n_chunks, 2] (offset, nbytes) index from the end of a shard file (`tail`: the
+    whole file or its last `shard_index_nbytes` bytes; the crc32c is not checked here)."""
+    return np.frombuffer(tail[-shard_index_nbytes(n_chunks) : -4], "<u8").reshape(-1, 2)
+
+
 def wds_shard_file(shard: int) -> str:
     return f"{WDS_DIR}/shard-{shard:06d}.tar"
 

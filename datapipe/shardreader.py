@@ -44,7 +44,6 @@ from datapipe import format as fmt
 from datapipe.errors import CorruptStoreError, StoreVersionError
 from datapipe.store import Store, repair_command
 
-_EMPTY = 2**64 - 1  # index entry of a chunk that was never written
 _INDEX_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
 _CRC32C_RESIDUE = 0x48674BC7  # crc32c of any buffer followed by its own crc32c (little-endian)
 
@@ -90,7 +89,7 @@ class _Array:
         self.dtype = np.dtype(fmt.SOURCE_DTYPES[name])
         self.chunk_nbytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
         self.n_inner = fmt.EPISODES_PER_SHARD
-        self.index_nbytes = self.n_inner * 16 + 4
+        self.index_nbytes = fmt.shard_index_nbytes(self.n_inner)
 
 
 class ShardReader:
@@ -162,8 +161,8 @@ class ShardReader:
                 raw = loc.read_range(rel, start, size)
             if not _crc_ok(raw):
                 raise self._error(name, shard, "crc32c mismatch in the shard index")
-            index = np.frombuffer(raw, "<u8", count=2 * arr.n_inner).reshape(-1, 2)
-            full = index[:, 0] != _EMPTY
+            index = fmt.shard_index(raw, arr.n_inner)
+            full = index[:, 0] != fmt.SHARD_INDEX_EMPTY
             if np.any(index[full, 0] + index[full, 1] > size - arr.index_nbytes):
                 raise self._error(name, shard, "the index points past the end of the file")
             self._check_file(name, shard, fd, index)
@@ -186,7 +185,7 @@ class ShardReader:
             self.store.check_file(rel, fd)
         except CorruptStoreError:
             for k, (offset, nbytes) in enumerate(index.tolist()):
-                if offset == _EMPTY:
+                if offset == fmt.SHARD_INDEX_EMPTY:
                     continue
                 raw = os.pread(fd, nbytes, offset) if fd is not None else None
                 if raw is None:
@@ -204,7 +203,7 @@ class ShardReader:
             shard, k = divmod(e, fmt.EPISODES_PER_SHARD)
             fd, index = self._shard(name, shard)
             offset, nbytes = index[k]
-            if offset == _EMPTY:
+            if offset == fmt.SHARD_INDEX_EMPTY:
                 found.append((shard, k, 0, None))
             elif fd is not None:
                 found.append((shard, k, nbytes, os.pread(fd, nbytes, offset)))

@@ -16,8 +16,6 @@ from numcodecs.checksum32 import CRC32C
 
 from datapipe import format as fmt
 
-_EMPTY = np.uint64(2**64 - 1)  # index entry of a chunk outside the array
-
 
 def _crc(data: bytes) -> bytes:
     return (CRC32C.checksum(data) & 0xFFFFFFFF).to_bytes(4, "little")
@@ -42,7 +40,7 @@ def encode_shard(name: str, data: np.ndarray) -> bytes:
     else:  # one chunk per episode; obs and action transposed to [D, T]
         chunks = [ep.T if ep.ndim == 2 else ep for ep in data]
         n_chunks = per_shard
-    index = np.full((n_chunks, 2), _EMPTY, dtype="<u8")
+    index = np.full((n_chunks, 2), fmt.SHARD_INDEX_EMPTY, dtype="<u8")
     parts, offset = [], 0
     for i, chunk in enumerate(chunks):
         encoded = codec.encode(np.ascontiguousarray(chunk))

@@ -33,7 +33,7 @@ def store(small_store, tmp_path):
 def _chunk_range(path, i: int) -> tuple[int, int]:
     """Byte offset and length of inner chunk `i` of a Zarr shard file (index at the end)."""
     raw = path.read_bytes()
-    index = np.frombuffer(raw[-(fmt.EPISODES_PER_SHARD * 16 + 4) : -4], "<u8").reshape(-1, 2)
+    index = fmt.shard_index(raw)
     return int(index[i, 0]), int(index[i, 1])
 
 

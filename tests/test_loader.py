@@ -186,7 +186,7 @@ def _flip_byte(path, offset):
 def test_corrupt_chunk_raises_naming_array_chunk_and_episodes(labelled_store, tmp_path):
     root = shutil.copytree(labelled_store, tmp_path / "s")
     shard = root / fmt.zarr_shard_file("action", 1)
-    index = np.frombuffer(shard.read_bytes()[-(256 * 16 + 4) : -4], "<u8").reshape(-1, 2)
+    index = fmt.shard_index(shard.read_bytes())
     _flip_byte(shard, int(index[10, 0]) + 20)  # inside the chunk of episode 266
     reader = ShardReader(datapipe.open_store(root))
     with pytest.raises(datapipe.CorruptStoreError) as err:

@@ -17,8 +17,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from datapipe import format as fmt
 from datapipe.verify import verify
 
@@ -42,7 +40,7 @@ def verify_throughput(store: Path) -> dict:
 
 def _chunk_span(path: Path, i: int) -> tuple[int, int]:
     raw = path.read_bytes()
-    index = np.frombuffer(raw[-(fmt.EPISODES_PER_SHARD * 16 + 4) : -4], "<u8").reshape(-1, 2)
+    index = fmt.shard_index(raw)
     return int(index[i, 0]), int(index[i, 1])
 
 
