@@ -57,7 +57,7 @@ from trainer.checkpoint import CheckpointError
 from trainer.errors import TrainConfigError
 from trainer.model import WorldModel
 from trainer.options import resolve_device, setting
-from trainer.plan import OFFICIAL_MPPI, Actor, MPPIConfig, describe_protocol, model_dtype
+from trainer.plan import OFFICIAL_MPPI, Actor, MPPIConfig, describe_protocol
 from trainer.presets import ModelConfig
 
 
@@ -221,7 +221,7 @@ def task_episodes(
     env = make_env(task, run.seed)
     for _ in range(episodes.start):  # the resets of the episodes before (module docstring)
         env.reset()
-    device = model._action_masks.device
+    device = model.device
     task_id = torch.tensor([env.task_id], device=device)
     actor = Actor(model, 1, mpc=run.mpc, cfg=run.planner, eval_mode=run.eval_mode)
     returns = []
@@ -252,7 +252,7 @@ def lockstep_episodes(
             for _ in range(k):  # replay the resets of episodes 0..k-1 (module docstring)
                 env.reset()
             envs.append(env)
-    device = model._action_masks.device
+    device = model.device
     task_ids = torch.tensor([env.task_id for env in envs], device=device)
     actor = Actor(model, len(envs), mpc=run.mpc, cfg=run.planner, eval_mode=run.eval_mode)
     obs = np.stack([env.reset() for env in envs])
@@ -317,7 +317,7 @@ def _in_workers(
     # spawn, not fork: torch's thread pools do not survive a fork; a worker that dies
     # raises BrokenProcessPool here instead of hanging
     with ProcessPoolExecutor(
-        workers, mp.get_context("spawn"), _init_worker, (model.cfg, state, model_dtype(model))
+        workers, mp.get_context("spawn"), _init_worker, (model.cfg, state, model.dtype)
     ) as pool:
         jobs = {
             pool.submit(_worker_episode, task, k, run): (task, k)
@@ -400,7 +400,7 @@ def evaluate(
     _check_counts(episodes, max_steps)
     check_task_set(model.cfg)
     model.eval()
-    device = model._action_masks.device
+    device = model.device
     workers = _resolve_workers(workers, lockstep, device, len(names) * episodes)
     run = EpisodeSettings(mpc, seed, max_steps, planner, eval_mode)
     t0 = time.perf_counter()
@@ -426,7 +426,7 @@ def evaluate(
         "batching": LOCKSTEP if lockstep else ONE_EPISODE_PER_BATCH,
         "max_steps": max_steps,
         "model_size": model.cfg.model_size,
-        "dtype": str(model_dtype(model)).removeprefix("torch."),
+        "dtype": str(model.dtype).removeprefix("torch."),
         "device": str(device),
         "workers": workers,
         "wall_s": wall,

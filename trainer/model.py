@@ -280,6 +280,15 @@ class WorldModel(nn.Module):
 
     # -- forward passes (docs/tdmpc2.md#networks, #policy) -------------------------------------
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The floating dtype the networks compute in (float32, or a cast model's)."""
+        return self._encoder["state"][0].weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._action_masks.device
+
     def task_emb(self, x: Tensor, task: Tensor | int) -> Tensor:
         """Concatenate the embedding of `task` ([B] or one int) to the last axis of x
         ([B, D] or [T, B, D]); the embedding is repeated along T."""

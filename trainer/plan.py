@@ -47,15 +47,10 @@ class MPPIConfig:
 OFFICIAL_MPPI = MPPIConfig()  # the official mt30 planner
 
 
-def model_dtype(model: WorldModel) -> torch.dtype:
-    """The floating dtype the model's networks compute in."""
-    return model._encoder["state"][0].weight.dtype
-
-
 @torch.no_grad()
 def policy_action(model: WorldModel, obs: Tensor, task: Tensor) -> Tensor:
     """Policy-only action selection: the policy mean tanh(mu) [N, A], float32, padded dims 0."""
-    z = model.encode(obs.to(model_dtype(model)), task)
+    z = model.encode(obs.to(model.dtype), task)
     _, info = model.pi(z, task)
     return info["mean"].float()
 
@@ -97,7 +92,7 @@ def plan(
     the chosen elite's first action as is; otherwise std[0] * N(0, 1) is added, as the
     official standalone `evaluate.py` does.
     """
-    n, device, dtype = obs.shape[0], obs.device, model_dtype(model)
+    n, device, dtype = obs.shape[0], obs.device, model.dtype
     H, S, P, K, A = (
         cfg.horizon,
         cfg.num_samples,
@@ -167,7 +162,7 @@ class Actor:
         eval_mode: bool = True,
     ) -> None:
         self.model, self.mpc, self.cfg, self.eval_mode = model.eval(), mpc, cfg, eval_mode
-        device = model._action_masks.device
+        device = model.device
         self.prev_mean = torch.zeros(n_envs, cfg.horizon, model.cfg.action_dim, device=device)
 
     def reset(self, envs: Tensor | None = None) -> None:
