@@ -11,14 +11,14 @@ zarr-python writes for the same data, and zarr reads them back.
 from __future__ import annotations
 
 import numpy as np
+from crc32c import crc32c
 from numcodecs import Blosc
-from numcodecs.checksum32 import CRC32C
 
 from datapipe import format as fmt
 
 
 def _crc(data: bytes) -> bytes:
-    return (CRC32C.checksum(data) & 0xFFFFFFFF).to_bytes(4, "little")
+    return crc32c(data).to_bytes(4, "little")
 
 
 def _blosc(itemsize: int) -> Blosc:
