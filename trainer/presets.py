@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from datapipe.tasksets import MT30
+
 
 @dataclass(frozen=True)
 class SizePreset:
@@ -43,9 +45,7 @@ PRESETS: dict[int, SizePreset] = {
 }
 
 # docs/tdmpc2.md#tasks: active action dims of the 30 mt30 tasks, in task-index order.
-MT30_ACTION_DIMS: tuple[int, ...] = (
-    6, 6, 6, 6, 2, 2, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 5, 4, 4, 6, 6, 6, 6, 6, 6, 4, 3, 3, 2, 1,
-)  # fmt: skip
+MT30_ACTION_DIMS: tuple[int, ...] = MT30.action_dims
 # docs/tdmpc2.md#discount: every mt30 episode lasts 500 agent steps.
 MT30_EPISODE_LENGTH = 500
 
