@@ -4,6 +4,7 @@
 # data, plus ~1 h of one core for the second teacher.
 #
 #   bash experiments/cpu-study-data.sh [PATH/TO/mt30_1M_steps_045dist_fp16.pt]
+#   TEACHER2=0 bash experiments/cpu-study-data.sh    # data only (experiments/cpu-study-10k.toml)
 #
 # The argument is the paper's released distilled 1M checkpoint (TD-MPC-Opt's
 # mt30_1M_steps_045dist_fp16.pt, sha256 3e354897...5955bfb). It is the behaviour policy of
@@ -25,6 +26,7 @@ noise=0.1,0.3,0.6,1.0
   --chunks 1 --seed 1 --policy $d/teacher-fp16.pt --noise $noise --workers 2
 [ -f $d/store/meta.json ] || datapipe build --src $d/train --dst $d/store --format zarr --workers 2
 tools verify-shards $d/store --src $d/train
+[ "${TEACHER2:-1}" = 0 ] && exit 0
 # The second teacher: a 1M model trained on the same data for 12,000 steps (4x the
 # students' 3,000 steps), so that it knows more of this data than a student can learn in its budget.
 resume=(); [ -f $d/teacher2-run/checkpoint.pt ] && resume=(--resume)
