@@ -45,12 +45,29 @@ def teacher(tmp_path_factory, store) -> Path:
     )
 
 
+@pytest.fixture(autouse=True)
+def sigint_as_at_a_terminal():
+    """Ctrl-C handled as at a terminal. A suite started in the background of a
+    non-interactive shell (`cmd &`, as a CI job may be) inherits SIGINT ignored, and an
+    ignored signal stays ignored in every child it starts: then neither this process nor the
+    trainers it spawns would see the Ctrl-C these tests send."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def trainer_cmd(*args) -> list[str]:
     return [sys.executable, "-m", "trainer", *(str(a) for a in args)]
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run(trainer_cmd(*args), cwd=REPO, capture_output=True, text=True)
+    return subprocess.run(
+        trainer_cmd(*args), cwd=REPO, capture_output=True, text=True, preexec_fn=_default_sigint
+    )
 
 
 def same_model(a: Path, b: Path) -> None:
@@ -93,6 +110,7 @@ def test_ctrl_c_then_resume_with_only_out_is_bit_identical(store, teacher, tmp_p
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_sigint,
     )
     while proc.poll() is None and _last_step(split) < stop_after:
         time.sleep(0.05)
