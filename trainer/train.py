@@ -127,7 +127,7 @@ def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
 
     # Student (seeded alike on every rank), teacher (frozen; its construction leaves the
     # student's random stream alone, so a distillation run with d_coef=0 is plain training),
-    # loader (seeded per rank, see _rank_stream).
+    # loader (seeded per rank, see trainer.distributed.rank_stream).
     _seed_all(cfg.seed)
     agent = TDMPC2Agent(model_cfg, device)
     if init_state is not None:
