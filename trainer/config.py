@@ -227,7 +227,8 @@ class TrainConfig:
     def math_fields(self) -> tuple[str, ...]:
         """Settings a resumed run must share with the original, because they change the
         numbers (the store and the teacher are compared by content, not by path). The number
-        of ranks may change: the data streams are then re-derived (see `trainer.distributed.rank_stream`)."""
+        of ranks may change: the data streams are then re-derived
+        (`trainer.distributed.rank_stream`)."""
         fields = (
             "batch_size", "horizon", "seed", "model_size", "init", "teacher_size", "d_coef",
             "d_schedule", "distill", "teacher_dtype", "compile", "amp", "cache_gb",
