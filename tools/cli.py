@@ -7,7 +7,10 @@ from pathlib import Path
 
 import click
 
+from datapipe.errors import DatapipeError
+from tools.errors import ToolError
 from tools.make_mt30 import MakeConfig, make_mt30
+from trainer.errors import TrainError
 
 
 @click.group()
@@ -74,13 +77,13 @@ def make_mt30_cmd(
     try:
         if physics == "dmc":
             if task_set != "mt30":
-                raise ValueError("--physics dmc makes the 30 MT30 tasks only; drop --task-set")
+                raise ToolError("--physics dmc makes the 30 MT30 tasks only; drop --task-set")
             from tools.rollouts import make_mt30_dmc
 
             try:
                 stds = tuple(float(x) for x in noise.split(","))
             except ValueError:
-                raise ValueError(f"--noise {noise!r}: give numbers, e.g. 0.1,0.3,1.0") from None
+                raise ToolError(f"--noise {noise!r}: give numbers, e.g. 0.1,0.3,1.0") from None
             paths = make_mt30_dmc(
                 dst, episodes_per_task, chunks, seed, policy, workers, tasks, stds, progress
             )
@@ -93,7 +96,7 @@ def make_mt30_cmd(
                 task_set=task_set,
             )
             paths = make_mt30(cfg)
-    except ValueError as e:
+    except (ToolError, DatapipeError, TrainError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"wrote {len(paths)} chunk(s) to {dst}")
 
@@ -130,10 +133,7 @@ def make_mt30_cmd(
 )
 def make_teacher_cmd(size, out, seed, train_steps, shards, nonzero_reward, progress) -> None:
     """Write a checkpoint of any size in the official new-API layout."""
-    from datapipe.errors import DatapipeError
     from tools.make_teacher import make_teacher
-    from trainer.checkpoint import CheckpointError
-    from trainer.errors import TrainError
 
     try:
         path = make_teacher(
@@ -145,7 +145,7 @@ def make_teacher_cmd(size, out, seed, train_steps, shards, nonzero_reward, progr
             nonzero_reward=nonzero_reward,
             progress=progress,
         )
-    except (ValueError, DatapipeError, TrainError, CheckpointError) as e:
+    except (ToolError, DatapipeError, TrainError) as e:
         raise click.ClickException(str(e)) from e
     click.echo(f"wrote {path}")
 

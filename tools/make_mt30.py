@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from datapipe.tasksets import TaskSet, get_task_set
+from tools.errors import ToolError
 
 
 @dataclass(frozen=True)
@@ -91,10 +92,10 @@ def make_mt30(cfg: MakeConfig) -> list[Path]:
     """Write the chunk files of `cfg` and return their paths."""
     task_set = get_task_set(cfg.task_set)
     if cfg.episodes_per_task < 1 or cfg.chunks < 1:
-        raise ValueError("--episodes-per-task and --chunks must be at least 1")
+        raise ToolError("--episodes-per-task and --chunks must be at least 1")
     total = task_set.n_tasks * cfg.episodes_per_task
     if cfg.chunks > total:
-        raise ValueError(f"--chunks {cfg.chunks} is more than the {total} episodes to write")
+        raise ToolError(f"--chunks {cfg.chunks} is more than the {total} episodes to write")
     cfg.dst.mkdir(parents=True, exist_ok=True)
     bounds = np.linspace(0, total, cfg.chunks + 1).astype(int)
     paths = []

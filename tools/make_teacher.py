@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from datapipe.store import open_store
+from tools.errors import ToolError
 from trainer.checkpoint import export, save_official
 from trainer.config import TrainConfig
 from trainer.model import WorldModel, weight_init
@@ -48,11 +49,11 @@ def make_teacher(
     """
     out = Path(out)
     if size not in PRESETS:
-        raise ValueError(f"unknown model size {size}; choose one of {sorted(PRESETS)}")
+        raise ToolError(f"unknown model size {size}; choose one of {sorted(PRESETS)}")
     if nonzero_reward and train_steps:
-        raise ValueError("nonzero_reward applies to a random init: drop it or train_steps")
+        raise ToolError("nonzero_reward applies to a random init: drop it or train_steps")
     if train_steps < 0:
-        raise ValueError(f"train_steps must be >= 0 (got {train_steps})")
+        raise ToolError(f"train_steps must be >= 0 (got {train_steps})")
     if train_steps == 0:
         dims = {} if shards is None else store_dims(open_store(shards))
         torch.manual_seed(seed)
@@ -62,7 +63,7 @@ def make_teacher(
         save_official(model, out)
         return out
     if shards is None:
-        raise ValueError("train_steps > 0 needs a store to train on: pass shards (--shards)")
+        raise ToolError("train_steps > 0 needs a store to train on: pass shards (--shards)")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.stem}-run.", dir=out.parent) as run:
         cfg = _teacher_run(size, Path(run), train_steps, shards, batch_size, seed, device)

@@ -31,6 +31,7 @@ import numpy as np
 
 from datapipe.progress import Progress
 from datapipe.tasksets import MT30
+from tools.errors import ToolError
 from tools.make_mt30 import save_chunk
 
 POLICIES = ("random", "noise")
@@ -185,16 +186,16 @@ def make_mt30_dmc(
     names = resolve_tasks(tasks or "mt30")
     names.sort(key=MT30.names.index)
     if episodes_per_task < 1 or chunks < 1:
-        raise ValueError("--episodes-per-task and --chunks must be at least 1")
+        raise ToolError("--episodes-per-task and --chunks must be at least 1")
     if chunks > len(names) * episodes_per_task:
-        raise ValueError(
+        raise ToolError(
             f"--chunks {chunks} is more than the {len(names) * episodes_per_task} episodes"
         )
     noise = tuple(float(x) for x in noise)
     if not noise or not all(np.isfinite(x) and x >= 0 for x in noise):
-        raise ValueError(f"--noise needs one or more finite stds >= 0; got {noise}")
+        raise ToolError(f"--noise needs one or more finite stds >= 0; got {noise}")
     if policy not in POLICIES and not Path(policy).is_file():
-        raise ValueError(
+        raise ToolError(
             f"--policy must be one of {', '.join(POLICIES)} or a checkpoint file; got {policy!r}"
         )
     if policy not in POLICIES:
