@@ -77,7 +77,7 @@ class Progress:
         elapsed = time.monotonic() - self._t0
         rate = (self.n - self._first) / elapsed if elapsed > 0 else 0.0
         left = self.total - self.n
-        eta = _hms(left / rate) if rate > 0 else "?"
+        eta = hms(left / rate) if rate > 0 else "?"
         extra = f", {self.postfix}" if self.postfix else ""
         print(
             f"{self.desc}: {self.n}/{self.total} {self.unit}s, {rate:.3g} {self.unit}s/s, "
@@ -96,6 +96,9 @@ def track(items: Iterable[T], desc: str, unit: str, enabled: bool = True) -> Ite
             bar.update()
 
 
-def _hms(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
+def hms(seconds: float) -> str:
+    """h:mm:ss of a duration (an ETA); "?" when it is not known yet (NaN)."""
+    if seconds != seconds:
+        return "?"
+    m, s = divmod(round(seconds), 60)
     return f"{m // 60}:{m % 60:02d}:{s:02d}"

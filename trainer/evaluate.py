@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from datapipe.progress import hms
 from datapipe.tasksets import MT30, TaskSet
 from trainer.checkpoint import CheckpointError
 from trainer.errors import TrainConfigError
@@ -497,14 +498,9 @@ class EpisodeProgress:
             left = (self.total - self.finished) * elapsed / self.finished
             text += (
                 f" (last: {self._of(task)}), {self.finished / elapsed * 60:.1f} episodes/min, "
-                f"ETA {_hms(left)}"
+                f"ETA {hms(left)}"
             )
         print(text, file=sys.stderr, flush=True)
-
-
-def _hms(seconds: float) -> str:
-    m, s = divmod(round(seconds), 60)
-    return f"{m // 60}:{m % 60:02d}:{s:02d}"
 
 
 # -- outputs ------------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from datapipe.progress import hms
 from trainer.checkpoint import CheckpointError, read_checkpoint
 from trainer.config import TrainConfig
 from trainer.errors import TrainConfigError
@@ -632,7 +633,7 @@ class _Progress:
             eta = (self.total - done) / rate if rate > 0 else float("nan")
             print(
                 f"experiment: {done}/{self.total} steps, runs {finished}/{self.runs} done, "
-                f"running {', '.join(active) or '-'}; ETA {_hms(eta)}",
+                f"running {', '.join(active) or '-'}; ETA {hms(eta)}",
                 flush=True,
             )
 
@@ -641,13 +642,6 @@ class _Progress:
 
     def close(self) -> None:
         self.bar.close()
-
-
-def _hms(seconds: float) -> str:
-    if seconds != seconds:  # nan: no rate yet
-        return "?"
-    m, s = divmod(int(seconds), 60)
-    return f"{m // 60}:{m % 60:02d}:{s:02d}"
 
 
 def _child(job: dict[str, Any]) -> None:
