@@ -19,6 +19,7 @@ from datapipe.errors import (
     DatapipeError,
     IncompleteStoreError,
     StorageAccessError,
+    StoreFormatError,
     StoreNotFoundError,
     StoreVersionError,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "SliceLoader",
     "StorageAccessError",
     "Store",
+    "StoreFormatError",
     "StoreNotFoundError",
     "StoreVersionError",
     "WebDatasetStream",

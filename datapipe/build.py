@@ -227,52 +227,26 @@ def _commit(
     config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
     write_json_atomic(dst, fmt.CONFIG_FILE, config)
     lay = plan["layout"]
-    arrays = {}
-    for name in fmt.ARRAYS:
-        shape = fmt.array_shape(name, plan["n_episodes"], rows, lay["obs_dim"], lay["action_dim"])
-        kw = fmt.zarr_array_kwargs(name, shape)
-        arrays[name] = {
-            "shape": list(shape),
-            "dtype": kw["dtype"],
-            "chunks": list(kw["chunks"]),
-            "shards": list(kw["shards"]),
-            "codec": f"blosc {fmt.BLOSC} + crc32c",
-            "transposed": bool(kw["filters"]),
-        }
-    meta = {
-        "format_version": fmt.FORMAT_VERSION,
-        "complete": True,
-        "created_by": f"mt30-datapipe {__version__}",
-        "dataset": {
-            "task_set": ts.name,
-            "n_tasks": ts.n_tasks,
-            "task_names": list(ts.names),
-            "obs_dims": list(ts.obs_dims),
-            "action_dims": list(ts.action_dims),
-            "obs_dim": lay["obs_dim"],
-            "action_dim": lay["action_dim"],
-            "rows_per_episode": rows,
-            "n_episodes": plan["n_episodes"],
-            "n_rows": plan["n_episodes"] * rows,
-        },
-        "formats": plan["formats"],
-        "episodes_per_shard": fmt.EPISODES_PER_SHARD,
-        "n_shards": n_shards,
-        "arrays": arrays,
-        "wds_members": dict(fmt.WDS_MEMBERS),
-        "sources": [
-            {
-                "name": s.name,
-                "size": s.size,
-                "sha256": h,
-                "episodes": s.episodes,
-                "store_episodes": [s.start, s.start + s.episodes],
-            }
+    meta = fmt.StoreMeta(
+        created_by=f"mt30-datapipe {__version__}",
+        task_set=ts.name,
+        task_names=tuple(ts.names),
+        obs_dims=tuple(ts.obs_dims),
+        action_dims=tuple(ts.action_dims),
+        obs_dim=lay["obs_dim"],
+        action_dim=lay["action_dim"],
+        rows_per_episode=rows,
+        n_episodes=plan["n_episodes"],
+        n_rows=plan["n_episodes"] * rows,
+        formats=tuple(plan["formats"]),
+        n_shards=n_shards,
+        sources=tuple(
+            fmt.StoreSource(s.name, s.size, h, s.episodes, s.start)
             for s, h in zip(sources, hashes, strict=True)
-        ],
-        "plan": plan,
-    }
-    write_json_atomic(dst, fmt.META_FILE, meta)
+        ),
+        plan=plan,
+    )
+    write_json_atomic(dst, fmt.META_FILE, meta.to_json())
     dst.remove_tree(fmt.BUILD_DIR)
 
 

@@ -34,6 +34,10 @@ class StoreVersionError(DatapipeError, ValueError):
     """The store was written in a format version this code does not read."""
 
 
+class StoreFormatError(DatapipeError, ValueError):
+    """The store was built without the format (Zarr or WebDataset) a reader needs."""
+
+
 class CorruptStoreError(DatapipeError, ValueError):
     """Stored bytes fail their checksum or do not decode."""
 

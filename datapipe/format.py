@@ -27,6 +27,8 @@ from __future__ import annotations
 import gzip
 import io
 import tarfile
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from zarr.codecs import BloscCodec, Crc32cCodec, TransposeCodec
@@ -170,6 +172,162 @@ def read_wds_tar(tar: tarfile.TarFile) -> tuple[list[str], dict[str, list]]:
         if name == "task":
             keys.append(key)
     return keys, arrays
+
+
+class MetaError(ValueError):
+    """meta.json is not a format-1 store's: another version, or a missing or malformed field.
+    The readers (store.py, verify.py) add the store's location and the fix."""
+
+
+class MetaVersionError(MetaError):
+    pass
+
+
+@dataclass(frozen=True)
+class StoreSource:
+    """One source chunk file of a store: it holds store episodes [start, start + episodes)."""
+
+    name: str
+    size: int
+    sha256: str
+    episodes: int
+    start: int
+
+
+@dataclass(frozen=True)
+class StoreMeta:
+    """The contents of meta.json: what the store holds and where it came from.
+
+    Written last by a build (its presence marks the store complete), read by every consumer
+    through `from_json`; `to_json` gives the exact document. `n_rows` and `n_shards` are
+    stored as written so that verify-shards can check them against the counts they follow
+    from; `plan` is the build plan (datapipe.build's record of sources, layout and formats).
+    """
+
+    created_by: str
+    task_set: str
+    task_names: tuple[str, ...]
+    obs_dims: tuple[int, ...]
+    action_dims: tuple[int, ...]
+    obs_dim: int
+    action_dim: int
+    rows_per_episode: int
+    n_episodes: int
+    n_rows: int
+    formats: tuple[str, ...]
+    n_shards: int
+    sources: tuple[StoreSource, ...]
+    plan: dict[str, Any]
+    complete: bool = True
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.task_names)
+
+    def array_shape(self, name: str) -> tuple:
+        return array_shape(
+            name, self.n_episodes, self.rows_per_episode, self.obs_dim, self.action_dim
+        )
+
+    def arrays(self) -> dict[str, dict[str, Any]]:
+        """Shape, dtype, chunking and codec of each Zarr array (as `zarr_array_kwargs`)."""
+        out = {}
+        for name in ARRAYS:
+            kw = zarr_array_kwargs(name, self.array_shape(name))
+            out[name] = {
+                "shape": list(kw["shape"]),
+                "dtype": kw["dtype"],
+                "chunks": list(kw["chunks"]),
+                "shards": list(kw["shards"]),
+                "codec": f"blosc {BLOSC} + crc32c",
+                "transposed": bool(kw["filters"]),
+            }
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "complete": self.complete,
+            "created_by": self.created_by,
+            "dataset": {
+                "task_set": self.task_set,
+                "n_tasks": self.n_tasks,
+                "task_names": list(self.task_names),
+                "obs_dims": list(self.obs_dims),
+                "action_dims": list(self.action_dims),
+                "obs_dim": self.obs_dim,
+                "action_dim": self.action_dim,
+                "rows_per_episode": self.rows_per_episode,
+                "n_episodes": self.n_episodes,
+                "n_rows": self.n_rows,
+            },
+            "formats": list(self.formats),
+            "episodes_per_shard": EPISODES_PER_SHARD,
+            "n_shards": self.n_shards,
+            "arrays": self.arrays(),
+            "wds_members": dict(WDS_MEMBERS),
+            "sources": [
+                {
+                    "name": s.name,
+                    "size": s.size,
+                    "sha256": s.sha256,
+                    "episodes": s.episodes,
+                    "store_episodes": [s.start, s.start + s.episodes],
+                }
+                for s in self.sources
+            ],
+            "plan": self.plan,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> StoreMeta:
+        """Parse and check a meta.json document: MetaVersionError for another format version,
+        MetaError naming a missing or malformed field."""
+        if not isinstance(doc, dict):
+            raise MetaError(f"not a JSON object but {type(doc).__name__}")
+        if doc.get("format_version") != FORMAT_VERSION:
+            raise MetaVersionError(f"format version {doc.get('format_version')}")
+        try:
+            ds = doc["dataset"]
+            meta = cls(
+                created_by=str(doc["created_by"]),
+                task_set=str(ds["task_set"]),
+                task_names=tuple(str(t) for t in ds["task_names"]),
+                obs_dims=tuple(int(d) for d in ds["obs_dims"]),
+                action_dims=tuple(int(d) for d in ds["action_dims"]),
+                obs_dim=int(ds["obs_dim"]),
+                action_dim=int(ds["action_dim"]),
+                rows_per_episode=int(ds["rows_per_episode"]),
+                n_episodes=int(ds["n_episodes"]),
+                n_rows=int(ds["n_rows"]),
+                formats=tuple(doc["formats"]),
+                n_shards=int(doc["n_shards"]),
+                sources=tuple(
+                    StoreSource(
+                        str(s["name"]),
+                        int(s["size"]),
+                        str(s["sha256"]),
+                        int(s["episodes"]),
+                        int(s["store_episodes"][0]),
+                    )
+                    for s in doc["sources"]
+                ),
+                plan=dict(doc["plan"]),
+                complete=doc.get("complete") is True,
+            )
+            wrong = {
+                "dataset.n_tasks": (ds["n_tasks"], meta.n_tasks),
+                "episodes_per_shard": (doc["episodes_per_shard"], EPISODES_PER_SHARD),
+            }
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise MetaError(f"missing or malformed field: {e!r}") from None
+        for key, (got, want) in wrong.items():
+            if got != want:
+                raise MetaError(f"{key} is {got!r}, expected {want!r}")
+        if not meta.formats or not set(meta.formats) <= set(FORMATS):
+            raise MetaError(f"formats {list(meta.formats)}: expected a subset of {list(FORMATS)}")
+        return meta
 
 
 def unit_record_file(shard: int) -> str:

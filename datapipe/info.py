@@ -43,20 +43,20 @@ def summary(path: str | Path) -> str:
         if root.exists(fmt.PLAN_FILE):
             return _incomplete_summary(root, e)
         raise
-    meta, ds = store.meta, store.meta["dataset"]
+    meta = store.meta
     lines = [
         f"store: {root}",
-        f"status: complete, format version {meta['format_version']} ({meta['created_by']})",
-        f"dataset: task set {ds['task_set']}, {ds['n_tasks']} tasks, {ds['n_episodes']} "
-        f"episodes x {ds['rows_per_episode']} rows = {ds['n_rows']} rows; obs {ds['obs_dim']}, "
-        f"action {ds['action_dim']}",
-        f"formats: {', '.join(meta['formats'])}; {meta['n_shards']} shards of "
-        f"{meta['episodes_per_shard']} episodes",
+        f"status: complete, format version {meta.format_version} ({meta.created_by})",
+        f"dataset: task set {meta.task_set}, {meta.n_tasks} tasks, {meta.n_episodes} "
+        f"episodes x {meta.rows_per_episode} rows = {meta.n_rows} rows; obs {meta.obs_dim}, "
+        f"action {meta.action_dim}",
+        f"formats: {', '.join(meta.formats)}; {meta.n_shards} shards of "
+        f"{fmt.EPISODES_PER_SHARD} episodes",
         "",
         f"{'array':8} {'dtype':8} {'shape':22} {'raw':>10} {'on disk':>10} {'ratio':>6}",
     ]
-    for name, arr in meta["arrays"].items():
-        if "zarr" not in meta["formats"]:
+    for name, arr in meta.arrays().items():
+        if "zarr" not in meta.formats:
             break
         raw = math.prod(arr["shape"]) * 4
         disk = _dir_bytes(root, f"{fmt.ZARR_DIR}/{name}")
@@ -65,12 +65,10 @@ def summary(path: str | Path) -> str:
         lines.append(
             f"{name:8} {arr['dtype']:8} {shape:22} {_human(raw):>10} {_human(disk):>10} {ratio:6.2f}"
         )
-    if "webdataset" in meta["formats"]:
+    if "webdataset" in meta.formats:
         lines.append(f"webdataset shards: {_human(_dir_bytes(root, fmt.WDS_DIR))}")
     lines += ["", f"{'id':>3} {'task':28} {'episodes':>9} {'rows':>11}"]
     for t in store.index["tasks"]:
         lines.append(f"{t['id']:>3} {t['name']:28} {t['episodes']:>9} {t['rows']:>11}")
-    lines.append(
-        "sources: " + ", ".join(f"{s['name']} ({_human(s['size'])})" for s in meta["sources"])
-    )
+    lines.append("sources: " + ", ".join(f"{s.name} ({_human(s.size)})" for s in meta.sources))
     return "\n".join(lines)

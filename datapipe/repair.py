@@ -43,7 +43,7 @@ def repair(store: str | Path, src: str | Path) -> tuple[list[int], Report]:
     if shards:
         meta = report.meta
         sources, _ = scan_sources(src)
-        planned = meta["plan"]["sources"]
+        planned = meta.plan["sources"]
         if [(s.name, s.size, s.quick_id) for s in sources] != [
             (s["name"], s["size"], s["quick_id"]) for s in planned
         ]:
@@ -52,15 +52,15 @@ def repair(store: str | Path, src: str | Path) -> tuple[list[int], Report]:
                 f"({', '.join(s['name'] for s in planned)}); pass the original --src."
             )
         manifest = report.manifest["files"]
-        n = meta["dataset"]["n_episodes"]
+        n = meta.n_episodes
         try:
             for k in shards:
                 record = build_shard(
                     root.url,
                     k,
                     shard_pieces(sources, k, n),
-                    meta["dataset"]["task_set"],
-                    meta["formats"],
+                    meta.task_set,
+                    list(meta.formats),
                 )
                 for rel, info in record["files"].items():
                     if manifest.get(rel) != info:

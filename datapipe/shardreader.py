@@ -105,11 +105,7 @@ class ShardReader:
         arrays: Sequence[str] = ("obs", "action", "reward"),
         max_open_shards: int = 512,
     ):
-        if "zarr" not in store.formats:
-            raise StoreVersionError(
-                f"{store.url}: was built without the Zarr arrays (formats {store.formats}); "
-                f"rebuild with `datapipe build --format zarr` or use datapipe.WebDatasetStream."
-            )
+        store.require_format("zarr", "use datapipe.WebDatasetStream")
         self.store = store
         self.arrays = {name: _Array(store, name) for name in arrays}
         self.max_open_shards = max_open_shards

@@ -32,6 +32,7 @@ from datapipe.errors import (
     CorruptStoreError,
     DatapipeError,
     IncompleteStoreError,
+    StoreFormatError,
     StoreNotFoundError,
     StoreVersionError,
 )
@@ -91,7 +92,7 @@ def _load_manifest(loc: Location) -> dict[str, dict]:
     return files
 
 
-def check_complete(root: Location) -> dict:
+def check_complete(root: Location) -> fmt.StoreMeta:
     """The metadata of the complete store at `root`, or an error saying how to get one."""
     if not root.exists(fmt.META_FILE):
         if root.exists(fmt.PLAN_FILE):
@@ -106,14 +107,19 @@ def check_complete(root: Location) -> dict:
         raise StoreNotFoundError(
             f"{root}: not a datapipe store (no {fmt.META_FILE}); build one with `datapipe build`."
         )
-    meta = _load_json(root, fmt.META_FILE)
-    version = meta.get("format_version")
-    if version != fmt.FORMAT_VERSION:
+    try:
+        meta = fmt.StoreMeta.from_json(_load_json(root, fmt.META_FILE))
+    except fmt.MetaVersionError as e:
         raise StoreVersionError(
-            f"{root}: store format version {version}, this datapipe reads version "
-            f"{fmt.FORMAT_VERSION}. Rebuild it: `datapipe build --src SRC --dst NEW_DST`."
-        )
-    if meta.get("complete") is not True:
+            f"{root}: store {e}, this datapipe reads version {fmt.FORMAT_VERSION}. Rebuild it: "
+            f"`datapipe build --src SRC --dst NEW_DST`."
+        ) from None
+    except fmt.MetaError as e:
+        raise CorruptStoreError(
+            f"{root.child(fmt.META_FILE)}: {e}. The store's metadata is damaged: rebuild it "
+            f"into a new folder: `{rebuild_command(root)}`."
+        ) from None
+    if not meta.complete:
         raise IncompleteStoreError(f"{root}: {fmt.META_FILE} does not mark the store complete.")
     return meta
 
@@ -124,7 +130,7 @@ class Store:
     def __init__(
         self,
         path: str | Path,
-        meta: dict | None = None,
+        meta: fmt.StoreMeta | None = None,
         index: dict | None = None,
         check_files: bool = True,
     ):
@@ -143,21 +149,31 @@ class Store:
             if loc.local or isinstance(e, DatapipeError) or not is_storage_error(e):
                 raise
             raise loc.access_error(e, "opening the store") from e
-        ds = self.meta["dataset"]
-        self.n_episodes: int = ds["n_episodes"]
-        self.episode_length: int = ds["rows_per_episode"]
-        self.task_names: list[str] = ds["task_names"]
-        self.obs_dims: list[int] = ds["obs_dims"]
-        self.action_dims: list[int] = ds["action_dims"]
-        self.obs_dim: int = ds["obs_dim"]
-        self.action_dim: int = ds["action_dim"]
-        self.formats: list[str] = self.meta["formats"]
+        meta = self.meta
+        self.n_episodes: int = meta.n_episodes
+        self.episode_length: int = meta.rows_per_episode
+        self.task_names: list[str] = list(meta.task_names)
+        self.obs_dims: list[int] = list(meta.obs_dims)
+        self.action_dims: list[int] = list(meta.action_dims)
+        self.obs_dim: int = meta.obs_dim
+        self.action_dim: int = meta.action_dim
+        self.formats: list[str] = list(meta.formats)
 
     def __repr__(self) -> str:
         return (
             f"Store({self.url!r}, episodes={self.n_episodes}, "
             f"rows={self.episode_length}, tasks={len(self.task_names)})"
         )
+
+    def require_format(self, name: str, instead: str) -> None:
+        """StoreFormatError unless the store was built with format `name` ("zarr" or
+        "webdataset"); `instead` says what else can read it."""
+        if name not in self.formats:
+            flag = "both" if set(self.formats) | {name} == set(fmt.FORMATS) else name
+            raise StoreFormatError(
+                f"{self.url}: was built without its {name} format (formats {self.formats}); "
+                f"rebuild with `datapipe build --format {flag}`, or {instead}."
+            )
 
     def read_bytes(self, rel: str) -> bytes:
         """File `rel` of the store (e.g. "meta.json"), whole."""
@@ -246,16 +262,12 @@ class Store:
     def _zarr(self):
         import zarr
 
-        if "zarr" not in self.formats:
-            raise StoreNotFoundError(
-                f"{self.url}: was built without the Zarr arrays (formats {self.formats}); "
-                f"rebuild with `datapipe build --format zarr` or read its WebDataset shards."
-            )
         return zarr.open_group(self.location.child(fmt.ZARR_DIR), mode="r")
 
     def read_array(self, name: str, lo: int, hi: int) -> np.ndarray:
         """Episodes [lo, hi) of one array; CorruptStoreError if a checksum fails or a shard file
         is not the one the manifest names."""
+        self.require_format("zarr", "read its WebDataset shards")
         try:
             out = self._zarr[name][lo:hi]
         except CorruptStoreError:

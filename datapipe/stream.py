@@ -38,7 +38,7 @@ import torch
 import webdataset as wds
 
 from datapipe import format as fmt
-from datapipe.errors import CorruptStoreError, StoreNotFoundError
+from datapipe.errors import CorruptStoreError
 from datapipe.loader import Batch
 from datapipe.sample import task_probabilities
 from datapipe.store import Store, open_store, repair_command
@@ -113,11 +113,7 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
     ):
         super().__init__()
         store = path_or_store if isinstance(path_or_store, Store) else open_store(path_or_store)
-        if "webdataset" not in store.formats:
-            raise StoreNotFoundError(
-                f"{store.url}: was built without WebDataset shards (formats {store.formats}); "
-                f"rebuild with `datapipe build --format both`, or use datapipe.SliceLoader."
-            )
+        store.require_format("webdataset", "use datapipe.SliceLoader")
         T = store.episode_length
         if horizon < 1 or horizon + 1 > T:
             raise ValueError(

@@ -62,7 +62,7 @@ class Report:
     store: str
     problems: list[Problem] = field(default_factory=list)
     checked: dict[str, int] = field(default_factory=dict)
-    meta: dict | None = field(default=None, repr=False)  # the store's metadata, once parsed
+    meta: fmt.StoreMeta | None = field(default=None, repr=False)  # once parsed
     manifest: dict | None = field(default=None, repr=False)
     src: str | None = None  # the source given to compare with, if any
     fix: str | None = None  # the advice, where the problem needs its own (no store, unfinished)
@@ -159,34 +159,34 @@ def _json(root: Location, name: str, report: Report) -> dict | None:
         return None
 
 
-def _check_metadata(root: Location, report: Report) -> tuple[dict, dict, dict] | None:
-    meta = _json(root, fmt.META_FILE, report)
+def _check_metadata(root: Location, report: Report) -> tuple[fmt.StoreMeta, dict, dict] | None:
+    doc = _json(root, fmt.META_FILE, report)
     index = _json(root, fmt.INDEX_FILE, report)
     manifest = _json(root, fmt.MANIFEST_FILE, report)
-    if meta is None or index is None or manifest is None:
+    if doc is None or index is None or manifest is None:
         return None
-    if meta.get("format_version") != fmt.FORMAT_VERSION:
-        report.add(
-            "version",
-            fmt.META_FILE,
-            f"format version {meta.get('format_version')}, expected {fmt.FORMAT_VERSION}",
-        )
+    try:
+        meta = fmt.StoreMeta.from_json(doc)
+    except fmt.MetaVersionError as e:
+        report.add("version", fmt.META_FILE, f"{e}, expected {fmt.FORMAT_VERSION}")
         return None
-    if meta.get("complete") is not True:
+    except fmt.MetaError as e:
+        report.add("metadata", fmt.META_FILE, str(e))
+        return None
+    if not meta.complete:
         report.add("incomplete", fmt.META_FILE, "the store is not marked complete")
     return meta, index, manifest
 
 
-def _check_counts(meta: dict, index: dict, report: Report) -> None:
-    ds = meta["dataset"]
-    n, rows = ds["n_episodes"], ds["rows_per_episode"]
-    if ds["n_rows"] != n * rows:
-        report.add("count", fmt.META_FILE, f"n_rows {ds['n_rows']} != {n} episodes x {rows} rows")
-    if meta["n_shards"] != fmt.n_shards(n):
-        report.add("count", fmt.META_FILE, f"n_shards {meta['n_shards']} != {fmt.n_shards(n)}")
+def _check_counts(meta: fmt.StoreMeta, index: dict, report: Report) -> None:
+    n, rows = meta.n_episodes, meta.rows_per_episode
+    if meta.n_rows != n * rows:
+        report.add("count", fmt.META_FILE, f"n_rows {meta.n_rows} != {n} episodes x {rows} rows")
+    if meta.n_shards != fmt.n_shards(n):
+        report.add("count", fmt.META_FILE, f"n_shards {meta.n_shards} != {fmt.n_shards(n)}")
     tasks = index.get("tasks", [])
-    if len(tasks) != ds["n_tasks"]:
-        report.add("count", fmt.INDEX_FILE, f"{len(tasks)} tasks, metadata says {ds['n_tasks']}")
+    if len(tasks) != meta.n_tasks:
+        report.add("count", fmt.INDEX_FILE, f"{len(tasks)} tasks, metadata says {meta.n_tasks}")
     cover = np.zeros(n, np.int64)
     for t in tasks:
         eps = sum(b - a for a, b in t["ranges"])
@@ -216,20 +216,20 @@ def _check_counts(meta: dict, index: dict, report: Report) -> None:
     report.count("metadata files", 3)
 
 
-def _expected_files(meta: dict) -> dict[str, list[int]]:
+def _expected_files(meta: fmt.StoreMeta) -> dict[str, list[int]]:
     """Every data file of the store -> the [lo, hi) store episodes it holds."""
     files = {}
-    for k in range(meta["n_shards"]):
-        eps = fmt.shard_episodes(k, meta["dataset"]["n_episodes"])
-        names = [fmt.zarr_shard_file(a, k) for a in fmt.ARRAYS] if "zarr" in meta["formats"] else []
-        if "webdataset" in meta["formats"]:
+    for k in range(meta.n_shards):
+        eps = fmt.shard_episodes(k, meta.n_episodes)
+        names = [fmt.zarr_shard_file(a, k) for a in fmt.ARRAYS] if "zarr" in meta.formats else []
+        if "webdataset" in meta.formats:
             names.append(fmt.wds_shard_file(k))
         files.update({name: [eps.start, eps.stop] for name in names})
     return files
 
 
 def _check_manifest(
-    root: Location, meta: dict, manifest: dict, report: Report, progress
+    root: Location, meta: fmt.StoreMeta, manifest: dict, report: Report, progress
 ) -> set[str]:
     """sha256 of every data file; returns the missing ones (the rest are decoded after)."""
     listed, expected = manifest.get("files", {}), _expected_files(meta)
@@ -432,14 +432,14 @@ def _unfinished(root: Location, report: Report) -> bool:
     return True
 
 
-def _sources(src, meta: dict, report: Report) -> list | None:
+def _sources(src, meta: fmt.StoreMeta, report: Report) -> list | None:
     """The source files to compare with, or None (reported) if `src` is not this store's."""
     try:
         sources, _ = scan_sources(src)
     except DatapipeError as e:
         report.add("source", str(src), f"unreadable: {e}")
         return None
-    built_from = [s["name"] for s in meta["sources"]]
+    built_from = [s.name for s in meta.sources]
     if [s.name for s in sources] != built_from:
         report.add(
             "source",
@@ -475,11 +475,7 @@ def verify(
         return track(items, f"verify {what}", what.rstrip("s"), enabled=progress)
 
     missing = _check_manifest(root, meta, manifest, report, bar)
-    try:
-        store = Store(root.url, meta=meta, index=index, check_files=False)  # hashed above
-    except (KeyError, TypeError, ValueError) as e:
-        report.add("metadata", fmt.META_FILE, f"missing or malformed field: {e}")
-        return report
+    store = Store(root.url, meta=meta, index=index, check_files=False)  # hashed above
     n = store.n_episodes
     sources, picks = None, set()
     if src is not None:
@@ -492,7 +488,7 @@ def verify(
             )
         )
     try:
-        reader = ShardReader(store) if "zarr" in meta["formats"] else None
+        reader = ShardReader(store) if "zarr" in meta.formats else None
     except (DatapipeError, OSError, ValueError, KeyError) as e:
         report.add(
             "metadata",
@@ -503,17 +499,17 @@ def verify(
     with contextlib.ExitStack() as held:  # the source chunks, each opened once
         if sources is not None:
             sources = {s: held.enter_context(ChunkReader(s.path)) for s in sources}
-        for k in bar(range(meta["n_shards"]), "shards"):
+        for k in bar(range(meta.n_shards), "shards"):
             eps = fmt.shard_episodes(k, n)
             zarr_a = wds_a = None
             if (
-                "zarr" in meta["formats"]
+                "zarr" in meta.formats
                 and not {fmt.zarr_shard_file(a, k) for a in fmt.ARRAYS} & missing
             ):
                 zarr_a = _zarr_arrays(store, reader, eps, report)
                 if zarr_a is not None:
                     _check_values(zarr_a, eps, f"{fmt.ZARR_DIR} shard {k}", store, report)
-            if "webdataset" in meta["formats"] and fmt.wds_shard_file(k) not in missing:
+            if "webdataset" in meta.formats and fmt.wds_shard_file(k) not in missing:
                 wds_a = _wds_arrays(root, eps, report)
                 if wds_a is not None:
                     _check_values(wds_a, eps, fmt.wds_shard_file(k), store, report)

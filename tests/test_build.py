@@ -38,7 +38,7 @@ def _bits(a: np.ndarray) -> np.ndarray:
 def _read_wds(root, meta):
     out = {k: [] for k in fmt.SOURCE_KEYS}
     keys = []
-    for shard in range(meta["n_shards"]):
+    for shard in range(meta.n_shards):
         with tarfile.open(root / fmt.wds_shard_file(shard)) as tar:
             shard_keys, arrays = fmt.read_wds_tar(tar)
         keys += shard_keys
@@ -63,8 +63,7 @@ def test_zarr_round_trip_is_bit_exact(small_source, small_store):
 
 def test_webdataset_round_trip_is_bit_exact(small_source, small_store):
     src = _source_arrays(small_source)
-    meta = json.loads((small_store / fmt.META_FILE).read_text())
-    keys, wds = _read_wds(small_store, meta)
+    keys, wds = _read_wds(small_store, open_store(small_store).meta)
     assert keys == [fmt.wds_key(i) for i in range(300)]
     for name in ("obs", "action", "reward"):
         np.testing.assert_array_equal(_bits(np.stack(wds[name])), _bits(src[name]))
@@ -82,15 +81,14 @@ def test_webdataset_decodes_with_the_webdataset_library(small_store):
 def test_metadata_index_and_provenance(small_source, small_store):
     store = open_store(small_store)
     meta = store.meta
-    ds = meta["dataset"]
-    assert ds["task_names"][0] == "walker-stand" and ds["n_tasks"] == 30
-    assert ds["rows_per_episode"] == 501 and ds["n_rows"] == 300 * 501
-    assert [s["name"] for s in meta["sources"]] == ["chunk_0.pt", "chunk_1.pt", "chunk_2.pt"]
-    assert [s["store_episodes"] for s in meta["sources"]] == [[0, 100], [100, 200], [200, 300]]
+    assert meta.task_names[0] == "walker-stand" and meta.n_tasks == 30
+    assert meta.rows_per_episode == 501 and meta.n_rows == 300 * 501
+    assert [s.name for s in meta.sources] == ["chunk_0.pt", "chunk_1.pt", "chunk_2.pt"]
+    assert [(s.start, s.episodes) for s in meta.sources] == [(0, 100), (100, 100), (200, 100)]
     import hashlib
 
     digest = hashlib.sha256((small_source / "chunk_1.pt").read_bytes()).hexdigest()
-    assert meta["sources"][1]["sha256"] == digest
+    assert meta.sources[1].sha256 == digest
     for t in range(30):
         np.testing.assert_array_equal(store.episodes_of_task(t), np.arange(10 * t, 10 * t + 10))
         assert store.index["tasks"][t]["rows"] == 10 * 501

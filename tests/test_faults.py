@@ -103,6 +103,25 @@ def test_truncated_metadata_is_reported(store, name):
         open_store(store)  # readers check every data file against the manifest
 
 
+@pytest.mark.parametrize(
+    "damage, named",
+    [
+        (lambda m: m["dataset"].pop("n_rows"), "n_rows"),
+        (lambda m: m["sources"][0].update(size="big"), "big"),
+        (lambda m: m.update(formats=["hdf5"]), "hdf5"),
+        (lambda m: m["dataset"].update(n_tasks=7), "n_tasks is 7"),
+    ],
+)
+def test_a_missing_or_malformed_meta_field_is_named(store, damage, named):
+    meta = json.loads((store / fmt.META_FILE).read_text())
+    damage(meta)
+    (store / fmt.META_FILE).write_text(json.dumps(meta))
+    (p,) = verify(store).problems
+    assert (p.kind, p.where) == ("metadata", fmt.META_FILE) and named in p.detail
+    with pytest.raises(CorruptStoreError, match=f"{fmt.META_FILE}: .*{named}.* into a new folder"):
+        open_store(store)
+
+
 def test_stored_values_that_break_the_policy_are_reported(store):
     # a store written by something else: NaN outside row 0 and a wrong task, checksums valid
     import zarr

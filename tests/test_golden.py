@@ -47,7 +47,7 @@ def golden_copy(tmp_path: Path) -> Path:
 
 def test_the_store_reader_returns_format_1_bit_for_bit(tmp_path):
     store = open_store(golden_copy(tmp_path))
-    assert store.meta["format_version"] == fmt.FORMAT_VERSION == 1
+    assert store.meta.format_version == fmt.FORMAT_VERSION == 1
     assert store.n_episodes == 30 and store.episode_length == 11
     for name, expected in SOURCE_DIGESTS.items():
         got = store.read_array(name, 0, store.n_episodes)
@@ -90,6 +90,11 @@ def test_todays_build_writes_the_golden_bytes(tmp_path):
     manifest = json.loads((GOLDEN / fmt.MANIFEST_FILE).read_text())
     for rel in manifest["files"]:
         assert (built / rel).read_bytes() == (GOLDEN / rel).read_bytes(), rel
+
+
+def test_store_meta_reads_and_writes_the_golden_meta_json():
+    doc = json.loads((GOLDEN / fmt.META_FILE).read_text())
+    assert fmt.StoreMeta.from_json(doc).to_json() == doc
 
 
 def test_verify_shards_passes_the_golden_store(tmp_path):

@@ -14,6 +14,7 @@ from conftest import chi2_pvalue
 
 import datapipe
 from datapipe import format as fmt
+from datapipe.shardreader import ShardReader
 
 H = 3
 
@@ -129,11 +130,18 @@ def test_corrupt_member_raises(labelled_store, tmp_path):
         _take(stream, 100)
 
 
-def test_store_without_webdataset_is_refused(labelled_store, tmp_path):
+def test_a_store_without_a_format_is_refused_by_its_readers_with_one_error(
+    labelled_store, tmp_path
+):
     root = shutil.copytree(labelled_store, tmp_path / "s")
     meta = json.loads((root / fmt.META_FILE).read_text())
     (root / fmt.META_FILE).write_text(json.dumps(dict(meta, formats=["zarr"])))
-    with pytest.raises(datapipe.StoreNotFoundError, match="--format both"):
+    with pytest.raises(datapipe.StoreFormatError, match="--format both"):
         datapipe.WebDatasetStream(root)
+    (root / fmt.META_FILE).write_text(json.dumps(dict(meta, formats=["webdataset"])))
+    store = datapipe.open_store(root)
+    for read in (ShardReader, lambda s: s.read_array("obs", 0, 1)):
+        with pytest.raises(datapipe.StoreFormatError, match="without its zarr format"):
+            read(store)
     with pytest.raises(ValueError, match="horizon=30"):
         datapipe.WebDatasetStream(labelled_store, horizon=30)

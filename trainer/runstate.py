@@ -59,12 +59,9 @@ def store_identity(store: Store) -> dict[str, Any]:
     moved or copied store is the same store."""
     return {
         "path": store.url,
-        "format_version": store.meta.get("format_version"),
+        "format_version": store.meta.format_version,
         "meta_sha256": hashlib.sha256(store.read_bytes(META_FILE)).hexdigest(),
-        "sources": [
-            {"name": s.get("name"), "sha256": s.get("sha256")}
-            for s in store.meta.get("sources", [])
-        ],
+        "sources": [{"name": s.name, "sha256": s.sha256} for s in store.meta.sources],
     }
 
 

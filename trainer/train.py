@@ -344,10 +344,9 @@ def check_fits(what: str, path: Path, state: dict[str, Any], store: Store) -> No
     }
     differ = [f"{k} {found[k]} vs {v}" for k, v in wanted.items() if k in found and found[k] != v]
     if differ:
-        task_set = store.meta.get("dataset", {}).get("task_set", "?")
         raise IncompatibleDataError(
             f"{what} {path} was built for another dataset than the store {store.url} "
-            f"(task set {task_set}, {wanted['n_tasks']} tasks): {'; '.join(differ)} "
+            f"(task set {store.meta.task_set}, {wanted['n_tasks']} tasks): {'; '.join(differ)} "
             f"(checkpoint vs store). Use a checkpoint trained on this task set, or a store "
             f"built from the matching data with `datapipe build`."
         )

@@ -110,7 +110,7 @@ def _official_storage(cfg: BenchLoaderConfig):
     from datapipe import open_store
 
     store = open_store(cfg.store)
-    names = [s["name"] for s in store.meta["sources"]]
+    names = [s.name for s in store.meta.sources]
     fps = [cfg.src / n for n in names]
     missing = [str(p) for p in fps if not p.exists()]
     if missing:

@@ -50,24 +50,24 @@ def _flip(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def _flip_chunk(root: Path, rng: random.Random, meta: dict) -> tuple[str, int | None]:
+def _flip_chunk(root: Path, rng: random.Random, meta: fmt.StoreMeta) -> tuple[str, int | None]:
     name = rng.choice(["obs", "action", "reward"])
-    episode = rng.randrange(meta["dataset"]["n_episodes"])
+    episode = rng.randrange(meta.n_episodes)
     rel = fmt.zarr_shard_file(name, episode // fmt.EPISODES_PER_SHARD)
     offset, length = _chunk_span(root / rel, episode % fmt.EPISODES_PER_SHARD)
     _flip(root / rel, offset + rng.randrange(length))
     return rel, episode
 
 
-def _flip_tar(root: Path, rng: random.Random, meta: dict) -> tuple[str, int | None]:
-    rel = fmt.wds_shard_file(rng.randrange(meta["n_shards"]))
+def _flip_tar(root: Path, rng: random.Random, meta: fmt.StoreMeta) -> tuple[str, int | None]:
+    rel = fmt.wds_shard_file(rng.randrange(meta.n_shards))
     _flip(root / rel, rng.randrange((root / rel).stat().st_size))
     return rel, None
 
 
 def _delete(kind: str) -> Callable:
-    def inject(root: Path, rng: random.Random, meta: dict) -> tuple[str, int | None]:
-        shard = rng.randrange(meta["n_shards"])
+    def inject(root: Path, rng: random.Random, meta: fmt.StoreMeta) -> tuple[str, int | None]:
+        shard = rng.randrange(meta.n_shards)
         rel = (
             fmt.wds_shard_file(shard)
             if kind == "tar"
@@ -79,7 +79,9 @@ def _delete(kind: str) -> Callable:
     return inject
 
 
-def _truncate_metadata(root: Path, rng: random.Random, meta: dict) -> tuple[str, int | None]:
+def _truncate_metadata(
+    root: Path, rng: random.Random, meta: fmt.StoreMeta
+) -> tuple[str, int | None]:
     rel = rng.choice([fmt.META_FILE, fmt.INDEX_FILE, fmt.MANIFEST_FILE])
     path = root / rel
     path.write_bytes(path.read_bytes()[: rng.randrange(1, path.stat().st_size)])
@@ -109,7 +111,7 @@ def fault_table(store: Path, work: Path, per_kind: int = 10, seed: int = 0) -> l
     """Inject every kind of fault `per_kind` times into copies of `store`; count detections."""
     import json
 
-    meta = json.loads((store / fmt.META_FILE).read_text())
+    meta = fmt.StoreMeta.from_json(json.loads((store / fmt.META_FILE).read_text()))
     rows = []
     for k, (kind, inject) in enumerate(FAULTS.items()):
         detected = 0
