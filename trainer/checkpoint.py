@@ -253,6 +253,13 @@ def load_checkpoint(
     action_dims, n_tasks, episode_lengths) go to `ModelConfig.for_size`; they default to mt30.
     """
     state = read_checkpoint(path, allow_quantized=allow_quantized)
+    return model_from_state(state, path, size, **dims).to(device)
+
+
+def model_from_state(
+    state: dict[str, Any], path: str | os.PathLike, size: int | None = None, **dims: Any
+) -> WorldModel:
+    """`load_checkpoint` of a state_dict already read from `path` (named in errors)."""
     if size is None:
         size = detect_model_size(state, **dims)
     else:
@@ -265,7 +272,7 @@ def load_checkpoint(
             )
     model = WorldModel(ModelConfig.for_size(size, **dims))
     load_model_state(model, state)
-    return model.to(device).eval()
+    return model.eval()
 
 
 def save_official(model: WorldModel, path: str | os.PathLike) -> None:

@@ -1,8 +1,8 @@
 """`trainer train` and `trainer distill`: offline TD-MPC2 training on a store, optionally with
 a frozen teacher whose rewards the student is distilled towards (docs/distillation.md#loss).
 
-Owns `train(cfg)`, read top to bottom: setup (store, student, teacher, loader, resume
-state), the loop, the summary; and the checks that the store, the student and the teacher
+Owns `train(cfg)`, read top to bottom: `_Run.setup` (store, student, teacher, loader, resume
+state, logs), `_loop` (the steps, on one screen), `_summary`; and the checks that the store, the student and the teacher
 fit together. The settings are `trainer.config.TrainConfig`; whether a run may start or
 continue in its folder, `trainer.runfolder`; each rank's random stream,
 `trainer.distributed`; the update, `TDMPC2Agent.update`; the checkpoint format,
@@ -29,8 +29,8 @@ from trainer.agent import TDMPC2Agent, prepare_teacher
 from trainer.checkpoint import (
     CheckpointError,
     detect_model_size,
-    load_checkpoint,
     load_model_state,
+    model_from_state,
     official_dims,
     read_checkpoint,
 )
@@ -106,196 +106,242 @@ def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
         wandb_module()
     check_out_beside_store(cfg)
     previous = ranks.on_main(lambda: previous_run(cfg))  # rank 0 owns OUT; all get its answer
-
-    # The store decides the dims; an --init student or a teacher must have been built for them.
-    store = open_store(cfg.shards)
-    dims = store_dims(store)
-    model_cfg = dataclasses.replace(
-        ModelConfig.for_size(cfg.model_size, **dims), horizon=cfg.horizon
-    )
-    store_id = store_identity(store)
-    teacher_id = None
-    if cfg.teacher is not None:
-        check_fits("teacher", cfg.teacher, read_checkpoint(cfg.teacher), store)
-        teacher_id = teacher_identity(cfg.teacher)
-    if previous is not None:
-        check_resumable(cfg, previous, store_id, teacher_id)
-    init_state = None
-    if cfg.init is not None and previous is None:
-        init_state = read_checkpoint(cfg.init)
-        check_fits("--init student", cfg.init, init_state, store)
-
-    # Student (seeded alike on every rank), teacher (frozen; its construction leaves the
-    # student's random stream alone, so a distillation run with d_coef=0 is plain training),
-    # loader (seeded per rank, see trainer.distributed.rank_stream).
-    _seed_all(cfg.seed)
-    agent = TDMPC2Agent(model_cfg, device)
-    if init_state is not None:
-        _load_into(agent.model, init_state, cfg.init, dims)
-    teacher = None
-    if cfg.teacher is not None:
-        with torch.random.fork_rng(devices=[]):
-            teacher = _load_teacher(cfg.teacher, cfg.teacher_size, dims)
-        teacher = prepare_teacher(teacher.to(device), TEACHER_DTYPES[cfg.teacher_dtype])
-        teacher_id["size"] = teacher.cfg.model_size
-    if cfg.compile:
-        compile_model(agent.model)
-    stream = rank_stream(cfg.seed, cfg.checkpoint_path, ranks, previous)
-    loader = SliceLoader(
-        store,
-        batch_size=cfg.batch_size,
-        horizon=cfg.horizon,
-        device=device,
-        seed=stream.seed,
-        cache_gb=cfg.cache_gb,
-    )
-    start = 0
-    if previous is not None:
-        agent.load_state_dict(previous["agent"])
-        start = previous["step"]
-    if stream.loader is not None:
-        loader.load_state_dict(stream.loader)
-    if stream.rng is not None:
-        set_rng_state(stream.rng, device)
-    elif stream.reseed:
-        _seed_all(stream.seed)
-    update = DataParallelUpdate(agent, teacher, ranks) if ranks.distributed else agent.update
-
-    description = {
-        "config": cfg.to_dict(),
-        "model_config": dataclasses.asdict(model_cfg),
-        "store": store_id,
-        "teacher": teacher_id,
-        "world_size": ranks.world_size,
-        "global_batch_size": cfg.batch_size * ranks.world_size,
-    }
-    if ranks.is_main:
-        write_json(
-            cfg.out / CONFIG_FILE,
-            {**description, "start_step": start, "torch": str(torch.__version__)},
-        )
-        if stream.notice:
-            print(stream.notice)
-        print(_start_line(cfg, ranks, start))
-
-    def save(step: int) -> None:
-        """Every rank hands its stream position to rank 0, which writes the checkpoint."""
-        streams = ranks.gather({"loader": loader.state_dict(), "rng": rng_state(device)})
-        if ranks.is_main:
-            write_training_checkpoint(
-                cfg.checkpoint_path,
-                step=step,
-                agent=agent.state_dict(),
-                loader=streams[0]["loader"],
-                rng=streams[0]["rng"],
-                other_ranks=streams[1:],
-                eval=None if evals is None else evals.state_dict(),
-                **description,
-            )
-        ranks.barrier()  # no rank runs ahead of a checkpoint that may yet fail
-
-    # The loop. On CUDA the loader copies batch k+1 while the update runs on batch k.
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp else contextlib.nullcontext()
-    )
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    last_saved = start if previous is not None else None
-    timer = StepTimer(start)
-    checked = 0
-    resume_step = start if previous is not None else None
-    log = (
-        MetricsLog(cfg.out, cfg.tensorboard, resume_step, cfg.wandb, description)
-        if ranks.is_main
-        else NullLog()
-    )
-    evals = None
-    protocol = cfg.eval_protocol
-    if protocol is not None and ranks.is_main:
-        eval_log = EvalLog(cfg.out, protocol.tasks, log, resume_step)
-        saved = None if previous is None else previous.get("eval")
-        evals = TrainingEval(protocol, cfg.out, eval_log, saved)
-
-    def evaluate_now(step: int) -> None:
-        """Rank 0 evaluates the student; the other ranks wait for it."""
-        if evals is not None:
-            row = evals.run(agent.model, step)
-            bar.write(f"{cfg.out}: step {step}: normalized score {row['normalized_score']:.2f}")
-        ranks.barrier()
-
+    run = _Run.setup(cfg, ranks, device, previous)
     with (
         StopRequest("finishing this step, then writing a checkpoint") as stop,
-        loader,
-        log,
+        run.loader,
+        run.log,
         Progress(
             cfg.steps,
             "distill" if cfg.teacher is not None else "train",
             "step",
             enabled=cfg.progress and ranks.is_main,
-            initial=start,
+            initial=run.start,
         ) as bar,
     ):
-        if protocol is not None and previous is None:
-            evaluate_now(0)
-        for step in range(start + 1, cfg.steps + 1):
-            t0 = time.perf_counter()
-            batch = next(loader)
-            t1 = time.perf_counter()
-            d_coef = cfg.d_coef_at(step - 1)
-            with autocast:
-                info = update(*batch, teacher, d_coef, cfg.distill)
-            info["stop"] = float(stop.requested)  # reduced with the losses: all ranks agree
-            info = ranks.mean(info, device)  # the losses of the global batch, on every rank
-            stopping = info.pop("stop") > 0 and step < cfg.steps
-            timer.add(wait=t1 - t0, busy=time.perf_counter() - t1)
-            if cfg.ddp_check:
-                check_replicas(agent, tuple(batch), step, ranks)
-                checked += 1
-            if teacher is not None:
-                info["d_coef"] = d_coef
-            bad = {k: v for k, v in info.items() if not math.isfinite(v)}
-            if bad or step % cfg.log_every == 0 or step == cfg.steps:
-                info |= timer.close_window(step)
-                log.write(step, info)
-                bar.postfix = (
-                    f"reward loss {info['reward_loss']:.3f}, total {info['total_loss']:.3f}, "
-                    f"data wait {info['data_wait']:.0%}"
-                )
-            if bad:
-                raise DivergedError(_diverged_message(step, bad, cfg, last_saved))
-            if protocol is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-                evaluate_now(step)
-            if stopping or step % cfg.save_every == 0 or step == cfg.steps:
-                save(step)
-                last_saved = step
-            bar.update(1, bar.postfix)
-            if stopping:
-                raise Interrupted(_interrupted_message(cfg, ranks, step), stop.signum or 15)
+        _loop(cfg, run, stop, bar)
+    summary = _summary(cfg, run)  # every rank takes part: it gathers their memory peaks
+    if ranks.is_main:
+        write_json(cfg.out / SUMMARY_FILE, summary)
+        print(_summary_line(summary, cfg))
+    return cfg.checkpoint_path
 
-    peaks = ranks.gather((peak_rss_bytes(), peak_vram_bytes(device)))
-    if not ranks.is_main:
-        return cfg.checkpoint_path
+
+def _loop(cfg: TrainConfig, run: _Run, stop: StopRequest, bar: Progress) -> None:
+    """Steps start + 1 .. cfg.steps: update, log, evaluate and save on schedule. On CUDA the
+    loader copies batch k + 1 while the update runs on batch k."""
+    autocast = (
+        torch.autocast(run.device.type, dtype=torch.bfloat16)
+        if cfg.amp
+        else contextlib.nullcontext()
+    )
+    last_saved = run.start if run.resumed else None
+    if run.evaluating and not run.resumed:
+        run.evaluate(0, bar)
+    for step in range(run.start + 1, cfg.steps + 1):
+        t0 = time.perf_counter()
+        batch = next(run.loader)
+        t1 = time.perf_counter()
+        d_coef = cfg.d_coef_at(step - 1)
+        with autocast:
+            info = run.update(*batch, run.teacher, d_coef, cfg.distill)
+        info["stop"] = float(stop.requested)  # reduced with the losses: all ranks agree
+        info = run.ranks.mean(info, run.device)  # the losses of the global batch, on every rank
+        stopping = info.pop("stop") > 0 and step < cfg.steps
+        run.timer.add(wait=t1 - t0, busy=time.perf_counter() - t1)
+        if cfg.ddp_check:
+            check_replicas(run.agent, tuple(batch), step, run.ranks)
+            run.checked += 1
+        if run.teacher is not None:
+            info["d_coef"] = d_coef
+        bad = {k: v for k, v in info.items() if not math.isfinite(v)}
+        if bad or step % cfg.log_every == 0 or step == cfg.steps:
+            info |= run.timer.close_window(step)
+            run.log.write(step, info)
+            bar.postfix = (
+                f"reward loss {info['reward_loss']:.3f}, total {info['total_loss']:.3f}, "
+                f"data wait {info['data_wait']:.0%}"
+            )
+        if bad:
+            raise DivergedError(_diverged_message(step, bad, cfg, last_saved))
+        if run.evaluating and (step % cfg.eval_every == 0 or step == cfg.steps):
+            run.evaluate(step, bar)
+        if stopping or step % cfg.save_every == 0 or step == cfg.steps:
+            run.save(step)
+            last_saved = step
+        bar.update(1, bar.postfix)
+        if stopping:
+            raise Interrupted(_interrupted_message(cfg, run.ranks, step), stop.signum or 15)
+
+
+@dataclasses.dataclass
+class _Run:
+    """The parts of one run that the loop drives, built by `setup` in a fixed order (the
+    order decides the random streams, so that a resumed run equals an uninterrupted one)."""
+
+    cfg: TrainConfig
+    ranks: Ranks
+    device: torch.device
+    agent: TDMPC2Agent
+    teacher: WorldModel | None
+    loader: SliceLoader
+    update: Any  # agent.update, or its DataParallelUpdate under torchrun
+    description: dict[str, Any]  # what config.json and every checkpoint say the run is
+    start: int  # the last step done before this process
+    resumed: bool
+    log: MetricsLog | NullLog
+    evals: TrainingEval | None  # rank 0 of a run with --eval-every
+    timer: StepTimer
+    checked: int = 0  # steps whose replicas --ddp-check compared
+
+    @classmethod
+    def setup(
+        cls, cfg: TrainConfig, ranks: Ranks, device: torch.device, previous: dict | None
+    ) -> _Run:
+        # The store decides the dims; an --init student or a teacher must be built for them.
+        store = open_store(cfg.shards)
+        dims = store_dims(store)
+        model_cfg = dataclasses.replace(
+            ModelConfig.for_size(cfg.model_size, **dims), horizon=cfg.horizon
+        )
+        store_id = store_identity(store)
+        teacher_state = teacher_id = None
+        if cfg.teacher is not None:
+            teacher_state = read_checkpoint(cfg.teacher)
+            check_fits("teacher", cfg.teacher, teacher_state, store)
+            teacher_id = teacher_identity(cfg.teacher)
+        if previous is not None:
+            check_resumable(cfg, previous, store_id, teacher_id)
+        init_state = None
+        if cfg.init is not None and previous is None:
+            init_state = read_checkpoint(cfg.init)
+            check_fits("--init student", cfg.init, init_state, store)
+
+        # Student (seeded alike on every rank), teacher (frozen; its construction leaves the
+        # student's random stream alone, so a distillation run with d_coef=0 is plain
+        # training), loader (seeded per rank, see trainer.distributed.rank_stream).
+        _seed_all(cfg.seed)
+        agent = TDMPC2Agent(model_cfg, device)
+        if init_state is not None:
+            _load_into(agent.model, init_state, cfg.init, dims)
+        teacher = None
+        if teacher_state is not None:
+            with torch.random.fork_rng(devices=[]):
+                teacher = _load_teacher(cfg.teacher, teacher_state, cfg.teacher_size, dims)
+            teacher = prepare_teacher(teacher.to(device), TEACHER_DTYPES[cfg.teacher_dtype])
+            teacher_id["size"] = teacher.cfg.model_size
+        if cfg.compile:
+            compile_model(agent.model)
+        stream = rank_stream(cfg.seed, cfg.checkpoint_path, ranks, previous)
+        loader = SliceLoader(
+            store,
+            batch_size=cfg.batch_size,
+            horizon=cfg.horizon,
+            device=device,
+            seed=stream.seed,
+            cache_gb=cfg.cache_gb,
+        )
+        start = 0
+        if previous is not None:
+            agent.load_state_dict(previous["agent"])
+            start = previous["step"]
+        if stream.loader is not None:
+            loader.load_state_dict(stream.loader)
+        if stream.rng is not None:
+            set_rng_state(stream.rng, device)
+        elif stream.reseed:
+            _seed_all(stream.seed)
+        update = DataParallelUpdate(agent, teacher, ranks) if ranks.distributed else agent.update
+
+        description = {
+            "config": cfg.to_dict(),
+            "model_config": dataclasses.asdict(model_cfg),
+            "store": store_id,
+            "teacher": teacher_id,
+            "world_size": ranks.world_size,
+            "global_batch_size": cfg.batch_size * ranks.world_size,
+        }
+        resume_step = start if previous is not None else None
+        log, evals = NullLog(), None
+        if ranks.is_main:
+            write_json(
+                cfg.out / CONFIG_FILE,
+                {**description, "start_step": start, "torch": str(torch.__version__)},
+            )
+            if stream.notice:
+                print(stream.notice)
+            print(_start_line(cfg, ranks, start))
+            log = MetricsLog(cfg.out, cfg.tensorboard, resume_step, cfg.wandb, description)
+            protocol = cfg.eval_protocol
+            if protocol is not None:
+                eval_log = EvalLog(cfg.out, protocol.tasks, log, resume_step)
+                saved = None if previous is None else previous.get("eval")
+                evals = TrainingEval(protocol, cfg.out, eval_log, saved)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        return cls(
+            cfg, ranks, device, agent, teacher, loader, update, description, start,
+            previous is not None, log, evals, StepTimer(start),
+        )  # fmt: skip
+
+    @property
+    def evaluating(self) -> bool:
+        """The run evaluates its student during training (every rank: the others wait)."""
+        return self.cfg.eval_protocol is not None
+
+    def evaluate(self, step: int, bar: Progress) -> None:
+        """Rank 0 evaluates the student; the other ranks wait for it."""
+        if self.evals is not None:
+            row = self.evals.run(self.agent.model, step)
+            bar.write(
+                f"{self.cfg.out}: step {step}: normalized score {row['normalized_score']:.2f}"
+            )
+        self.ranks.barrier()
+
+    def save(self, step: int) -> None:
+        """Every rank hands its stream position to rank 0, which writes the checkpoint."""
+        streams = self.ranks.gather(
+            {"loader": self.loader.state_dict(), "rng": rng_state(self.device)}
+        )
+        if self.ranks.is_main:
+            write_training_checkpoint(
+                self.cfg.checkpoint_path,
+                step=step,
+                agent=self.agent.state_dict(),
+                loader=streams[0]["loader"],
+                rng=streams[0]["rng"],
+                other_ranks=streams[1:],
+                eval=None if self.evals is None else self.evals.state_dict(),
+                **self.description,
+            )
+        self.ranks.barrier()  # no rank runs ahead of a checkpoint that may yet fail
+
+
+def _summary(cfg: TrainConfig, run: _Run) -> dict[str, Any]:
+    """summary.json: time, throughput, memory, the final losses and eval (on rank 0)."""
+    peaks = run.ranks.gather((peak_rss_bytes(), peak_vram_bytes(run.device)))
+    if not run.ranks.is_main:
+        return {}
     summary = {
-        **timer.totals(),
-        "world_size": ranks.world_size,
+        **run.timer.totals(),
+        "world_size": run.ranks.world_size,
         "batch_size": cfg.batch_size,
-        "global_batch_size": cfg.batch_size * ranks.world_size,
+        "global_batch_size": cfg.batch_size * run.ranks.world_size,
         "peak_rss_bytes": max(rss for rss, _ in peaks),
         "peak_vram_bytes": None if peaks[0][1] is None else max(v for _, v in peaks),
         "device": cfg.device,
         **_final_rows(cfg.out),
     }
-    if evals is not None:
+    if run.evals is not None:
         train_s = summary["seconds"] or 0.0
-        summary["eval_seconds"] = evals.seconds
-        summary["eval_share"] = evals.seconds / (train_s + evals.seconds) if evals.seconds else 0.0
-    if ranks.distributed:
+        seconds = run.evals.seconds
+        summary["eval_seconds"] = seconds
+        summary["eval_share"] = seconds / (train_s + seconds) if seconds else 0.0
+    if run.ranks.distributed:
         summary["peak_rss_bytes_per_rank"] = [rss for rss, _ in peaks]
     if cfg.ddp_check:
-        summary["ddp_check"] = {"steps": checked, "ranks": ranks.world_size, "passed": True}
-    write_json(cfg.out / SUMMARY_FILE, summary)
-    print(_summary_line(summary, cfg))
-    return cfg.checkpoint_path
+        summary["ddp_check"] = {"steps": run.checked, "ranks": run.ranks.world_size, "passed": True}
+    return summary
 
 
 def _final_rows(out: Path) -> dict[str, Any]:
@@ -366,9 +412,11 @@ def _load_into(model: WorldModel, state: dict[str, Any], path: Path, dims: dict[
         raise CheckpointError(f"--init {path}: {e}. {hint}") from e
 
 
-def _load_teacher(path: Path, size: int | None, dims: dict[str, Any]) -> WorldModel:
+def _load_teacher(
+    path: Path, state: dict[str, Any], size: int | None, dims: dict[str, Any]
+) -> WorldModel:
     try:
-        teacher = load_checkpoint(path, size=size, **dims)
+        teacher = model_from_state(state, path, size=size, **dims)
     except CheckpointError as e:
         raise CheckpointError(f"teacher {path}: {e}") from e
     if not teacher._reward[-1].weight.any():
