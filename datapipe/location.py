@@ -7,7 +7,8 @@ fast paths they had (os.replace for atomic writes, plain files for reads); remot
 fsspec, with credentials and endpoints from the usual places (for S3: the AWS_* environment
 variables or ~/.aws, which dask workers and torchrun ranks inherit or read likewise).
 
-Atomic writes: locally a temp file beside the target is renamed into place. An object store
+Atomic writes: locally a temp file beside the target is flushed to disk and renamed into
+place (`atomic_file`, which every local writer of the project uses). An object store
 publishes an object whole or not at all (a single PUT, or a multipart upload at its
 completion), so a remote write goes straight to its name; nothing half-written is ever
 visible under a final name either way.
@@ -15,15 +16,19 @@ visible under a final name either way.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from datapipe.errors import StorageAccessError
 
-TMP_SUFFIX = ".tmp."  # local temp files are ".{name}.tmp.{pid}" beside their target
+TMP_SUFFIX = ".tmp."  # local temp files are ".{name}.tmp.XXXXXXXX" beside their target
 # Where the exceptions of remote file systems' client libraries come from (they are not all
 # OSErrors: botocore's connection and credential errors, for one).
 _STORAGE_CLIENTS = ("botocore", "aiobotocore", "aiohttp", "google", "gcsfs", "azure", "adlfs")
@@ -149,15 +154,8 @@ class Location:
         if not self.local:
             self.fs.pipe_file(self.path(rel), blob)
             return
-        path = Path(self.path(rel))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}{TMP_SUFFIX}{os.getpid()}")
-        try:
-            tmp.write_bytes(blob)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_file(self.path(rel)) as f:
+            f.write(blob)
 
     def remove(self, rel: str) -> None:
         """Delete file `rel`, if it exists."""
@@ -181,3 +179,30 @@ class Location:
         if self.local and os.path.isdir(self.root):
             for stale in Path(self.root).rglob(f".*{TMP_SUFFIX}*"):
                 stale.unlink()
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A local binary file to write that appears at `path` complete or not at all: written
+    under a unique temporary name beside `path`, flushed to disk, given the mode `open`
+    gives a new file (0666 less the umask; mkstemp's is 0600) and renamed over `path`. An
+    exception (Ctrl-C too) removes the temporary file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_SUFFIX}", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask

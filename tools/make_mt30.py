@@ -10,13 +10,13 @@ reward in [0, 2] that depends on the state and the action, so a world model can 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from datapipe.location import atomic_file
 from datapipe.tasksets import TaskSet, get_task_set
 from tools.errors import ToolError
 
@@ -83,9 +83,8 @@ def save_chunk(parts: list[dict], path: Path) -> None:
     arrays = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     n, rows = arrays["task"].shape
     td = TensorDict({k: torch.from_numpy(v) for k, v in arrays.items()}, batch_size=[n, rows])
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(td, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        torch.save(td, f)
 
 
 def make_mt30(cfg: MakeConfig) -> list[Path]:

@@ -6,7 +6,7 @@ The official format is `{"model": state_dict}`. This module owns:
     (`torch_load`);
   * refusing the paper's quantized files (docs/distillation.md#quantization) unless allowed;
   * the model size and the dataset dims of a state_dict, from its shapes;
-  * writing our model in the new-API format, atomically (`atomic_file` for every file);
+  * writing our model in the new-API format, atomically (`datapipe.location.atomic_file`);
   * the world model inside our training checkpoints and our quantized files (which
     `trainer.runstate` and `trainer.quantize` write);
   * `load_any`, a runnable model from any of these, and `export` = official file of it.
@@ -14,20 +14,18 @@ The official format is `{"model": state_dict}`. This module owns:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
 import pickle
-import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from datapipe.location import atomic_file
 from trainer.errors import TrainError
 from trainer.model import WorldModel
 from trainer.presets import PRESETS, ModelConfig
@@ -284,33 +282,6 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to `path` through `atomic_file`: a reader finds the old file or the new."""
     with atomic_file(path) as f:
         torch.save(obj, f)
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """A binary file to write that appears at `path` complete or not at all: it is written
-    under a temporary name beside `path`, flushed to disk, given the mode `open` gives a new
-    file (0666 less the umask; mkstemp's is 0600) and renamed over `path`. An exception
-    (Ctrl-C too) removes the temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
-    os.umask(mask)
-    return mask
 
 
 def _fit_report(state: dict[str, Any], dims: dict[str, Any]) -> dict[int, list[str]]:

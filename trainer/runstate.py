@@ -38,11 +38,11 @@ import numpy as np
 import torch
 
 from datapipe.format import META_FILE
+from datapipe.location import atomic_file
 from datapipe.source import file_sha256
 from datapipe.store import Store
 from trainer.checkpoint import (
     TRAINING_FORMAT,
-    atomic_file,
     is_training_checkpoint,
     save_atomic,
 )

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from datapipe.location import atomic_file
+
 GIB = 2**30
 
 
@@ -23,9 +25,8 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
         result = parts.get(name, {}).get("result")
         if result:
             sections.append(render(result, parts))
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n\n".join(sections) + "\n")
-    tmp.replace(path)
+    with atomic_file(path) as f:
+        f.write(("\n\n".join(sections) + "\n").encode())
 
 
 def _header(report: dict) -> str:
