@@ -11,6 +11,7 @@ from tensordict import TensorDict
 
 from datapipe.tasksets import MT30
 from tools.cli import main as tools_cli
+from tools.make_mt30 import MakeConfig
 
 
 def test_official_layout_and_structure(tmp_path):
@@ -65,3 +66,13 @@ def test_shipped_sample_is_official_layout():
     files, layout = scan_sources(Path(__file__).parents[1] / "data" / "mt30-sample")
     assert [f.name for f in files] == ["chunk_0.pt", "chunk_1.pt"]
     assert (layout.rows, layout.obs_dim, layout.action_dim) == (501, 24, 6)
+
+
+def test_every_make_setting_is_a_flag_with_its_help_and_default():
+    import dataclasses
+
+    params = {p.name: p for p in tools_cli.commands["make-mt30"].params}
+    for f in dataclasses.fields(MakeConfig):
+        assert params[f.name].help == f.metadata["help"] != "", f.name
+        if f.default is not dataclasses.MISSING:
+            assert params[f.name].default == f.default, f.name

@@ -9,8 +9,9 @@ import click
 
 from datapipe.errors import DatapipeError
 from tools.errors import ToolError
-from tools.make_mt30 import MakeConfig, make_mt30
+from tools.make_mt30 import MakeConfig, make_dataset
 from trainer.errors import TrainError
+from trainer.options import option
 
 
 @click.group()
@@ -19,86 +20,26 @@ def main() -> None:
 
 
 @main.command("make-mt30")
-@click.option(
-    "--dst", type=click.Path(path_type=Path), required=True, help="Folder to write chunk_K.pt into."
-)
-@click.option(
-    "--episodes-per-task", type=int, default=4, show_default=True, help="Episodes of every task."
-)
-@click.option("--chunks", type=int, default=1, show_default=True, help="Number of chunk files.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Generation seed.")
-@click.option(
-    "--task-set",
-    type=click.Choice(["mt30", "mt80"]),
-    default="mt30",
-    show_default=True,
-    help="mt30: 501-row episodes, obs 24; mt80: 101-row episodes, obs 39.",
-)
-@click.option(
-    "--physics",
-    type=click.Choice(["synthetic", "dmc"]),
-    default="synthetic",
-    show_default=True,
-    help="synthetic: smooth linear dynamics (fast); dmc: real DMControl rollouts (mt30 only).",
-)
-@click.option(
-    "--policy",
-    default="random",
-    show_default=True,
-    help="With --physics dmc: random, noise, or the path of a world-model checkpoint.",
-)
-@click.option(
-    "--workers",
-    type=int,
-    default=-1,
-    show_default=True,
-    help="With --physics dmc: rollout processes; 0: this process; -1: one per core.",
-)
-@click.option(
-    "--noise",
-    default="0.3",
-    show_default=True,
-    help="With a checkpoint --policy: exploration std(s), comma-separated; episode k of every "
-    "task uses the (k mod n)-th.",
-)
-@click.option(
-    "--tasks", default="mt30", show_default=True, help="With --physics dmc: mt30 or task names."
-)
-@click.option(
-    "--progress/--no-progress",
-    default=True,
-    show_default=True,
-    help="With --physics dmc: episodes done, rate, ETA (one line a minute off a terminal).",
-)
-def make_mt30_cmd(
-    dst, episodes_per_task, chunks, seed, task_set, physics, policy, workers, noise, tasks, progress
-) -> None:
+@option(MakeConfig, "dst", type=click.Path(path_type=Path), required=True)
+@option(MakeConfig, "episodes_per_task", type=int)
+@option(MakeConfig, "chunks", type=int)
+@option(MakeConfig, "seed", type=int)
+@option(MakeConfig, "task_set", type=click.Choice(["mt30", "mt80"]))
+@option(MakeConfig, "episode_length", type=int)
+@option(MakeConfig, "physics", type=click.Choice(["synthetic", "dmc"]))
+@option(MakeConfig, "policy")
+@option(MakeConfig, "workers", type=int)
+@option(MakeConfig, "noise")
+@option(MakeConfig, "tasks")
+@option(MakeConfig, "progress", "--progress/--no-progress")
+def make_mt30_cmd(**kw) -> None:
     """Write a dataset in exactly the official MT30 chunk format."""
+    cfg = MakeConfig(**kw)
     try:
-        if physics == "dmc":
-            if task_set != "mt30":
-                raise ToolError("--physics dmc makes the 30 MT30 tasks only; drop --task-set")
-            from tools.rollouts import make_mt30_dmc
-
-            try:
-                stds = tuple(float(x) for x in noise.split(","))
-            except ValueError:
-                raise ToolError(f"--noise {noise!r}: give numbers, e.g. 0.1,0.3,1.0") from None
-            paths = make_mt30_dmc(
-                dst, episodes_per_task, chunks, seed, policy, workers, tasks, stds, progress
-            )
-        else:
-            cfg = MakeConfig(
-                dst=dst,
-                episodes_per_task=episodes_per_task,
-                chunks=chunks,
-                seed=seed,
-                task_set=task_set,
-            )
-            paths = make_mt30(cfg)
+        paths = make_dataset(cfg)
     except (ToolError, DatapipeError, TrainError) as e:
         raise click.ClickException(str(e)) from e
-    click.echo(f"wrote {len(paths)} chunk(s) to {dst}")
+    click.echo(f"wrote {len(paths)} chunk(s) to {cfg.dst}")
 
 
 @main.command("make-teacher")

@@ -19,22 +19,69 @@ import torch
 from datapipe.location import atomic_file
 from datapipe.tasksets import TaskSet, get_task_set
 from tools.errors import ToolError
+from trainer.options import setting
 
 
 @dataclass(frozen=True)
 class MakeConfig:
-    dst: Path
-    episodes_per_task: int = 4  # episodes generated for every task
-    chunks: int = 1  # number of chunk_K.pt files; episodes are split evenly
-    seed: int = 0  # generation seed; same seed and arguments give the same bytes
-    task_set: str = "mt30"  # mt30 (501-row episodes, obs 24) or mt80 (101-row, obs 39)
-    episode_length: int | None = None  # rows per episode; default 501 (mt30) or 101 (mt80)
+    """Settings of `tools make-mt30` (one field per flag; the options are generated from them)."""
+
+    dst: Path = setting(help="Folder to write chunk_K.pt into.")
+    episodes_per_task: int = setting(4, "Episodes of every task.")
+    chunks: int = setting(1, "Number of chunk files; episodes are split evenly, tasks in order.")
+    seed: int = setting(0, "Generation seed; the same seed and settings give the same bytes.")
+    task_set: str = setting("mt30", "mt30: 501-row episodes, obs 24; mt80: 101-row, obs 39.")
+    episode_length: int | None = setting(
+        None, "Rows per episode (synthetic only); default 501 (mt30) or 101 (mt80)."
+    )
+    physics: str = setting(
+        "synthetic",
+        "synthetic: smooth linear dynamics (fast); dmc: real DMControl rollouts (mt30 only).",
+    )
+    policy: str = setting(
+        "random", "With --physics dmc: random, noise, or the path of a world-model checkpoint."
+    )
+    workers: int = setting(
+        -1, "With --physics dmc: rollout processes; 0: this process; -1: one per core."
+    )
+    noise: str = setting(
+        "0.3",
+        "With a checkpoint --policy: exploration std(s), comma-separated; episode k of every "
+        "task uses the (k mod n)-th.",
+    )
+    tasks: str = setting("mt30", "With --physics dmc: mt30 or comma-separated task names.")
+    progress: bool = setting(
+        True, "With --physics dmc: episodes done, rate, ETA (one line a minute off a terminal)."
+    )
 
     @property
     def rows(self) -> int:
         if self.episode_length is not None:
             return self.episode_length
         return 101 if self.task_set == "mt80" else 501
+
+    @property
+    def noise_stds(self) -> tuple[float, ...]:
+        try:
+            return tuple(float(x) for x in self.noise.split(","))
+        except ValueError:
+            raise ToolError(f"--noise {self.noise!r}: give numbers, e.g. 0.1,0.3,1.0") from None
+
+
+def make_dataset(cfg: MakeConfig) -> list[Path]:
+    """`tools make-mt30`: the chunk files of `cfg`, synthetic or rolled out in DMControl."""
+    if cfg.physics == "synthetic":
+        return make_mt30(cfg)
+    if cfg.physics != "dmc":
+        raise ToolError(f"--physics must be synthetic or dmc (got {cfg.physics!r})")
+    if cfg.task_set != "mt30" or cfg.episode_length is not None:
+        raise ToolError("--physics dmc makes the 30 MT30 tasks' 501-row episodes only")
+    from tools.rollouts import make_mt30_dmc
+
+    return make_mt30_dmc(
+        cfg.dst, cfg.episodes_per_task, cfg.chunks, cfg.seed, cfg.policy, cfg.workers,
+        cfg.tasks, cfg.noise_stds, cfg.progress,
+    )  # fmt: skip
 
 
 def _task_system(task_set: TaskSet, task: int, seed: int):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,19 +35,6 @@ from tools.make_mt30 import save_chunk
 
 POLICIES = ("random", "noise")
 CHECKPOINT_NOISE_STD = (0.3,)  # default exploration std(s) around the checkpoint's policy mean
-
-
-@dataclass(frozen=True)
-class DMCMakeConfig:
-    """Settings of `tools make-mt30 --physics dmc` (one field per flag)."""
-
-    dst: Path  # folder to write chunk_0.pt .. into
-    episodes_per_task: int = 4  # episodes of every task
-    chunks: int = 1  # number of chunk files; episodes are split evenly, tasks stay in order
-    seed: int = 0  # env and policy seed; same seed and settings give the same data
-    policy: str = "random"  # random | noise | path of a world-model checkpoint
-    workers: int = -1  # processes (one job per task and chunk); 0 = this process; -1 = per core
-    tasks: str = "mt30"  # "mt30" or comma-separated MT30 task names (in index order on disk)
 
 
 def _task_seed(seed: int, task_id: int) -> int:

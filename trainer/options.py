@@ -29,7 +29,7 @@ def option(config: type, name: str, *decls: str, **kw: Any) -> Callable:
     f = {f.name: f for f in dataclasses.fields(config)}[name]
     if f.default is not dataclasses.MISSING and "default" not in kw and not kw.get("required"):
         kw["default"] = f.default
-    kw.setdefault("show_default", kw.get("default") not in (None, False))
+    kw.setdefault("show_default", kw.get("default") is not None and kw.get("default") is not False)
     flags = decls or (f"--{name.replace('_', '-')}",)
     return click.option(*flags, name, help=f.metadata["help"], **kw)
 
