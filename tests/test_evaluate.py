@@ -14,10 +14,10 @@ from click.testing import CliRunner
 pytest.importorskip("dm_control")
 
 from datapipe.tasksets import MT30
-from trainer.checkpoint import CheckpointError, QuantizedCheckpointError, load_any, save_official
+from trainer.checkpoint import QuantizedCheckpointError, load_any, save_official
 from trainer.cli import main
 from trainer.envs import make_env
-from trainer.errors import TrainConfigError
+from trainer.errors import IncompatibleDataError, TrainConfigError
 from trainer.evaluate import EvalConfig, check_task_set, evaluate, resolve_tasks, run_eval
 from trainer.model import WorldModel
 from trainer.plan import MPPIConfig
@@ -45,18 +45,18 @@ def test_unknown_task_lists_the_valid_ones():
 
 def test_mismatched_task_set_is_refused_with_the_mismatch():
     mt80_like = ModelConfig.for_size(1, obs_dim=39, n_tasks=80)
-    with pytest.raises(CheckpointError, match=r"80 tasks.*mt30 has 30.*obs dim 39"):
+    with pytest.raises(IncompatibleDataError, match=r"80 tasks.*mt30 has 30.*obs dim 39"):
         check_task_set(mt80_like)
     dims = list(ModelConfig.for_size(1).action_dims)
     dims[4] = 6
-    with pytest.raises(CheckpointError, match="reacher-easy: 6 vs 2"):
+    with pytest.raises(IncompatibleDataError, match="reacher-easy: 6 vs 2"):
         check_task_set(ModelConfig.for_size(1, action_dims=dims))
 
 
 def test_mismatched_checkpoint_is_refused_by_run_eval(tmp_path):
     path = tmp_path / "mt80.pt"
     save_official(WorldModel(ModelConfig.for_size(1, obs_dim=39, n_tasks=80)), path)
-    with pytest.raises(CheckpointError, match="80 tasks"):
+    with pytest.raises(IncompatibleDataError, match="80 tasks"):
         run_eval(EvalConfig(checkpoint=path, tasks=TWO, out=tmp_path / "out"))
 
 

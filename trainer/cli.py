@@ -17,7 +17,7 @@ import click
 from click.core import ParameterSource
 
 from datapipe.errors import DatapipeError
-from trainer.checkpoint import CheckpointError, export
+from trainer.checkpoint import export
 from trainer.config import D_SCHEDULES, DISTILL_STEPS, TEACHER_DTYPES, TrainConfig
 from trainer.errors import TrainError
 from trainer.evaluate import EvalConfig
@@ -233,7 +233,7 @@ def _run(fn: Callable[[], Any]) -> Any:
     except Interrupted as e:
         click.echo(str(e), err=True)
         sys.exit(e.exit_code)
-    except (DatapipeError, CheckpointError, TrainError) as e:
+    except (DatapipeError, TrainError) as e:  # CheckpointError is a TrainError
         raise click.ClickException(str(e)) from e
 
 

@@ -54,8 +54,7 @@ import torch
 
 from datapipe.progress import hms
 from datapipe.tasksets import MT30, TaskSet
-from trainer.checkpoint import CheckpointError
-from trainer.errors import TrainConfigError
+from trainer.errors import IncompatibleDataError, TrainConfigError
 from trainer.model import WorldModel
 from trainer.options import resolve_device, setting
 from trainer.plan import OFFICIAL_MPPI, Actor, MPPIConfig, describe_protocol
@@ -176,7 +175,7 @@ def check_task_set(cfg: ModelConfig, task_set: TaskSet = MT30) -> None:
         ]
         problems.append(f"per-task action dims differ ({'; '.join(diff)})")
     if problems:
-        raise CheckpointError(
+        raise IncompatibleDataError(
             f"the checkpoint does not fit the {task_set.name} task set: it has "
             + "; ".join(problems)
             + f". Evaluate it on the task set it was trained on ({task_set.name} evaluation "
