@@ -3,7 +3,9 @@
 On a terminal it is a tqdm bar (rate, ETA). Anywhere else (a log file, a CI job, a pipe)
 a bar's carriage returns turn into a flood of fragments, so it prints plain lines instead:
 at most one per `interval` seconds and one at the end, each with the count, the rate and
-the ETA. `enabled=False` prints nothing.
+the ETA. `enabled=False` prints nothing. Every long step of the project reports through it:
+build, verify-shards, make-mt30, training, evaluation (`trainer.evaluate.EpisodeProgress`)
+and whole experiments.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ T = TypeVar("T")
 
 
 class Progress:
-    """`update(n)` as work finishes; `write(line)` prints without breaking the bar."""
+    """`update(n)` as work finishes (or `set(n)`, the count so far); `write(line)` prints
+    without breaking the bar. `postfix` follows the count, rate and ETA; `start_line` prints
+    a first line at once off a terminal."""
 
     def __init__(
         self,
@@ -29,11 +33,13 @@ class Progress:
         enabled: bool = True,
         initial: int = 0,
         interval: float = 60.0,
+        postfix: str = "",
+        start_line: bool = False,
     ) -> None:
         self.total, self.desc, self.unit, self.interval = total, desc, unit, interval
         self.enabled, self.tty = enabled, enabled and sys.stderr.isatty()
         self.n = self._first = initial
-        self.postfix = ""
+        self.postfix = postfix
         self._t0 = self._last_line = time.monotonic()
         self._bar = tqdm(
             total=total,
@@ -43,6 +49,10 @@ class Progress:
             disable=not self.tty,
             dynamic_ncols=True,
         )
+        if postfix:
+            self._bar.set_postfix_str(postfix, refresh=False)
+        if start_line and self.enabled and not self.tty:
+            self._line()
 
     def update(self, n: int = 1, postfix: str | None = None) -> None:
         self.n += n
@@ -57,6 +67,10 @@ class Progress:
             if now - self._last_line >= self.interval or self.n >= self.total:
                 self._last_line = now
                 self._line()
+
+    def set(self, n: int, postfix: str | None = None) -> None:
+        """The count is now `n` (work counted elsewhere, e.g. by other processes)."""
+        self.update(n - self.n, postfix)
 
     def write(self, line: str) -> None:
         if self.tty:
@@ -74,17 +88,14 @@ class Progress:
         self.close()
 
     def _line(self) -> None:
+        text = f"{self.desc}: {self.n}/{self.total} {self.unit}s"
         elapsed = time.monotonic() - self._t0
-        rate = (self.n - self._first) / elapsed if elapsed > 0 else 0.0
-        left = self.total - self.n
-        eta = hms(left / rate) if rate > 0 else "?"
-        extra = f", {self.postfix}" if self.postfix else ""
-        print(
-            f"{self.desc}: {self.n}/{self.total} {self.unit}s, {rate:.3g} {self.unit}s/s, "
-            f"ETA {eta}{extra}",
-            file=sys.stderr,
-            flush=True,
-        )
+        if self.n > self._first and elapsed > 0:
+            rate = (self.n - self._first) / elapsed
+            text += f", {rate:.3g} {self.unit}s/s, ETA {hms((self.total - self.n) / rate)}"
+        if self.postfix:
+            text += f", {self.postfix}"
+        print(text, file=sys.stderr, flush=True)
 
 
 def track(items: Iterable[T], desc: str, unit: str, enabled: bool = True) -> Iterator[T]:

@@ -48,6 +48,18 @@ def test_lines_off_a_terminal(capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_a_start_line_and_counts_set_from_elsewhere(capsys):
+    """As an experiment shows its runs' steps: the rate counts only this display's steps."""
+    with Progress(100, "exp", "step", initial=40, postfix="runs 1/3", start_line=True) as bar:
+        bar.set(40, "runs 1/3, running a")  # nothing new yet: no line
+        bar.set(100, "runs 3/3")
+    lines = progress_lines(capsys.readouterr().err, "exp")
+    assert lines[0] == "exp: 40/100 steps, runs 1/3" and len(lines) == 2
+    assert lines[1].startswith("exp: 100/100 steps, ") and lines[1].endswith(
+        " steps/s, ETA 0:00:00, runs 3/3"
+    )
+
+
 def test_train_and_make_teacher_progress(store, tmp_path):
     common = ("--shards", store, "--steps", 5, "--batch-size", 8, "--device", "cpu")
     shown = run("trainer", "train", *common, "--out", tmp_path / "a")

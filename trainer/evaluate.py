@@ -41,7 +41,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -52,7 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from datapipe.progress import hms
+from datapipe.progress import Progress
 from datapipe.tasksets import MT30, TaskSet
 from trainer.errors import IncompatibleDataError, TrainConfigError
 from trainer.model import WorldModel
@@ -436,46 +435,25 @@ def evaluate(
     return EvalResult(results, protocol)
 
 
-class EpisodeProgress:
-    """Episodes done of the total, per task, with rate and ETA, on stderr: a tqdm bar on a
-    terminal; otherwise (a log file) plain lines: one at the start, then at most one per
-    `interval` seconds as episodes finish, and the last."""
+class EpisodeProgress(Progress):
+    """Episodes done of the total, with rate and ETA, which tasks are done and the last
+    episode's task (a `datapipe.progress.Progress`, a first line at once off a terminal)."""
 
     def __init__(
         self, tasks: Sequence[str], episodes: int, enabled: bool, interval: float = 30.0
     ) -> None:
-        from tqdm import tqdm
-
         self.per_task, self.episodes = dict.fromkeys(tasks, 0), episodes
-        self.total, self.finished = len(tasks) * episodes, 0
-        self.enabled, self.tty = enabled, enabled and sys.stderr.isatty()
-        self.interval, self.t0 = interval, time.monotonic()
-        self.last_line = self.t0
-        self.bar = tqdm(
-            total=self.total, desc="eval", unit="episode", disable=not self.tty,
-            dynamic_ncols=True, mininterval=1.0,
+        total = len(tasks) * episodes
+        super().__init__(
+            total, "eval", "episode", enabled, interval=interval, postfix=self._tasks_done(),
+            start_line=True,
         )  # fmt: skip
-        if self.enabled and not self.tty:
-            self._line()
-
-    def __enter__(self) -> EpisodeProgress:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.bar.close()
 
     def done(self, task: str) -> None:
         """One more episode of `task` has finished."""
         self.per_task[task] += 1
-        self.finished += 1
-        if self.tty:
-            self.bar.set_postfix_str(f"{self._tasks_done()}; {self._of(task)}", refresh=False)
-            self.bar.update()
-        elif self.enabled:
-            now = time.monotonic()
-            if now - self.last_line >= self.interval or self.finished == self.total:
-                self.last_line = now
-                self._line(task)
+        last = f"{task} {self.per_task[task]}/{self.episodes}"
+        self.update(1, f"{self._tasks_done()} (last: {last})")
 
     def all_done(self) -> None:
         """Every episode has finished (lockstep ends them all at once)."""
@@ -483,23 +461,9 @@ class EpisodeProgress:
             for _ in range(self.episodes - self.per_task[task]):
                 self.done(task)
 
-    def _of(self, task: str) -> str:
-        return f"{task} {self.per_task[task]}/{self.episodes}"
-
     def _tasks_done(self) -> str:
         full = sum(n == self.episodes for n in self.per_task.values())
         return f"tasks done {full}/{len(self.per_task)}"
-
-    def _line(self, task: str | None = None) -> None:
-        text = f"eval: {self.finished}/{self.total} episodes, {self._tasks_done()}"
-        if task is not None:
-            elapsed = time.monotonic() - self.t0
-            left = (self.total - self.finished) * elapsed / self.finished
-            text += (
-                f" (last: {self._of(task)}), {self.finished / elapsed * 60:.1f} episodes/min, "
-                f"ETA {hms(left)}"
-            )
-        print(text, file=sys.stderr, flush=True)
 
 
 # -- outputs ------------------------------------------------------------------------------------

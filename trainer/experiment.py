@@ -62,7 +62,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from datapipe.progress import hms
+from datapipe.progress import Progress
 from trainer.checkpoint import CheckpointError, read_checkpoint
 from trainer.config import TrainConfig
 from trainer.errors import TrainConfigError
@@ -515,9 +515,16 @@ def _signals_raise() -> Iterator[list[int]]:
 def _run_all(
     todo: list[Run], states: dict[str, str], exp: Experiment, jobs: int, progress: bool
 ) -> list[tuple[Run, int]]:
-    total = sum(r.steps for r in exp.runs)
     finished = {r.name for r in exp.runs if states[r.name] == "done"}
-    display = _Progress(total, len(exp.runs), progress)
+
+    def steps_done(running: list[Run]) -> int:
+        return sum(r.steps for r in exp.runs if r.name in finished) + sum(
+            _steps_done(r) for r in running
+        )
+
+    display = Progress(
+        sum(r.steps for r in exp.runs), "experiment", "step", progress, steps_done(todo)
+    )
     waiting, active, failed = list(todo), {}, []
     try:
         while waiting or active:
@@ -536,16 +543,19 @@ def _run_all(
                 else:
                     failed.append((run, code))
                     display.write(f"{name} failed (exit {code}); its log: {run.out / RUN_LOG}")
-            done = sum(r.steps for r in exp.runs if r.name in finished)
-            done += sum(_steps_done(run) for run, _ in active.values())
-            display.update(done, len(finished), [r.name for r, _ in active.values()])
+            running = [r for r, _ in active.values()]
+            names = ", ".join(r.name for r in running) or "-"
+            display.set(
+                steps_done(running),
+                f"runs {len(finished)}/{len(exp.runs)} done, running {names}",
+            )
     finally:
         _stop_children([proc for _, proc in active.values()], display)
         display.close()
     return failed
 
 
-def _stop_children(procs: list[subprocess.Popen], display: _Progress) -> None:
+def _stop_children(procs: list[subprocess.Popen], display: Progress) -> None:
     """Interrupted: one SIGTERM asks each run to finish its step and write a checkpoint;
     another Ctrl-C while they do sends a second one, which aborts them at once."""
     if not procs:
@@ -604,44 +614,6 @@ def _steps_done(run: Run) -> int:
         return int(json.loads(lines[-1])["step"]) if lines else 0
     except (OSError, ValueError, KeyError):
         return 0
-
-
-class _Progress:
-    """One display for the whole experiment: steps of all runs, runs done, ETA. On a
-    terminal a tqdm bar; otherwise one line a minute."""
-
-    def __init__(self, total: int, runs: int, enabled: bool) -> None:
-        from tqdm import tqdm
-
-        self.runs, self.enabled = runs, enabled
-        self.tty = enabled and sys.stderr.isatty()
-        self.bar = tqdm(total=total, unit="step", disable=not self.tty, dynamic_ncols=True)
-        self.total, self.t0, self.first, self.last_line = total, time.monotonic(), None, 0.0
-
-    def update(self, done: int, finished: int, active: list[str]) -> None:
-        if self.first is None:
-            self.first = done
-        if self.tty:
-            self.bar.n = done
-            self.bar.set_description(f"runs {finished}/{self.runs}", refresh=False)
-            self.bar.set_postfix_str(", ".join(active)[:60])
-            return
-        now = time.monotonic()
-        if self.enabled and now - self.last_line >= 60:
-            self.last_line = now
-            rate = (done - self.first) / max(now - self.t0, 1e-9)
-            eta = (self.total - done) / rate if rate > 0 else float("nan")
-            print(
-                f"experiment: {done}/{self.total} steps, runs {finished}/{self.runs} done, "
-                f"running {', '.join(active) or '-'}; ETA {hms(eta)}",
-                flush=True,
-            )
-
-    def write(self, line: str) -> None:
-        (self.bar.write if self.tty else print)(line)
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 def _child(job: dict[str, Any]) -> None:
