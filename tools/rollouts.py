@@ -41,18 +41,16 @@ def _task_seed(seed: int, task_id: int) -> int:
     return int(np.random.SeedSequence([seed, task_id]).generate_state(1)[0])
 
 
-_WORKER_MODEL = None  # the checkpoint policy of a worker process, set by _init_worker
-
-
 def _set_policy(policy: str) -> None:
     """Load the checkpoint policy of this process (or clear it for random/noise)."""
-    global _WORKER_MODEL
+    from trainer.evaluate import set_worker_model
+
     if policy in POLICIES:
-        _WORKER_MODEL = None
+        set_worker_model(None)
     else:
         from trainer.checkpoint import load_any
 
-        _WORKER_MODEL = load_any(policy)
+        set_worker_model(load_any(policy))
 
 
 def _init_worker(policy: str) -> None:
@@ -128,11 +126,11 @@ def _rollout_job(args: tuple) -> dict[str, np.ndarray]:
 def _policy_mean(obs: np.ndarray, task_id) -> np.ndarray:
     import torch
 
+    from trainer.evaluate import worker_model
     from trainer.plan import policy_action
 
-    assert _WORKER_MODEL is not None, "checkpoint policy used before _init_worker"
     with torch.inference_mode():
-        return policy_action(_WORKER_MODEL, torch.from_numpy(obs)[None], task_id)[0].numpy()
+        return policy_action(worker_model(), torch.from_numpy(obs)[None], task_id)[0].numpy()
 
 
 def _chunk_jobs(names: list[str], per_task: int, chunks: int) -> list[list[tuple[str, int, int]]]:

@@ -283,20 +283,31 @@ def one_torch_thread(active: bool = True) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-_WORKER_MODEL: WorldModel | None = None  # set once per worker process by _init_worker
+_WORKER_MODEL: WorldModel | None = None  # of a worker process: the model its jobs run
+
+
+def set_worker_model(model: WorldModel | None) -> None:
+    """The model this (pool worker) process's jobs run (None: none), set once by the pool's
+    initializer: a spawned process shares nothing with its parent. Evaluation workers and
+    `tools make-mt30 --physics dmc` rollout workers both keep theirs here."""
+    global _WORKER_MODEL
+    _WORKER_MODEL = model
+
+
+def worker_model() -> WorldModel:
+    assert _WORKER_MODEL is not None, "a worker job ran before its pool's initializer set it"
+    return _WORKER_MODEL
 
 
 def _init_worker(cfg: ModelConfig, state: dict, dtype: torch.dtype) -> None:
-    global _WORKER_MODEL
     torch.set_num_threads(1)
     model = WorldModel(cfg).to(dtype)
     model.load_state_dict(state)
-    _WORKER_MODEL = model.eval()
+    set_worker_model(model.eval())
 
 
 def _worker_episode(task: str, episode: int, run: EpisodeSettings) -> float:
-    assert _WORKER_MODEL is not None
-    (total,) = task_episodes(_WORKER_MODEL, task, range(episode, episode + 1), run)
+    (total,) = task_episodes(worker_model(), task, range(episode, episode + 1), run)
     return total
 
 
