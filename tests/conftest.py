@@ -42,6 +42,16 @@ def store(tmp_path_factory) -> Path:
     )
 
 
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, store) -> Path:
+    """A 1M teacher for `store`, trained a few steps so that its rewards are not all zero
+    (one per test module, like `store`)."""
+    from tools.make_teacher import make_teacher
+
+    path = tmp_path_factory.mktemp("teacher") / "t1.pt"
+    return make_teacher(1, path, seed=7, train_steps=4, shards=store, batch_size=16, device="cpu")
+
+
 def load_chunk(path: Path) -> dict:
     """A chunk as a plain dict of tensors (a copy, for editing into bad input)."""
     td = torch.load(path, weights_only=False)

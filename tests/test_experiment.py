@@ -14,19 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tools.make_teacher import make_teacher
 from trainer.experiment import SpecError, load_spec, run_experiment
 from trainer.runlog import read_evals, read_metrics
 from trainer.runstate import read_training_checkpoint
 from trainer.train import TrainConfig, train
 
 TASKS = ["cartpole-balance", "pendulum-swingup"]
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory, store) -> Path:
-    path = tmp_path_factory.mktemp("exp_teacher") / "t.pt"
-    return make_teacher(1, path, seed=3, train_steps=3, shards=store, batch_size=8, device="cpu")
 
 
 def spec_text(store: Path, teacher: Path, steps: int = 6, extra: str = "") -> str:

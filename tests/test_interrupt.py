@@ -17,7 +17,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tools.make_teacher import make_teacher
 from trainer.agent import TDMPC2Agent
 from trainer.cli import main
 from trainer.config import TrainConfig
@@ -30,19 +29,6 @@ from trainer.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ("--batch-size", "8", "--cache-gb", "0.1", "--device", "cpu", "--threads", "1")
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory, store) -> Path:
-    return make_teacher(
-        1,
-        tmp_path_factory.mktemp("teacher") / "t1.pt",
-        seed=3,
-        train_steps=2,
-        shards=store,
-        batch_size=8,
-        device="cpu",
-    )
 
 
 @pytest.fixture(autouse=True)

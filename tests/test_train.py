@@ -37,20 +37,6 @@ from trainer.train import TrainConfig, train
 LOSSES = (*UPDATE_METRICS, "distill_loss", "reward_mae_teacher", "d_coef")
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory, store) -> Path:
-    """A 1M teacher trained for a few steps, so its rewards are not all zero."""
-    return make_teacher(
-        1,
-        tmp_path_factory.mktemp("teacher") / "t1.pt",
-        seed=7,
-        train_steps=4,
-        shards=store,
-        batch_size=16,
-        device="cpu",
-    )
-
-
 def config(store: Path, out: Path, **kw) -> TrainConfig:
     base = dict(
         shards=store,
