@@ -74,8 +74,8 @@ def test_webdataset_decodes_with_the_webdataset_library(small_store):
     wds = pytest.importorskip("webdataset")
     url = str(small_store / fmt.wds_shard_file(0))
     sample = next(iter(wds.WebDataset(url, shardshuffle=False).decode()))
-    assert sample["obs.npy.gz"].shape == (501, 24)
-    assert sample["task.cls"] == 0
+    assert sample[fmt.WDS_MEMBERS["obs"]].shape == (501, 24)
+    assert sample[fmt.WDS_MEMBERS["task"]] == 0
 
 
 def test_metadata_index_and_provenance(small_source, small_store):

@@ -120,7 +120,7 @@ def test_corrupt_member_raises(labelled_store, tmp_path):
     root = shutil.copytree(labelled_store, tmp_path / "s")
     tar_path = root / fmt.wds_shard_file(0)
     with tarfile.open(tar_path) as tar:
-        member = tar.getmember(f"{fmt.wds_key(5)}.obs.npy.gz")
+        member = tar.getmember(f"{fmt.wds_key(5)}.{fmt.WDS_MEMBERS['obs']}")
     data = bytearray(tar_path.read_bytes())
     data[member.offset_data + member.size // 2] ^= 0xFF
     tar_path.write_bytes(bytes(data))

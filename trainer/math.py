@@ -58,6 +58,10 @@ class RunningScale(nn.Module):
 
     update(x): S <- S + tau * (max(P95(x) - P5(x), 1) - S), percentiles over the leading
     axis with linear interpolation at positions p * (N - 1) / 100. S starts at 1.
+
+    `torch.quantile` interpolates the same way but rounds differently: on 750 random inputs
+    (N 3..4096) 401 results differed in the last bits. The percentile is written out as the
+    official code computes it, so that updates stay bit-identical to it.
     """
 
     def __init__(self, tau: float = 0.01) -> None:
