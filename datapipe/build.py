@@ -18,6 +18,7 @@ from datapipe import __version__
 from datapipe import format as fmt
 from datapipe.errors import BuildWriteError, DatapipeError, DestinationError, SourceError
 from datapipe.location import Location, is_storage_error
+from datapipe.options import setting
 from datapipe.progress import Progress
 from datapipe.source import NOT_PLANNED, Layout, SourceFile, scan_sources
 from datapipe.tasksets import TaskSet, get_task_set, match_task_set
@@ -26,13 +27,21 @@ from datapipe.units import Piece, build_shard, hash_source, write_json_atomic
 
 @dataclass(frozen=True)
 class BuildConfig:
-    src: str | Path  # folder of chunk_K.pt files: a path or an fsspec URL (s3://...)
-    dst: str | Path  # store folder to create or to finish after an interruption: path or URL
-    formats: tuple[str, ...] = ("zarr",)  # any of "zarr", "webdataset"
-    workers: int = 2  # local dask worker processes; 0 runs every unit in this process
-    scheduler: str | None = None  # address of a running dask.distributed scheduler
-    task_set: str = "auto"  # mt30, mt80, or auto: the known set matching the data's dims
-    progress: bool = True  # show a progress bar (rows/s, ETA)
+    """Settings of `datapipe build` (one field per flag; the options are generated from them)."""
+
+    src: str | Path = setting(
+        help="Folder of chunk_K.pt files: a path or an fsspec URL (s3://bucket/mt30)."
+    )
+    dst: str | Path = setting(
+        help="Store folder to write, or to finish after an interruption: a path or an fsspec URL."
+    )
+    formats: tuple[str, ...] = setting(
+        ("zarr",), "Which store formats to write: zarr, webdataset or both."
+    )
+    workers: int = setting(2, "Local dask worker processes (0: run in this process, no dask).")
+    scheduler: str | None = setting(None, "Address of a running dask.distributed scheduler.")
+    task_set: str = setting("auto", "mt30, mt80 or auto (the known set matching the dims).")
+    progress: bool = setting(True, "Progress bar: rows/s and ETA (a line a minute off a terminal).")
 
 
 def resolve_task_set(name: str, layout: Layout, src: str | Path) -> TaskSet:

@@ -9,7 +9,9 @@ import click
 
 from datapipe.build import BuildConfig, build
 from datapipe.errors import DatapipeError
+from datapipe.format import FORMATS
 from datapipe.info import summary
+from datapipe.options import option
 
 
 @click.group()
@@ -17,27 +19,24 @@ def main() -> None:
     """Convert MT30-format chunks into verified, compressed stores and inspect them."""
 
 
+def _formats(ctx, param, value: str) -> tuple[str, ...]:
+    return FORMATS if value == "both" else (value,)
+
+
 @main.command("build")
-@click.option("--src", metavar="PATH|URL", required=True,
-              help="Folder of chunk_K.pt files: a path or an fsspec URL (s3://bucket/mt30).")  # fmt: skip
-@click.option("--dst", metavar="PATH|URL", required=True,
-              help="Store folder to write or finish: a path or an fsspec URL.")  # fmt: skip
-@click.option("--format", "fmt", type=click.Choice(["zarr", "webdataset", "both"]), default="zarr",
-              show_default=True, help="Which store formats to write.")  # fmt: skip
-@click.option("--workers", type=int, default=2, show_default=True,
-              help="Local dask worker processes (0: run in this process, no dask).")  # fmt: skip
-@click.option("--scheduler", default=None, help="Address of a running dask.distributed scheduler.")
-@click.option(
-    "--task-set", default="auto", show_default=True, help="mt30, mt80 or auto (from the dims)."
-)
-@click.option("--no-progress", is_flag=True, help="Do not draw a progress bar.")
-def build_cmd(src, dst, fmt, workers, scheduler, task_set, no_progress) -> None:
+@option(BuildConfig, "src", metavar="PATH|URL", required=True)
+@option(BuildConfig, "dst", metavar="PATH|URL", required=True)
+@option(BuildConfig, "formats", "--format", type=click.Choice([*FORMATS, "both"]),
+        default="zarr", callback=_formats)  # fmt: skip
+@option(BuildConfig, "workers", type=int)
+@option(BuildConfig, "scheduler")
+@option(BuildConfig, "task_set")
+@option(BuildConfig, "progress", "--progress/--no-progress")
+def build_cmd(**kw) -> None:
     """Build the store DST from the chunks in SRC; re-run the same command to resume."""
-    formats = ("zarr", "webdataset") if fmt == "both" else (fmt,)
-    cfg = BuildConfig(src=src, dst=dst, formats=formats, workers=workers, scheduler=scheduler,
-                      task_set=task_set, progress=not no_progress)  # fmt: skip
+    cfg = BuildConfig(**kw)
     command = shlex.join(["datapipe", *sys.argv[1:]]) if sys.argv[1:2] == ["build"] else None
-    _run(lambda: build(cfg, command=command or f"datapipe build --src {src} --dst {dst}"))
+    _run(lambda: build(cfg, command=command or f"datapipe build --src {cfg.src} --dst {cfg.dst}"))
 
 
 @main.command("info")

@@ -211,3 +211,14 @@ def test_cli_build_into_a_store_with_damaged_metadata_is_refused(
     output = _refused(["--src", str(small_source), "--dst", str(dst)], f"{dst}/{fmt.META_FILE}")
     assert f"--dst {dst}-rebuilt" in output and "damaged" in output
     assert _tree(dst) == before
+
+
+def test_every_build_setting_is_a_flag_with_its_help():
+    import dataclasses
+
+    from datapipe.build import BuildConfig
+    from datapipe.cli import main
+
+    params = {p.name: p for p in main.commands["build"].params}
+    for f in dataclasses.fields(BuildConfig):
+        assert params[f.name].help == f.metadata["help"] != "", f.name

@@ -8,10 +8,10 @@ from pathlib import Path
 import click
 
 from datapipe.errors import DatapipeError
+from datapipe.options import option
 from tools.errors import ToolError
 from tools.make_mt30 import MakeConfig, make_dataset
 from trainer.errors import TrainError
-from trainer.options import option
 
 
 @click.group()

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from datapipe.location import atomic_file
+from datapipe.options import setting
 from datapipe.tasksets import TaskSet, get_task_set
 from tools.errors import ToolError
-from trainer.options import setting
 
 
 @dataclass(frozen=True)

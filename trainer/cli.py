@@ -17,11 +17,12 @@ import click
 from click.core import ParameterSource
 
 from datapipe.errors import DatapipeError
+from datapipe.options import option
 from trainer.checkpoint import export
 from trainer.config import D_SCHEDULES, DISTILL_STEPS, TEACHER_DTYPES, TrainConfig
 from trainer.errors import TrainError
 from trainer.evaluate import EvalConfig
-from trainer.options import DEVICES, option
+from trainer.options import DEVICES
 from trainer.presets import PRESETS
 from trainer.quantize import QuantizeConfig
 from trainer.runfolder import resume_config

@@ -51,11 +51,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from datapipe.options import setting
 from datapipe.progress import Progress
 from datapipe.tasksets import MT30, TaskSet
 from trainer.errors import IncompatibleDataError, TrainConfigError
 from trainer.model import WorldModel
-from trainer.options import resolve_device, setting
+from trainer.options import resolve_device
 from trainer.plan import OFFICIAL_MPPI, Actor, MPPIConfig, describe_protocol
 from trainer.presets import ModelConfig
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from datapipe.options import setting
 from datapipe.source import file_sha256
 from trainer.checkpoint import (
     DETACH_PREFIX,
@@ -43,7 +44,6 @@ from trainer.checkpoint import (
 )
 from trainer.math import two_hot_inv
 from trainer.model import WorldModel
-from trainer.options import setting
 from trainer.presets import ModelConfig
 
 INT8_SCHEME = "int8 symmetric per-output-channel weights of every Linear, scale = max|W_c|/127"
