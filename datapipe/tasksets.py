@@ -39,12 +39,14 @@ _METAWORLD_NAMES = [
 
 @dataclass(frozen=True)
 class TaskSet:
-    """A named list of tasks with the unpadded dims of each (index = task id)."""
+    """A named list of tasks with the unpadded dims of each (index = task id), and the rows
+    of each of its released episodes (row 0: the reset observation, then one per step)."""
 
     name: str
     names: tuple[str, ...]
     obs_dims: tuple[int, ...]
     action_dims: tuple[int, ...]
+    rows: int
 
     @property
     def n_tasks(self) -> int:
@@ -61,12 +63,13 @@ class TaskSet:
         return max(self.action_dims)
 
 
-MT30 = TaskSet("mt30", tuple(_DMC_NAMES), tuple(_DMC_OBS), tuple(_DMC_ACT))
+MT30 = TaskSet("mt30", tuple(_DMC_NAMES), tuple(_DMC_OBS), tuple(_DMC_ACT), rows=501)
 MT80 = TaskSet(
     "mt80",
     tuple(_DMC_NAMES + _METAWORLD_NAMES),
     tuple(_DMC_OBS + [39] * len(_METAWORLD_NAMES)),
     tuple(_DMC_ACT + [4] * len(_METAWORLD_NAMES)),
+    rows=101,
 )
 TASK_SETS = {ts.name: ts for ts in (MT30, MT80)}
 

@@ -58,7 +58,7 @@ class MakeConfig:
     def rows(self) -> int:
         if self.episode_length is not None:
             return self.episode_length
-        return 101 if self.task_set == "mt80" else 501
+        return get_task_set(self.task_set).rows
 
     @property
     def noise_stds(self) -> tuple[float, ...]:

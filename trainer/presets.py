@@ -9,7 +9,7 @@ mt30 values below are only defaults.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from datapipe.tasksets import MT30
 
@@ -46,8 +46,8 @@ PRESETS: dict[int, SizePreset] = {
 
 # docs/tdmpc2.md#tasks: active action dims of the 30 mt30 tasks, in task-index order.
 MT30_ACTION_DIMS: tuple[int, ...] = MT30.action_dims
-# docs/tdmpc2.md#discount: every mt30 episode lasts 500 agent steps.
-MT30_EPISODE_LENGTH = 500
+# docs/tdmpc2.md#discount: every mt30 episode lasts 500 agent steps (its 501 rows less row 0).
+MT30_EPISODE_LENGTH = MT30.rows - 1
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,10 @@ class ModelConfig:
     num_q: int = 2  # members of the Q ensemble
     task_dim: int = 96  # task-embedding width
     # Dataset dims (docs/tdmpc2.md#tasks, #discount; defaults are mt30).
-    obs_dim: int = 24  # padded observation dim
-    action_dim: int = 6  # padded action dim
+    obs_dim: int = MT30.obs_dim  # padded observation dim
+    action_dim: int = MT30.action_dim  # padded action dim
     action_dims: tuple[int, ...] = MT30_ACTION_DIMS  # active action dims per task
-    episode_lengths: tuple[int, ...] = field(default=(MT30_EPISODE_LENGTH,) * 30)  # per task
+    episode_lengths: tuple[int, ...] = (MT30_EPISODE_LENGTH,) * MT30.n_tasks  # per task
     # Shared hyperparameters (docs/tdmpc2.md#settings, #discount).
     simnorm_dim: int = 8  # SimNorm group size
     num_bins: int = 101  # two-hot bins
@@ -112,8 +112,8 @@ class ModelConfig:
     def for_size(
         cls,
         size: int,
-        obs_dim: int = 24,
-        action_dim: int = 6,
+        obs_dim: int = MT30.obs_dim,
+        action_dim: int = MT30.action_dim,
         action_dims: tuple[int, ...] | list[int] | None = None,
         n_tasks: int | None = None,
         episode_lengths: tuple[int, ...] | list[int] | None = None,
