@@ -10,13 +10,15 @@ reward in [0, 2] that depends on the state and the action, so a world model can 
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from datapipe.location import atomic_file
+from datapipe.location import TMP_SUFFIX
 from datapipe.options import setting
 from datapipe.tasksets import TaskSet, get_task_set
 from tools.errors import ToolError
@@ -130,8 +132,15 @@ def save_chunk(parts: list[dict], path: Path) -> None:
     arrays = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     n, rows = arrays["task"].shape
     td = TensorDict({k: torch.from_numpy(v) for k, v in arrays.items()}, batch_size=[n, rows])
-    with atomic_file(path) as f:
-        torch.save(td, f)
+    # torch.save names the zip records after the file it writes ("chunk_0.pt/data.pkl", as
+    # every chunk this tool has written), so it writes a path: in a unique temporary folder
+    # beside `path`, flushed to disk, then renamed into place.
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}{TMP_SUFFIX}", dir=path.parent) as tmp:
+        part = Path(tmp) / f"{path.name}.tmp"
+        torch.save(td, part)
+        with open(part, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(part, path)
 
 
 def make_mt30(cfg: MakeConfig) -> list[Path]:
