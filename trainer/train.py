@@ -2,10 +2,10 @@
 a frozen teacher whose rewards the student is distilled towards (docs/distillation.md#loss).
 
 Owns `train(cfg)`, read top to bottom: `_Run.setup` (store, student, teacher, loader, resume
-state, logs), `_loop` (the steps, on one screen), `_summary`; and the checks that the store, the student and the teacher
-fit together. The settings are `trainer.config.TrainConfig`; whether a run may start or
-continue in its folder, `trainer.runfolder`; each rank's random stream,
-`trainer.distributed`; the update, `TDMPC2Agent.update`; the checkpoint format,
+state, logs), `_loop` (the steps, on one screen), `_summary`; and the checks that the store,
+the student and the teacher fit together. The settings are `trainer.config.TrainConfig`;
+whether a run may start or continue in its folder, `trainer.runfolder`; each rank's random
+stream, `trainer.distributed`; the update, `TDMPC2Agent.update`; the checkpoint format,
 `trainer.runstate`; the log files, `trainer.runlog`.
 """
 
@@ -191,6 +191,7 @@ class _Run:
     resumed: bool
     log: MetricsLog | NullLog
     evals: TrainingEval | None  # rank 0 of a run with --eval-every
+    evaluating: bool  # the run evaluates its student during training (every rank: the others wait)
     timer: StepTimer
     checked: int = 0  # steps whose replicas --ddp-check compared
 
@@ -263,6 +264,7 @@ class _Run:
         }
         resume_step = start if previous is not None else None
         log, evals = NullLog(), None
+        protocol = cfg.eval_protocol
         if ranks.is_main:
             write_json(
                 cfg.out / CONFIG_FILE,
@@ -272,7 +274,6 @@ class _Run:
                 print(stream.notice)
             print(_start_line(cfg, ranks, start))
             log = MetricsLog(cfg.out, cfg.tensorboard, resume_step, cfg.wandb, description)
-            protocol = cfg.eval_protocol
             if protocol is not None:
                 eval_log = EvalLog(cfg.out, protocol.tasks, log, resume_step)
                 saved = None if previous is None else previous.get("eval")
@@ -281,13 +282,8 @@ class _Run:
             torch.cuda.reset_peak_memory_stats(device)
         return cls(
             cfg, ranks, device, agent, teacher, loader, update, description, start,
-            previous is not None, log, evals, StepTimer(start),
+            previous is not None, log, evals, protocol is not None, StepTimer(start),
         )  # fmt: skip
-
-    @property
-    def evaluating(self) -> bool:
-        """The run evaluates its student during training (every rank: the others wait)."""
-        return self.cfg.eval_protocol is not None
 
     def evaluate(self, step: int, bar: Progress) -> None:
         """Rank 0 evaluates the student; the other ranks wait for it."""
