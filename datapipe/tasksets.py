@@ -40,13 +40,15 @@ _METAWORLD_NAMES = [
 @dataclass(frozen=True)
 class TaskSet:
     """A named list of tasks with the unpadded dims of each (index = task id), and the rows
-    of each of its released episodes (row 0: the reset observation, then one per step)."""
+    of each of its released episodes (row 0: the reset observation, then one per step);
+    `release_chunks`: the episodes in each file of the released dataset, where known."""
 
     name: str
     names: tuple[str, ...]
     obs_dims: tuple[int, ...]
     action_dims: tuple[int, ...]
     rows: int
+    release_chunks: tuple[int, ...] = ()
 
     @property
     def n_tasks(self) -> int:
@@ -63,7 +65,10 @@ class TaskSet:
         return max(self.action_dims)
 
 
-MT30 = TaskSet("mt30", tuple(_DMC_NAMES), tuple(_DMC_OBS), tuple(_DMC_ACT), rows=501)
+MT30 = TaskSet(
+    "mt30", tuple(_DMC_NAMES), tuple(_DMC_OBS), tuple(_DMC_ACT), rows=501,
+    release_chunks=(200_000, 200_000, 200_000, 90_000),
+)  # fmt: skip
 MT80 = TaskSet(
     "mt80",
     tuple(_DMC_NAMES + _METAWORLD_NAMES),

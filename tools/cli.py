@@ -32,6 +32,7 @@ def main() -> None:
 @option(MakeConfig, "noise")
 @option(MakeConfig, "tasks")
 @option(MakeConfig, "progress", "--progress/--no-progress")
+@option(MakeConfig, "like", type=click.Choice(["mt30"]))
 def make_mt30_cmd(**kw) -> None:
     """Write a dataset in exactly the official MT30 chunk format."""
     cfg = MakeConfig(**kw)

@@ -10,18 +10,19 @@ reward in [0, 2] that depends on the state and the action, so a world model can 
 
 from __future__ import annotations
 
-import os
-import tempfile
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from datapipe.location import TMP_SUFFIX
 from datapipe.options import setting
-from datapipe.tasksets import TaskSet, get_task_set
+from datapipe.progress import Progress
+from datapipe.tasksets import TASK_SETS, TaskSet, get_task_set
+from tools.chunkfile import chunk_shapes, write_chunk
 from tools.errors import ToolError
+
+BLOCK = 1024  # episodes generated at once: ~66 MB of MT30 rows
 
 
 @dataclass(frozen=True)
@@ -52,8 +53,11 @@ class MakeConfig:
         "task uses the (k mod n)-th.",
     )
     tasks: str = setting("mt30", "With --physics dmc: mt30 or comma-separated task names.")
-    progress: bool = setting(
-        True, "With --physics dmc: episodes done, rate, ETA (one line a minute off a terminal)."
+    progress: bool = setting(True, "Episodes done, rate, ETA (one line a minute off a terminal).")
+    like: str | None = setting(
+        None,
+        "mt30: exactly the released layout: 4 chunks of 200,000/200,000/200,000/90,000 "
+        "episodes (23,000 per task) of 501 rows, 44 GB (synthetic only).",
     )
 
     @property
@@ -76,6 +80,8 @@ def make_dataset(cfg: MakeConfig) -> list[Path]:
         return make_mt30(cfg)
     if cfg.physics != "dmc":
         raise ToolError(f"--physics must be synthetic or dmc (got {cfg.physics!r})")
+    if cfg.like is not None:
+        raise ToolError("--like makes synthetic data only (a real-physics MT30 takes months)")
     if cfg.task_set != "mt30" or cfg.episode_length is not None:
         raise ToolError("--physics dmc makes the 30 MT30 tasks' 501-row episodes only")
     from tools.rollouts import make_mt30_dmc
@@ -124,46 +130,67 @@ def _episodes(task_set: TaskSet, task: int, n: int, rows: int, seed: int, rng) -
     return {"obs": obs, "action": action, "reward": reward, "task": task_ids}
 
 
-def save_chunk(parts: list[dict], path: Path) -> None:
-    """Write episode arrays (dicts of obs/action/reward/task, concatenated in order) as one
-    official chunk file: a torch-saved TensorDict of batch [N, T], written atomically."""
-    from tensordict import TensorDict
+def _chunk_bounds(cfg: MakeConfig, task_set: TaskSet) -> list[int]:
+    """Episode boundaries of the chunk files: the released layout with --like, else an even
+    split."""
+    if cfg.like is None:
+        total = task_set.n_tasks * cfg.episodes_per_task
+        return [int(b) for b in np.linspace(0, total, cfg.chunks + 1).astype(int)]
+    return [0, *np.cumsum(task_set.release_chunks).tolist()]
 
-    arrays = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-    n, rows = arrays["task"].shape
-    td = TensorDict({k: torch.from_numpy(v) for k, v in arrays.items()}, batch_size=[n, rows])
-    # torch.save names the zip records after the file it writes ("chunk_0.pt/data.pkl", as
-    # every chunk this tool has written), so it writes a path: in a unique temporary folder
-    # beside `path`, flushed to disk, then renamed into place.
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}{TMP_SUFFIX}", dir=path.parent) as tmp:
-        part = Path(tmp) / f"{path.name}.tmp"
-        torch.save(td, part)
-        with open(part, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(part, path)
+
+def _chunk_blocks(cfg: MakeConfig, task_set: TaskSet, k: int, lo: int, hi: int, bar):
+    """The episodes [lo, hi) of chunk `k`, in blocks of at most BLOCK episodes of one task.
+    Block b of a task draws from the generator seeded (seed, task, k, 1[, b]), so a chunk
+    with at most BLOCK episodes of each task has the bytes it had when a task was one block."""
+    per_task = cfg.episodes_per_task
+    for task in range(task_set.n_tasks):
+        t_lo, t_hi = max(lo, task * per_task), min(hi, (task + 1) * per_task)
+        for b, start in enumerate(range(t_lo, t_hi, BLOCK)):
+            rng = np.random.default_rng([cfg.seed, task, k, 1] + ([b] if b else []))
+            n = min(BLOCK, t_hi - start)
+            yield _episodes(task_set, task, n, cfg.rows, cfg.seed, rng)
+            bar.update(n)
 
 
 def make_mt30(cfg: MakeConfig) -> list[Path]:
-    """Write the chunk files of `cfg` and return their paths."""
+    """Write the chunk files of `cfg` and return their paths. One block of episodes is in
+    memory at a time, whatever the chunk size."""
     task_set = get_task_set(cfg.task_set)
+    if cfg.like is not None:
+        cfg = _like(cfg, task_set)
     if cfg.episodes_per_task < 1 or cfg.chunks < 1:
         raise ToolError("--episodes-per-task and --chunks must be at least 1")
     total = task_set.n_tasks * cfg.episodes_per_task
     if cfg.chunks > total:
         raise ToolError(f"--chunks {cfg.chunks} is more than the {total} episodes to write")
     cfg.dst.mkdir(parents=True, exist_ok=True)
-    bounds = np.linspace(0, total, cfg.chunks + 1).astype(int)
+    bounds = _chunk_bounds(cfg, task_set)
     paths = []
-    for k in range(cfg.chunks):
-        lo, hi = bounds[k], bounds[k + 1]
-        parts = []
-        for task in range(task_set.n_tasks):
-            t_lo = max(lo, task * cfg.episodes_per_task)
-            t_hi = min(hi, (task + 1) * cfg.episodes_per_task)
-            if t_lo < t_hi:
-                rng = np.random.default_rng([cfg.seed, task, k, 1])
-                parts.append(_episodes(task_set, task, t_hi - t_lo, cfg.rows, cfg.seed, rng))
-        path = cfg.dst / f"chunk_{k}.pt"
-        save_chunk(parts, path)
-        paths.append(path)
+    bar = Progress(total, "make-mt30", "episode", enabled=cfg.progress)
+    try:
+        for k in range(cfg.chunks):
+            lo, hi = bounds[k], bounds[k + 1]
+            shapes = chunk_shapes(hi - lo, cfg.rows, task_set.obs_dim, task_set.action_dim)
+            path = cfg.dst / f"chunk_{k}.pt"
+            write_chunk(path, shapes, _chunk_blocks(cfg, task_set, k, lo, hi, bar))
+            paths.append(path)
+    finally:
+        bar.close()
     return paths
+
+
+def _like(cfg: MakeConfig, task_set: TaskSet) -> MakeConfig:
+    """`cfg` with the released dataset's layout (--like)."""
+    if cfg.like != task_set.name or not task_set.release_chunks:
+        known = [ts.name for ts in TASK_SETS.values() if ts.release_chunks]
+        raise ToolError(f"--like {cfg.like!r}: the released layout is known for {known} only")
+    if (cfg.episodes_per_task, cfg.chunks, cfg.episode_length) != (4, 1, None):
+        raise ToolError(
+            f"--like {cfg.like} fixes the episodes, chunks and rows; leave out "
+            f"--episodes-per-task, --chunks and --episode-length"
+        )
+    total = sum(task_set.release_chunks)
+    return dataclasses.replace(
+        cfg, episodes_per_task=total // task_set.n_tasks, chunks=len(task_set.release_chunks)
+    )

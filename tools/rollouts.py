@@ -1,7 +1,7 @@
 """Real-physics MT30 data: `tools make-mt30 --physics dmc`.
 
 Runs the 30 MT30 dm_control tasks (`trainer.envs`) and writes the rollouts in exactly the
-official chunk format, with the chunk writer of `tools.make_mt30`: row k of an episode holds
+official chunk format, with the chunk writer of `tools.chunkfile`: row k of an episode holds
 obs_k, the action that led to it and its reward; row 0's action and reward are NaN; obs are
 zero-padded to 24 and actions to 6; task is int32 on every row; the episodes of a task form
 one run, tasks in index order, split evenly over the chunks.
@@ -30,8 +30,8 @@ import numpy as np
 
 from datapipe.progress import Progress
 from datapipe.tasksets import MT30
+from tools.chunkfile import save_chunk
 from tools.errors import ToolError
-from tools.make_mt30 import save_chunk
 
 POLICIES = ("random", "noise")
 CHECKPOINT_NOISE_STD = (0.3,)  # default exploration std(s) around the checkpoint's policy mean
