@@ -14,6 +14,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from datapipe import __version__
 from datapipe import format as fmt
 from datapipe.errors import BuildWriteError, DatapipeError, DestinationError, SourceError
@@ -220,6 +222,15 @@ def _index(records: list[dict], ts: TaskSet, rows: int) -> dict:
     return {"format_version": fmt.FORMAT_VERSION, "tasks": tasks}
 
 
+def _chunk_crcs(dst: Location, record: dict, name: str) -> list[int]:
+    """The chunk crc32c list of array `name` in a unit's record (a unit recorded by a build
+    before the table existed: read from its shard file)."""
+    crcs = record.get("chunk_crc32c", {}).get(name)
+    if crcs is None:
+        crcs = fmt.chunk_crcs(dst.read_bytes(fmt.zarr_shard_file(name, record["shard"])), name)
+    return crcs
+
+
 def _commit(
     dst: Location, cfg: BuildConfig, plan: dict, sources: list[SourceFile], ts: TaskSet
 ) -> None:
@@ -232,7 +243,11 @@ def _commit(
     files = {rel: info for rec in records for rel, info in rec["files"].items()}
     dst.remove_stale_temps()  # of a worker lost mid-write, whose unit was redone elsewhere
     write_json_atomic(dst, fmt.INDEX_FILE, index)
-    write_json_atomic(dst, fmt.MANIFEST_FILE, {"files": dict(sorted(files.items()))})
+    manifest = write_json_atomic(dst, fmt.MANIFEST_FILE, {"files": dict(sorted(files.items()))})
+    if "zarr" in plan["formats"]:
+        table = {a: [_chunk_crcs(dst, rec, a) for rec in records] for a in fmt.ARRAYS}
+        table = {a: np.asarray(v, np.uint32) for a, v in table.items()}
+        dst.write_atomic(fmt.CHUNK_CRC_FILE, fmt.encode_crc_table(table, manifest["sha256"]))
     config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
     write_json_atomic(dst, fmt.CONFIG_FILE, config)
     lay = plan["layout"]

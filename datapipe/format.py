@@ -5,6 +5,9 @@ A store directory holds:
     meta.json           dataset facts and provenance; written last, it marks the store complete
     index.json          per task: episode ranges, episode and row counts
     manifest.json       size and sha256 of every data file, for verification
+    chunks.crc32c       the crc32c of every Zarr chunk at its place (CHUNK_CRC_FILE), bound to
+                        manifest.json by its sha256: readers check which file they read
+                        from the chunks they read anyway (stores built since 2026-12-06)
     build_config.json   the resolved build command that wrote the store
     episodes.zarr/      Zarr v3 group: obs [E,T,O] f32, action [E,T,A] f32, reward [E,T] f32,
                         task [E] i32 (one id per episode)
@@ -25,7 +28,9 @@ for all of MT30).
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
+import json
 import tarfile
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +44,7 @@ EPISODES_PER_SHARD = 256
 META_FILE = "meta.json"
 INDEX_FILE = "index.json"
 MANIFEST_FILE = "manifest.json"
+CHUNK_CRC_FILE = "chunks.crc32c"
 CONFIG_FILE = "build_config.json"
 ZARR_DIR = "episodes.zarr"
 WDS_DIR = "webdataset"
@@ -328,6 +334,71 @@ class StoreMeta:
         if not meta.formats or not set(meta.formats) <= set(FORMATS):
             raise MetaError(f"formats {list(meta.formats)}: expected a subset of {list(FORMATS)}")
         return meta
+
+
+# --- the chunk crc32c table ------------------------------------------------------------------
+# chunks.crc32c: one JSON line (what the table holds, the sha256 of manifest.json and of the
+# payload), then the payload: for each array in ARRAYS order, [n_shards, chunks_per_shard]
+# little-endian uint32, the crc32c that ends each inner chunk (0 where a chunk was never
+# written). A chunk read from shard s, position k of array a is the chunk the store was built
+# with when its own crc32c checks and equals table[a][s, k]: a file swapped with another
+# shard, copied from another build or with chunks in another order fails, at no extra read.
+
+_CRC_MAGIC = "datapipe chunk crc32c table"
+
+
+def chunks_per_shard(name: str) -> int:
+    """Inner chunks in one shard file of array `name` (task: one chunk of the whole shard)."""
+    return 1 if name == "task" else EPISODES_PER_SHARD
+
+
+def chunk_crcs(shard_file: bytes, name: str) -> list[int]:
+    """The crc32c ending each inner chunk of one shard file (0: never written)."""
+    out = []
+    for offset, nbytes in shard_index(shard_file, chunks_per_shard(name)).tolist():
+        end = offset + nbytes
+        empty = offset == SHARD_INDEX_EMPTY
+        out.append(0 if empty else int.from_bytes(shard_file[end - 4 : end], "little"))
+    return out
+
+
+def encode_crc_table(tables: dict[str, np.ndarray], manifest_sha256: str) -> bytes:
+    """chunks.crc32c from {array: [n_shards, chunks_per_shard] crc32c}."""
+    payload = b"".join(np.ascontiguousarray(tables[a], "<u4").tobytes() for a in ARRAYS)
+    header = {
+        "format": _CRC_MAGIC,
+        "arrays": list(ARRAYS),
+        "n_shards": len(tables[ARRAYS[0]]),
+        "manifest_sha256": manifest_sha256,
+        "payload_sha256": hashlib.sha256(payload).hexdigest(),
+    }
+    return json.dumps(header, sort_keys=True).encode() + b"\n" + payload
+
+
+def decode_crc_table(blob: bytes, n_shards: int, manifest_sha256: str) -> dict[str, np.ndarray]:
+    """{array: [n_shards, chunks_per_shard] crc32c} of chunks.crc32c; MetaError if it is
+    damaged, of another shape or made for another manifest.json."""
+    line, _, payload = blob.partition(b"\n")
+    try:
+        header = json.loads(line)
+        ok = header["format"] == _CRC_MAGIC and header["arrays"] == list(ARRAYS)
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise MetaError("not a chunk crc32c table")
+    if header["n_shards"] != n_shards:
+        raise MetaError(f"a table of {header['n_shards']} shards, the store has {n_shards}")
+    if header["manifest_sha256"] != manifest_sha256:
+        raise MetaError(f"made for another {MANIFEST_FILE}")
+    want = 4 * n_shards * sum(chunks_per_shard(a) for a in ARRAYS)
+    if len(payload) != want or hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
+        raise MetaError("its checksum fails (damaged or truncated)")
+    tables, at = {}, 0
+    for a in ARRAYS:
+        n = n_shards * chunks_per_shard(a)
+        tables[a] = np.frombuffer(payload, "<u4", n, at).reshape(n_shards, -1)
+        at += 4 * n
+    return tables
 
 
 def unit_record_file(shard: int) -> str:

@@ -9,13 +9,14 @@ this layout, verifies the crc32c of every shard index and every chunk it reads, 
 with numcodecs' blosc straight into the caller's buffer. Any mismatch raises
 CorruptStoreError naming the array, shard file, chunk and episode range.
 
-Which file: the first time a shard file is opened it is checked to be the file the store's
-manifest names (`Store.check_file`: size and sha256 of the whole file, through the open
-descriptor that the reads then use), and so is the task shard file of the same number: the
-loader takes task ids from the index, which is only right for the task file it was built
-with. A file that passed is not hashed again while it is unchanged on disk, so the cost is one
-extra sequential read of each shard file per reader process (BENCHMARKS.md, "Which-file
-check in the readers").
+Which file: with the store's chunk table (`chunks.crc32c`), every chunk read must carry the
+crc32c the table records for its place, and the first time a shard is used its task file's
+one chunk is read and checked the same way (the loader takes task ids from the index, which
+is only right for the task file it was built with): no extra read of the data. A store built
+before the table existed is checked the old way: the first time a shard file is opened it is
+hashed whole and compared with the manifest (`Store.check_file`, through the open
+descriptor that the reads then use), and so is the task shard file of the same number; a
+file that passed is not hashed again while it is unchanged on disk (BENCHMARKS.md §11).
 
 Why not zarr-python: on an 80,040-episode store (2-core machine, median of 15, obs + action +
 reward), 64 random episodes / one whole 256-episode shard read at 398 / 1,967 episodes/s
@@ -110,6 +111,7 @@ class ShardReader:
         self.arrays = {name: _Array(store, name) for name in arrays}
         self.max_open_shards = max_open_shards
         self._open: dict[tuple[str, int], tuple[int, list]] = {}  # -> (fd, [[offset, nbytes]])
+        self._tasks_checked: set[int] = set()
         self._scratch = {
             n: np.empty(a.chunk_shape, a.dtype) for n, a in self.arrays.items() if a.transposed
         }
@@ -175,7 +177,12 @@ class ShardReader:
 
     def _check_file(self, name: str, shard: int, fd: int | None, index: np.ndarray) -> None:
         """The shard file (and the task file of its shard) is the one the manifest names; if
-        not, the error names its first damaged chunk, or else says it is another file."""
+        not, the error names its first damaged chunk, or else says it is another file. With
+        the store's chunk table, each chunk is checked as it is read (`_check_chunk`), and
+        here only the task file's one chunk."""
+        if self.store.chunk_crcs is not None:
+            self._check_task_file(shard)
+            return
         rel = fmt.zarr_shard_file(name, shard)
         try:
             self.store.check_file(rel, fd)
@@ -190,6 +197,37 @@ class ShardReader:
                     raise self._error(name, shard, "crc32c mismatch", chunk=k) from None
             raise
         self.store.check_file(fmt.zarr_shard_file("task", shard))
+
+    def _check_task_file(self, shard: int) -> None:
+        """The task file of `shard` holds the chunk the store was built with: the one whose
+        task ids the index records (read once per shard)."""
+        if shard in self._tasks_checked:
+            return
+        rel, loc = fmt.zarr_shard_file("task", shard), self.store.location
+        try:
+            blob = loc.read_bytes(rel)
+        except FileNotFoundError:
+            raise self._error("task", shard, "shard file missing") from None
+        want = int(self.store.chunk_crcs["task"][shard, 0])
+        (offset, nbytes), n = fmt.shard_index(blob, 1)[0], fmt.shard_index_nbytes(1)
+        raw = blob[offset : offset + nbytes] if offset + nbytes <= len(blob) - n else b""
+        if not (_crc_ok(blob[-n:]) and _crc_ok(raw)):
+            raise self._error("task", shard, "crc32c mismatch", chunk=0)
+        if int.from_bytes(raw[-4:], "little") != want:
+            raise self.store.wrong_file(
+                rel, f"its chunk is not the one {fmt.CHUNK_CRC_FILE} records"
+            )
+        self._tasks_checked.add(shard)
+
+    def _check_chunk(self, name: str, shard: int, k: int, raw: bytes) -> None:
+        """Chunk `k` of the shard file (its crc32c already checked) is the chunk the store
+        was built with at that place."""
+        if int.from_bytes(raw[-4:], "little") != self.store.chunk_crcs[name][shard, k]:
+            eps = fmt.shard_episodes(shard, self.store.n_episodes)
+            raise self.store.wrong_file(
+                fmt.zarr_shard_file(name, shard),
+                f"chunk {k} (episode {eps.start + k}) is not the one {fmt.CHUNK_CRC_FILE} records",
+            )
 
     def _fetch(self, name: str, episodes: list[int]) -> list[tuple[int, int, int, bytes | None]]:
         """(shard, chunk, indexed size, encoded bytes or None if never written) of each
@@ -220,6 +258,7 @@ class ShardReader:
         arr = self.arrays[name]
         n, size = self.store.n_episodes, arr.chunk_nbytes
         scratch = self._scratch.get(name)
+        checked = self.store.check_files and self.store.chunk_crcs is not None
         episodes = np.asarray(episodes, np.int64).tolist()
         for e in episodes:
             if not 0 <= e < n:
@@ -230,6 +269,8 @@ class ShardReader:
                 continue
             if len(raw) != nbytes or not _crc_ok(raw):
                 raise self._error(name, shard, "crc32c mismatch", chunk=k)
+            if checked:
+                self._check_chunk(name, shard, k, raw)
             if int.from_bytes(raw[4:8], "little") != size or len(raw) < 20:  # blosc header
                 raise self._error(name, shard, f"does not decode to {size} bytes", chunk=k)
             try:

@@ -7,13 +7,16 @@ CorruptStoreError naming the array, shard file and episode range.
 
 Which file: every chunk carries its own crc32c, so a chunk that is intact but sits in the
 wrong file (two shard files swapped, a shard copied from another build) would read as valid
-data of other episodes. Before a reader uses a data file it checks that the file is the one
-`manifest.json` names, by size and sha256 (`Store.check_file`). The sha256 is in the manifest
-of every format-v1 store, so older stores are checked like new ones and nothing on disk
-changed. A crc32c of the whole file would not do: a file of chunks that each end in their own
-crc32c has a whole-file crc32c that depends only on the chunk lengths and the index, not on
-the chunks' contents. Each file is hashed once per open Store and process, and again only if
-it changes on disk (local: its inode, size or mtime; object stores: once per Store).
+data of other episodes. A store's `chunks.crc32c` (format.py) records the crc32c of every
+chunk at its place, and is bound to `manifest.json` by the manifest's sha256: a reader checks
+each chunk it reads against it, at no extra read, so opening a store and starting a loader
+read metadata only, whatever the store's size (BENCHMARKS.md §13). A store built before the
+table existed is checked as before: before a reader uses a data file, the file's size and
+sha256 must be the ones `manifest.json` names (`Store.check_file`), which reads every byte
+of every shard a reader touches, once per process and again whenever the file changes on
+disk (local: its inode, size or mtime; object stores: once per Store). A crc32c of the whole
+file would not do: a file of chunks that each end in their own crc32c has a whole-file
+crc32c that depends only on the chunk lengths and the index, not on the chunks' contents.
 """
 
 from __future__ import annotations
@@ -40,8 +43,14 @@ from datapipe.location import Location, is_storage_error
 
 
 def _load_json(loc: Location, rel: str) -> dict:
+    return _load_json_bytes(loc, rel)[0]
+
+
+def _load_json_bytes(loc: Location, rel: str) -> tuple[dict, bytes]:
+    """JSON file `rel` of `loc`, parsed, and its bytes."""
     try:
-        return json.loads(loc.read_bytes(rel))
+        blob = loc.read_bytes(rel)
+        return json.loads(blob), blob
     except (OSError, ValueError) as e:
         raise CorruptStoreError(
             f"{loc.child(rel)}: unreadable ({type(e).__name__}: {e}). The store's metadata is "
@@ -79,9 +88,11 @@ def repair_command(loc: Location, src: str | None = None) -> str:
     return shlex.join(["datapipe", "repair", loc.url, "--src", str(src)])
 
 
-def _load_manifest(loc: Location) -> dict[str, dict]:
-    """manifest.json's {file: {"size", "sha256"}}, checked for that shape."""
-    files = _load_json(loc, fmt.MANIFEST_FILE).get("files")
+def _load_manifest(loc: Location) -> tuple[dict[str, dict], str]:
+    """manifest.json's {file: {"size", "sha256"}}, checked for that shape, and the sha256 of
+    the file."""
+    doc, blob = _load_json_bytes(loc, fmt.MANIFEST_FILE)
+    files = doc.get("files") if isinstance(doc, dict) else None
     if not isinstance(files, dict) or not all(
         isinstance(v, dict) and {"size", "sha256"} <= v.keys() for v in files.values()
     ):
@@ -89,7 +100,21 @@ def _load_manifest(loc: Location) -> dict[str, dict]:
             f"{loc.child(fmt.MANIFEST_FILE)}: has no size and sha256 for every data file. The "
             f"store's metadata is damaged: rebuild it into a new folder: `{rebuild_command(loc)}`."
         )
-    return files
+    return files, hashlib.sha256(blob).hexdigest()
+
+
+def _load_crc_table(loc: Location, n_shards: int, manifest_sha256: str):
+    """The store's chunk crc32c table ({array: [n_shards, chunks]}), or None for a store
+    built before it existed (its readers hash whole files instead)."""
+    if not loc.exists(fmt.CHUNK_CRC_FILE):
+        return None
+    try:
+        return fmt.decode_crc_table(loc.read_bytes(fmt.CHUNK_CRC_FILE), n_shards, manifest_sha256)
+    except fmt.MetaError as e:
+        raise CorruptStoreError(
+            f"{loc.child(fmt.CHUNK_CRC_FILE)}: {e}. The store's metadata is damaged: rebuild it "
+            f"into a new folder: `{rebuild_command(loc)}`."
+        ) from None
 
 
 def check_complete(root: Location) -> fmt.StoreMeta:
@@ -144,7 +169,12 @@ class Store:
         try:
             self.meta = check_complete(loc) if meta is None else meta
             self.index = _load_json(loc, fmt.INDEX_FILE) if index is None else index
-            self._manifest = _load_manifest(loc) if check_files else {}
+            self._manifest, self.chunk_crcs = {}, None
+            if check_files:
+                self._manifest, manifest_sha256 = _load_manifest(loc)
+                if "zarr" in self.meta.formats:
+                    n_shards = fmt.n_shards(self.meta.n_episodes)
+                    self.chunk_crcs = _load_crc_table(loc, n_shards, manifest_sha256)
         except Exception as e:
             if loc.local or isinstance(e, DatapipeError) or not is_storage_error(e):
                 raise
@@ -207,7 +237,11 @@ class Store:
             problem = f"its sha256 differs from the one {fmt.MANIFEST_FILE} names"
         else:
             return
-        raise CorruptStoreError(
+        raise self.wrong_file(rel, problem)
+
+    def wrong_file(self, rel: str, problem: str) -> CorruptStoreError:
+        """The error for data file `rel` that is not the one the store was built with."""
+        return CorruptStoreError(
             f"{self.location.child(rel)}: not the file this store was built with ({problem}): "
             f"it was swapped with another shard, copied from another build or changed. Rebuild "
             f"it from the source: `{repair_command(self.location)}`."

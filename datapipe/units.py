@@ -59,13 +59,16 @@ def _write_atomic(loc: Location, rel: str, blob: bytes) -> dict:
     return {"size": len(blob), "sha256": _sha256(blob)}
 
 
-def _write_zarr(root: Location, shard: int, arrays: dict) -> dict:
-    files = {}
+def _write_zarr(root: Location, shard: int, arrays: dict) -> tuple[dict, dict]:
+    """Write the shard file of every array; their manifest entries and chunk crc32c lists."""
+    files, crcs = {}, {}
     for name in fmt.ARRAYS:
         data = arrays[name][:, 0] if name == "task" else arrays[name]
         rel = fmt.zarr_shard_file(name, shard)
-        files[rel] = _write_atomic(root, rel, encode_shard(name, data))
-    return files
+        blob = encode_shard(name, data)
+        files[rel] = _write_atomic(root, rel, blob)
+        crcs[name] = fmt.chunk_crcs(blob, name)
+    return files, crcs
 
 
 def _write_webdataset(root: Location, shard: int, first: int, arrays: dict) -> dict:
@@ -96,9 +99,10 @@ def build_shard(
         parts.append(arrays)
     arrays = {k: np.concatenate([a[k] for a in parts]) for k in fmt.SOURCE_KEYS}
     first = pieces[0].file.start + pieces[0].lo
-    files = {}
+    files, crcs = {}, {}
     if "zarr" in formats:
-        files.update(_write_zarr(root, shard, arrays))
+        zarr_files, crcs = _write_zarr(root, shard, arrays)
+        files.update(zarr_files)
     if "webdataset" in formats:
         files.update(_write_webdataset(root, shard, first, arrays))
     n = len(arrays["task"])
@@ -108,6 +112,7 @@ def build_shard(
         "rows": int(arrays["task"].size),
         "task_runs": _task_runs(arrays["task"][:, 0], first),
         "files": files,
+        "chunk_crc32c": crcs,
     }
     write_json_atomic(root, fmt.unit_record_file(shard), record)
     return record

@@ -178,6 +178,20 @@ def _check_metadata(root: Location, report: Report) -> tuple[fmt.StoreMeta, dict
     return meta, index, manifest
 
 
+def _check_crc_table(root: Location, meta: fmt.StoreMeta, report: Report) -> None:
+    """chunks.crc32c (stores built since it exists) is whole and made for this manifest."""
+    if "zarr" not in meta.formats or not root.exists(fmt.CHUNK_CRC_FILE):
+        return
+    manifest_sha256 = hashlib.sha256(root.read_bytes(fmt.MANIFEST_FILE)).hexdigest()
+    try:
+        fmt.decode_crc_table(
+            root.read_bytes(fmt.CHUNK_CRC_FILE), fmt.n_shards(meta.n_episodes), manifest_sha256
+        )
+    except fmt.MetaError as e:
+        report.add("metadata", fmt.CHUNK_CRC_FILE, str(e))
+    report.count("metadata files")
+
+
 def _check_counts(meta: fmt.StoreMeta, index: dict, report: Report) -> None:
     n, rows = meta.n_episodes, meta.rows_per_episode
     if meta.n_rows != n * rows:
@@ -470,6 +484,7 @@ def verify(
     meta, index, manifest = loaded
     report.meta, report.manifest = meta, manifest
     _check_counts(meta, index, report)
+    _check_crc_table(root, meta, report)
 
     def bar(items, what):
         return track(items, f"verify {what}", what.rstrip("s"), enabled=progress)

@@ -412,6 +412,41 @@ def test_the_same_file_from_another_build_is_read(store, other_build):
     next(iter(WebDatasetStream(store, batch_size=16, shuffle_buffer=16)))
 
 
+def test_a_store_without_the_chunk_table_hashes_whole_files_instead(store, other_build):
+    # stores built before chunks.crc32c existed: the readers check each file's sha256
+    (store / fmt.CHUNK_CRC_FILE).unlink()
+    wrong = _swapped_obs(store, other_build)
+    with pytest.raises(CorruptStoreError, match=rf"{wrong}: not the file this store was built"):
+        _load(0)(store)
+
+
+def test_loader_start_reads_no_whole_data_file(store, monkeypatch):
+    # with the chunk table, which-file checks use the chunks that are read anyway
+    from datapipe.store import Store
+
+    def no_hashing(*args):
+        raise AssertionError("a data file was hashed whole")
+
+    monkeypatch.setattr(Store, "_digest", no_hashing)
+    for workers in (0, 1):
+        _load(workers)(store)
+    _read_shards(store)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "from-other-build"])
+def test_a_damaged_chunk_table_is_named(store, other_build, damage):
+    table = store / fmt.CHUNK_CRC_FILE
+    if damage == "truncated":
+        table.write_bytes(table.read_bytes()[:-100])
+        problem = "its checksum fails"
+    else:
+        shutil.copy(other_build / fmt.CHUNK_CRC_FILE, table)
+        problem = "made for another manifest.json"
+    assert [(p.kind, p.where) for p in verify(store).problems] == [("metadata", fmt.CHUNK_CRC_FILE)]
+    with pytest.raises(CorruptStoreError, match=f"{fmt.CHUNK_CRC_FILE}: {problem}.* new folder"):
+        open_store(store)
+
+
 # --- what verify-shards advises ------------------------------------------------------------
 
 
