@@ -93,3 +93,25 @@ def test_make_mt30_physics_progress(tmp_path):
     made = run("tools.cli", "make-mt30", "--physics", "dmc", "--dst", tmp_path / "d", "--tasks",
                "cartpole-balance", "--episodes-per-task", 2, "--workers", 0)  # fmt: skip
     assert progress_lines(made.stderr, "make-mt30")[-1].startswith("make-mt30: 2/2 episodes")
+
+
+def test_the_eta_is_not_held_back_by_a_slow_start(capsys, monkeypatch):
+    """As the full MT30 build: a first minute at a tenth of the steady rate (start-up), then
+    steady. From the second line on, the ETA is that of the steady rate."""
+    import datapipe.progress as progress
+
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    bar = Progress(10_000, "build", "row", interval=60.0)
+    for minute in range(1, 5):
+        clock[0] = 60.0 * minute
+        bar.update(100 if minute == 1 else 1000)  # steady: 1000 rows a minute
+    lines = progress_lines(capsys.readouterr().err, "build")
+    assert lines[0] == "build: 100/10000 rows, 1.67 rows/s, ETA 1:39:00"  # all it knows
+    assert lines[1] == "build: 1100/10000 rows, 16.7 rows/s, ETA 0:08:54"
+    assert lines[3] == "build: 3100/10000 rows, 16.7 rows/s, ETA 0:06:54"
+    clock[0] = 60.0 * 30  # a quiet spell of 26 minutes: the window forgets older lines
+    bar.update(1000)
+    assert progress_lines(capsys.readouterr().err, "build")[0].startswith(
+        "build: 4100/10000 rows, 0.641 rows/s"  # 1000 rows in the 26 min since minute 4
+    )
