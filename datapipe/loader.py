@@ -32,8 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datapipe.refill import Pool, Refiller
-from datapipe.sample import Admissions, SliceDraws, task_probabilities
+from datapipe.refill import Pool, Refiller, fill_slots
+from datapipe.sample import Admissions, SliceDraws, UniformDraws, task_probabilities
+from datapipe.shardreader import ShardReader
 from datapipe.store import Store, open_store
 
 _STATE_VERSION = 1
@@ -77,6 +78,9 @@ class SliceLoader:
         refill_every: batches between refills: the pool admits refill_size / refill_every
             new episodes per batch (more: fresher batches; fewer: less reading).
         workers: refill processes (forked); 0 refills in a thread of this process.
+        sampler: "pool" (the default: slices from the RAM pool, which turns over) or
+            "uniform" (no pool: every slice's episode drawn from the whole store and read
+            for its batch, as the official sampler draws; slower, for checking the pool).
     """
 
     def __init__(
@@ -92,6 +96,7 @@ class SliceLoader:
         refill_size: int = 64,
         refill_every: int = 16,
         workers: int = 1,
+        sampler: str = "pool",
     ):
         store = path_or_store if isinstance(path_or_store, Store) else open_store(path_or_store)
         self.store = store
@@ -109,17 +114,25 @@ class SliceLoader:
         by_task = [store.episodes_of_task(t) for t in range(len(store.task_names))]
         probs = task_probabilities([len(e) for e in by_task], store.task_names, tasks, weights)
         self.task_probs = probs
+        if sampler not in ("pool", "uniform"):
+            raise ValueError(f"sampler={sampler!r}: use 'pool' or 'uniform'")
+        self.sampler = sampler
+        self._uniform = None
+        if sampler == "uniform":
+            self._uniform = UniformDraws(by_task, probs, T - horizon, batch_size, self.seed)
         self._admissions = Admissions(by_task, probs, refill_size, self.seed)
         n_selected = sum(len(e) for e, p in zip(by_task, probs, strict=True) if p > 0)
         episode_bytes = T * (store.obs_dim + store.action_dim + 1) * 4 + 8
         groups = int(cache_gb * 1e9 // (episode_bytes * refill_size))
-        if groups < _SPARE + 1:
+        if groups < _SPARE + 1 and sampler == "pool":
             need = (_SPARE + 1) * refill_size * episode_bytes / 1e9
             raise ValueError(
                 f"cache_gb={cache_gb} holds fewer than {_SPARE + 1} groups of refill_size="
                 f"{refill_size} episodes; use cache_gb >= {need:.3f} or a smaller refill_size."
             )
         self.live_groups = min(groups - _SPARE, math.ceil(n_selected / refill_size))
+        if sampler == "uniform":  # a pool of one batch's episodes, read for each batch
+            self.live_groups = -(-batch_size // refill_size) - _SPARE
         n_slots = (self.live_groups + _SPARE) * refill_size
         self._pool = Pool(n_slots, T, store.obs_dim, store.action_dim)
         self._flat = {
@@ -131,6 +144,7 @@ class SliceLoader:
         self._cuda = self.device.type == "cuda"
         self._out = [self._buffers(pinned=True) for _ in range(2)] if self._cuda else []
         self._refiller: Refiller | None = None
+        self._reader: ShardReader | None = None  # the uniform sampler's
         self._step = 0  # batches handed to the caller
         self._epoch = -1  # the pool serves batches of this refill epoch
         self._admitted: dict[int, dict] = {}  # block -> admissions state before it
@@ -144,8 +158,9 @@ class SliceLoader:
 
     @property
     def pool_episodes(self) -> int:
-        """Episodes live in the pool (the draw of a batch is uniform over them)."""
-        return self.live_groups * self.refill_size
+        """Episodes live in the pool (the draw of a batch is uniform over them); 0 for the
+        uniform sampler, which has no pool."""
+        return 0 if self._uniform is not None else self.live_groups * self.refill_size
 
     @property
     def pool_bytes(self) -> int:
@@ -204,16 +219,32 @@ class SliceLoader:
 
     def _gather(self, step: int, out: dict[str, torch.Tensor]) -> None:
         """Batch `step` into the CPU buffers `out`."""
+        if self._uniform is not None:
+            return self._gather_uniform(step, out)
         if self._refiller is None:
             self._start(step)
         epoch = step // self.refill_every
         if epoch != self._epoch:
             assert epoch == self._epoch + 1
             self._enter_epoch(epoch)
-        T, H, R = self.store.episode_length, self.horizon, self.refill_size
+        R = self.refill_size
         n_live = self.live_groups * R
         slots, starts = self._draws.draw(step)
-        slots = (slots + self._group(epoch) * R) % (n_live + _SPARE * R)
+        self._take((slots + self._group(epoch) * R) % (n_live + _SPARE * R), starts, out)
+
+    def _gather_uniform(self, step: int, out: dict[str, torch.Tensor]) -> None:
+        """Batch `step` of the uniform sampler: its slices' episodes read into the pool's
+        first slots, then gathered as from the pool."""
+        if self._reader is None:
+            self._reader = ShardReader(self.store)
+        episodes, starts = self._uniform.draw(step)
+        unique, slots = np.unique(episodes, return_inverse=True)
+        fill_slots(self._reader, self._pool, self._episode_tasks, 0, unique)
+        self._take(slots, starts, out)
+
+    def _take(self, slots: np.ndarray, starts: np.ndarray, out: dict[str, torch.Tensor]) -> None:
+        """Gather the slices (pool slot, start row) into the batch buffers `out`."""
+        T, H = self.store.episode_length, self.horizon
         rows = slots * T + starts  # flat row of each slice's first row
         steps = np.arange(H + 1)[:, None]
         np.take(self._flat["obs"], rows + steps, axis=0, out=out["obs"].numpy())
@@ -271,6 +302,7 @@ class SliceLoader:
             "horizon": self.horizon,
             "refill_size": self.refill_size,
             "refill_every": self.refill_every,
+            "sampler": self.sampler,
             "pool_episodes": self.pool_episodes,
             "task_probs": self.task_probs.tolist(),
             "admissions": admissions,
@@ -278,8 +310,9 @@ class SliceLoader:
 
     def load_state_dict(self, state: Mapping) -> None:
         mine = self.state_dict()
-        for key in ("version", "seed", "batch_size", "horizon", "refill_size", "refill_every"):
-            if state.get(key) != mine[key]:
+        keys = ("version", "seed", "batch_size", "horizon", "refill_size", "refill_every")
+        for key in (*keys, "sampler"):
+            if state.get(key, "pool" if key == "sampler" else None) != mine[key]:
                 raise ValueError(
                     f"loader state has {key}={state.get(key)!r}, this loader {mine[key]!r}: "
                     f"resume with the same loader arguments."
@@ -299,6 +332,9 @@ class SliceLoader:
         if self._refiller is not None:
             self._refiller.close()
             self._refiller = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     def __enter__(self) -> SliceLoader:
         return self

@@ -52,7 +52,10 @@ class Pool:
             offset += sizes[k]
 
 
-def _fill(reader: ShardReader, pool: Pool, tasks: np.ndarray, first: int, episodes: np.ndarray):
+def fill_slots(
+    reader: ShardReader, pool: Pool, tasks: np.ndarray, first: int, episodes: np.ndarray
+):
+    """Decode `episodes` into the pool's slots from `first` on (their task ids from `tasks`)."""
     rows = slice(first, first + len(episodes))
     for name in ("obs", "action", "reward"):
         reader.read(name, episodes, pool.arrays[name][rows])
@@ -78,7 +81,7 @@ def _work(store: Store, pool: Pool, tasks: np.ndarray, conn: Connection, own_pro
         while (job := _next_job(conn, parent) if own_process else conn.recv()) is not None:
             key, first, episodes = job
             t0 = time.perf_counter()
-            _fill(reader, pool, tasks, first, episodes)
+            fill_slots(reader, pool, tasks, first, episodes)
             conn.send(("done", key, time.perf_counter() - t0))
     except EOFError:
         pass  # the loader went away

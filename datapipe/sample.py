@@ -10,7 +10,10 @@ Everything here is a pure function of the seed and a counter, plus a few integer
 - `Admissions`: block b of episodes entering the pool draws each episode's task from those
   shares, then takes that task's next episode from a seeded permutation of its episodes
   (a fresh permutation every pass). Every episode of a task therefore enters once per pass.
-- `draw_slices`: batch `step` draws B pool slots and B start rows uniformly.
+- `SliceDraws`: batch `step` draws B pool slots and B start rows uniformly.
+- `UniformDraws`: without a pool, batch `step` draws each slice's episode from the whole
+  store (the task by its share, then an episode of it uniformly) and its start row: the
+  official sampler's draw exactly, for a loader that reads every slice's episode.
 
 Because every admitted episode stays in the pool for the same number of batches and each batch
 draws slots uniformly, an episode's long-run share of slices is its admission probability:
@@ -23,7 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-_TASK_DRAWS, _PERMUTATION, _BATCH = 1, 2, 3  # stream tags, so no two draws share a seed
+_TASK_DRAWS, _PERMUTATION, _BATCH, _UNIFORM = 1, 2, 3, 4  # stream tags: no two draws share a seed
 
 
 def _task_id(task: int | str, task_names: Sequence[str]) -> int:
@@ -156,3 +159,27 @@ class SliceDraws:
                 rng.integers(0, self.n_starts, shape),
             )
         return self._cached[1][i], self._cached[2][i]
+
+
+class UniformDraws:
+    """Episodes and start rows of every batch drawn over the whole store: a pure function of
+    (seed, step). Slice i's task is drawn by `probs`, its episode uniformly from that task's
+    episodes, so with the default shares every valid slice of the store is equally likely."""
+
+    def __init__(
+        self, episodes_by_task: Sequence[np.ndarray], probs: np.ndarray, n_starts: int,
+        batch_size: int, seed: int,
+    ):  # fmt: skip
+        self.episodes = np.concatenate([np.asarray(e, np.int64) for e in episodes_by_task])
+        counts = np.array([len(e) for e in episodes_by_task], np.int64)
+        self.first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        self.counts, self.probs = counts, np.asarray(probs, np.float64)
+        self.n_starts, self.batch_size, self.seed = n_starts, batch_size, int(seed)
+
+    def draw(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(episodes, starts) of batch `step`: two [batch_size] int64 arrays."""
+        rng = np.random.default_rng((self.seed, _UNIFORM, step))
+        tasks = rng.choice(len(self.probs), size=self.batch_size, p=self.probs)
+        within = (rng.random(self.batch_size) * self.counts[tasks]).astype(np.int64)
+        starts = rng.integers(0, self.n_starts, self.batch_size)
+        return self.episodes[self.first[tasks] + within], starts

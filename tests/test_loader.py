@@ -253,3 +253,27 @@ def test_bench_loader_cli_smoke(labelled_store, tmp_path):
     except ImportError:
         result = CliRunner().invoke(main, args)  # the official approach needs the extra
         assert result.exit_code != 0 and "pip install -e '.[bench]'" in result.output
+
+
+def test_uniform_sampler_draws_every_slice_from_the_whole_store(labelled_store):
+    """sampler="uniform": the official draw, each slice's episode uniform over the store
+    (chi-square per batch window, no pool), same semantics, exact resume."""
+    store = datapipe.open_store(labelled_store)
+    loader = datapipe.SliceLoader(store, batch_size=64, horizon=H, seed=3, sampler="uniform")
+    assert loader.pool_episodes == 0
+    episodes = []
+    for _ in range(200):
+        obs, action, reward, task = (t.numpy() for t in next(loader))
+        episodes.append(_check_semantics(store, obs, action, reward, task)[0])
+    counts = np.bincount(np.concatenate(episodes), minlength=store.n_episodes)
+    assert chi2_pvalue(counts, np.full(store.n_episodes, counts.sum() / store.n_episodes)) > 1e-3
+    # the first 20 batches already reach episodes from all over the store, unlike a pool
+    assert len(np.unique(np.concatenate(episodes[:20]))) > 0.9 * store.n_episodes
+    state = loader.state_dict()
+    want = _batches(loader, 3)
+    again = datapipe.SliceLoader(store, batch_size=64, horizon=H, seed=3, sampler="uniform")
+    again.load_state_dict(state)
+    for a, b in zip(want, _batches(again, 3), strict=True):
+        assert all(torch.equal(s, t) for s, t in zip(a, b, strict=True))
+    with pytest.raises(ValueError, match="sampler='uniform', this loader 'pool'"):
+        datapipe.SliceLoader(store, batch_size=64, horizon=H, seed=3).load_state_dict(state)

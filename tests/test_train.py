@@ -212,6 +212,28 @@ def test_checkpoint_from_before_data_parallel_training_resumes(store, tmp_path):
     assert read_training_checkpoint(ckpt)["step"] == 3
 
 
+def test_uniform_sampler_run_resumes_exactly_and_older_runs_resume(store, tmp_path):
+    kw = dict(steps=4, save_every=2, sampler="uniform")
+    whole = train(config(store, tmp_path / "whole", **kw))
+    train(config(store, tmp_path / "split", **{**kw, "steps": 2}))
+    split = train(config(store, tmp_path / "split", resume=True, **kw))
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+    assert_same_weights(whole, split)
+    # a run saved before the sampler settings existed resumes with their defaults
+    ckpt = train(config(store, tmp_path / "old", steps=2))
+    old = torch.load(ckpt, weights_only=True)
+    for key in ("sampler", "refill_size", "refill_every"):
+        del old["config"][key]
+    del old["loader"]["sampler"]
+    save_atomic(old, ckpt)
+    saved = json.loads((tmp_path / "old" / "config.json").read_text())
+    for key in ("sampler", "refill_size", "refill_every"):
+        del saved["config"][key]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(saved))
+    train(config(store, tmp_path / "old", steps=3, resume=True))
+    assert read_training_checkpoint(ckpt)["step"] == 3
+
+
 def test_resume_refuses_other_math(store, teacher, tmp_path):
     train(config(store, tmp_path / "run", steps=2))
     with pytest.raises(ResumeError, match="pass --resume"):

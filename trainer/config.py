@@ -97,6 +97,20 @@ class TrainConfig:
         default=1.0,
         metadata={"help": "RAM for the loader's pool of decoded episodes, GB (per rank)."},
     )
+    sampler: str = field(
+        default="pool",
+        metadata={
+            "help": "pool: slices from the loader's RAM pool (fast); uniform: every slice's "
+            "episode drawn from the whole store and read for its batch (the official draw, "
+            "slower; for checking the pool)."
+        },
+    )
+    refill_size: int = field(
+        default=64, metadata={"help": "Episodes the loader's pool admits at once."}
+    )
+    refill_every: int = field(
+        default=16, metadata={"help": "Batches between the pool's refills of --refill-size."}
+    )
     log_every: int = field(
         default=100, metadata={"help": "Steps between metric rows (and one at the end)."}
     )
@@ -192,6 +206,10 @@ class TrainConfig:
             problems.append("resume and overwrite exclude each other: pick one")
         if self.cache_gb <= 0:
             problems.append(f"cache_gb must be > 0 (got {self.cache_gb})")
+        if self.sampler not in ("pool", "uniform"):
+            problems.append(f"sampler must be pool or uniform (got {self.sampler!r})")
+        if min(self.refill_size, self.refill_every) < 1:
+            problems.append("refill_size and refill_every must be >= 1")
         if problems:
             raise TrainConfigError("invalid training settings: " + "; ".join(problems))
 
@@ -231,7 +249,8 @@ class TrainConfig:
         (`trainer.distributed.rank_stream`)."""
         fields = (
             "batch_size", "horizon", "seed", "model_size", "init", "teacher_size", "d_coef",
-            "d_schedule", "distill", "teacher_dtype", "compile", "amp", "cache_gb",
+            "d_schedule", "distill", "teacher_dtype", "compile", "amp", "cache_gb", "sampler",
+            "refill_size", "refill_every",
         )  # fmt: skip
         return (*fields, "steps") if self.d_schedule == "linear" else fields
 
@@ -248,6 +267,15 @@ class TrainConfig:
         if self.d_schedule == "linear":
             return self.d_coef * (1 - done / self.steps)
         return self.d_coef
+
+    @staticmethod
+    def saved(config: dict[str, Any], key: str) -> Any:
+        """Setting `key` of a saved config.json's config; a setting added since it was
+        written has its default."""
+        if key in config:
+            return config[key]
+        f = {f.name: f for f in dataclasses.fields(TrainConfig)}.get(key)
+        return None if f is None or f.default is dataclasses.MISSING else f.default
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (paths as strings), as saved in config.json and checkpoints."""

@@ -397,9 +397,8 @@ def _check_run_folder(spec: Path, run: Run) -> None:
     old = json.loads(path.read_text())["config"]
     new = run.config.to_dict()
     keys = (*run.config.math_fields, "teacher", *_COMPARED)
-    differ = [
-        f"{k} {old.get(k)!r} -> {new[k]!r}" for k in dict.fromkeys(keys) if old.get(k) != new[k]
-    ]
+    was = {k: TrainConfig.saved(old, k) for k in dict.fromkeys(keys)}
+    differ = [f"{k} {was[k]!r} -> {new[k]!r}" for k in was if was[k] != new[k]]
     if old.get("steps") != new["steps"] and _checkpoint_step(run) <= new["steps"]:
         differ = [d for d in differ if not d.startswith("steps ")]  # it continues, or stops
     if differ:

@@ -110,7 +110,8 @@ def check_resumable(
     teacher_id: dict[str, Any] | None,
 ) -> None:
     old, new = previous["config"], cfg.to_dict()
-    differ = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in cfg.math_fields if old.get(k) != new[k]]
+    was = {k: TrainConfig.saved(old, k) for k in cfg.math_fields}
+    differ = [f"{k} {was[k]!r} -> {new[k]!r}" for k in cfg.math_fields if was[k] != new[k]]
     if previous["store"]["meta_sha256"] != store_id["meta_sha256"]:
         differ.append(
             f"store {previous['store']['path']} -> {store_id['path']} (other data: "

@@ -241,6 +241,9 @@ class _Run:
             device=device,
             seed=stream.seed,
             cache_gb=cfg.cache_gb,
+            refill_size=cfg.refill_size,
+            refill_every=cfg.refill_every,
+            sampler=cfg.sampler,
         )
         start = 0
         if previous is not None:
