@@ -124,6 +124,12 @@ class Refiller:
             self._runners.append(runner)
 
     def submit(self, key, first: int, episodes: np.ndarray) -> None:
+        # Take the replies already waiting first: a worker whose reply pipe is full stops
+        # reading jobs, and this send would then block for ever (a 4 GB pool over all of
+        # MT30 submits ~1,000 groups at start and hung so before this).
+        for conn in wait(self._conns, timeout=0):
+            while self._error is None and conn.poll():
+                self._take(conn)
         parts = np.array_split(np.arange(len(episodes)), len(self._conns))
         self._pending[key] = 0
         for conn, part in zip(self._conns, parts, strict=True):
@@ -138,21 +144,27 @@ class Refiller:
             if self._error is not None:
                 raise self._error
             for conn in wait(self._conns):
-                try:
-                    reply = conn.recv()
-                except EOFError:
-                    self._error = RuntimeError("a datapipe refill worker died; see its output")
+                if not self._take(conn):
                     break
-                if reply[0] == "error":
-                    error = reply[1]
-                    if not isinstance(error, DatapipeError):
-                        error = RuntimeError(f"datapipe refill worker failed: {error!r}")
-                    self._error = error
-                    break
-                _, done, busy = reply
-                self._pending[done] -= 1
-                self.busy_s += busy
         self._pending.pop(key, None)
+
+    def _take(self, conn: Connection) -> bool:
+        """Receive one reply from a worker; False (and the error kept) if it failed."""
+        try:
+            reply = conn.recv()
+        except EOFError:
+            self._error = RuntimeError("a datapipe refill worker died; see its output")
+            return False
+        if reply[0] == "error":
+            error = reply[1]
+            if not isinstance(error, DatapipeError):
+                error = RuntimeError(f"datapipe refill worker failed: {error!r}")
+            self._error = error
+            return False
+        _, done, busy = reply
+        self._pending[done] -= 1
+        self.busy_s += busy
+        return True
 
     def close(self) -> None:
         for conn in self._conns:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -308,3 +309,27 @@ def test_start_up_reads_the_pools_chunks_not_the_shard_files(tmp_path, monkeypat
     with datapipe.SliceLoader(store, batch_size=16, seed=0, workers=0, **pool) as loader:
         next(loader)
     assert read[0] > 0.5 * data, (read[0], data)
+
+
+def test_a_pool_of_1500_groups_starts(tmp_path):
+    """At start the loader queues every group of the pool for its refill worker; replies
+    left unread filled their pipe and the two processes waited on each other for ever (a
+    4 GB pool over all of MT30, ~1,000 groups, hung so). Run in a child with a time limit."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from conftest import make_labelled_store
+import datapipe
+store = make_labelled_store(__import__("pathlib").Path({str(tmp_path)!r}) / "s", 50)
+for workers in (1, 0):
+    with datapipe.SliceLoader(store, batch_size=16, seed=0, cache_gb=0.004, refill_size=1,
+                              refill_every=1, workers=workers) as loader:
+        assert loader.live_groups == 1500
+        next(loader)
+print("started")
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "started" in run.stdout, run.stderr[-2000:]
