@@ -21,7 +21,8 @@ from typing import Any, TypeVar
 from tqdm import tqdm
 
 T = TypeVar("T")
-WINDOW = 300.0  # seconds of history behind the rate of a log line
+WINDOW = 1800.0  # seconds of history behind the rate of a log line (an experiment's
+# evaluations take minutes and count no steps: a short window made its ETA jump)
 
 
 class Progress:
