@@ -219,6 +219,28 @@ def test_agent_state_dict_resumes_exactly():
     assert state_equal(agent.state_dict(), resumed.state_dict())
 
 
+def test_a_checkpoint_written_on_cuda_resumes_on_cpu():
+    """A CUDA run's Adam is capturable and the flag is saved; loaded on CPU it must not stay
+    capturable (the first step would stop: state steps are not on a supported device)."""
+    g = torch.Generator().manual_seed(0)
+    batches = [make_batch(generator=g) for _ in range(3)]
+    agent = make_agent()
+    torch.manual_seed(7)
+    agent.update(*batches[0])
+    saved = copy.deepcopy(agent.state_dict())
+    rng = torch.get_rng_state()
+    agent.update(*batches[1])
+    for key in ("optim", "pi_optim"):  # as written on CUDA
+        for group in saved[key]["param_groups"]:
+            group["capturable"] = True
+    resumed = make_agent(seed=123)
+    resumed.load_state_dict(saved)
+    assert all(not g["capturable"] for g in resumed.optim.param_groups)
+    torch.set_rng_state(rng)
+    resumed.update(*batches[1])
+    assert state_equal(agent.state_dict(), resumed.state_dict())
+
+
 def test_bad_batch_shapes_are_refused():
     agent = make_agent()
     obs, action, reward, task = make_batch()

@@ -374,9 +374,24 @@ class TDMPC2Agent:
         if missing:
             raise KeyError(f"agent state lacks {sorted(missing)}; was it written by state_dict()?")
         self.model.load_state_dict(state["model"])
-        self.optim.load_state_dict(state["optim"])
-        self.pi_optim.load_state_dict(state["pi_optim"])
+        for optim, key in ((self.optim, "optim"), (self.pi_optim, "pi_optim")):
+            optim.load_state_dict(state[key])
+            _fit_capturable(optim, self.device)
         self.scale.load_state_dict(state["scale"])
         grad = state["task_emb_grad"]
         weight = self.model._task_emb.weight
         weight.grad = None if grad is None else grad.to(weight.device, weight.dtype).clone()
+
+
+def _fit_capturable(optim: torch.optim.Optimizer, device: torch.device) -> None:
+    """Make a loaded Adam's `capturable` that of this device (loading restores the saved
+    flag: a checkpoint written on CUDA, capturable, would stop a CPU run at its first step
+    with "params and state_steps must be on supported devices", and the reverse would run
+    a CUDA run's steps on the host); capturable Adam keeps its step counts on the device."""
+    capturable = device.type == "cuda"
+    for group in optim.param_groups:
+        group["capturable"] = capturable
+        for p in group["params"]:
+            step = optim.state.get(p, {}).get("step")
+            if step is not None:
+                optim.state[p]["step"] = step.to(p.device if capturable else "cpu", torch.float32)
