@@ -508,3 +508,24 @@ def test_wandb_offline_gets_the_csv_names(store, tmp_path, monkeypatch):
     scores = [r["eval/normalized_score"] for r in rows if "eval/normalized_score" in r]
     assert scores == [pytest.approx(e["normalized_score"]) for e in read_evals(run)]
     assert len((run / "wandb-id.txt").read_text().strip()) == 8
+
+
+def test_cuda_rng_is_saved_and_restored_for_the_runs_own_gpu(monkeypatch):
+    """A run on cuda:1 saves that GPU's generator only, and restores it with fewer GPUs
+    visible; a state saved with every GPU's (before) restores the run's own entry."""
+    from trainer.runstate import rng_state, set_rng_state
+
+    calls = []
+    own = torch.tensor([1, 2, 3], dtype=torch.uint8)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: own)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: calls.append((s, device)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    state = rng_state(torch.device("cuda:1"))
+    assert state["cuda"] is own
+    set_rng_state(state, torch.device("cuda:0"))  # one GPU visible now, as cuda:0
+    assert calls[-1][0] is own and calls[-1][1] == torch.device("cuda:0")
+    every = [torch.tensor([k], dtype=torch.uint8) for k in range(4)]
+    set_rng_state({**state, "cuda": every}, torch.device("cuda:2"))
+    assert calls[-1][0] is every[2]
+    set_rng_state({**state, "cuda": every[:1]}, torch.device("cuda"))
+    assert calls[-1][0] is every[0]

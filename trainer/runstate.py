@@ -74,12 +74,13 @@ def teacher_identity(path: str | os.PathLike, size: int | None = None) -> dict[s
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
-    """The generator states an update draws from (torch, CUDA on a CUDA run), plus numpy's
-    and python's for completeness; the loader keeps its own seeded stream."""
+    """The generator states an update draws from (torch, and on a CUDA run the run's own
+    GPU: a resume may see fewer GPUs, e.g. one per rank), plus numpy's and python's for
+    completeness; the loader keeps its own seeded stream."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
         "python": random.getstate(),
     }
@@ -88,8 +89,12 @@ def rng_state(device: torch.device) -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     """Restore what `rng_state` returned."""
     torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state.get("cuda") is not None:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if device.type == "cuda" and cuda is not None:
+        if isinstance(cuda, (list, tuple)):  # written before: every visible GPU's state
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            cuda = cuda[min(index, len(cuda) - 1)]
+        torch.cuda.set_rng_state(cuda, device)
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_next = state["python"]
