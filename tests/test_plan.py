@@ -116,3 +116,16 @@ def test_half_precision_model_plans(dtype):
     torch.manual_seed(0)
     action, _ = plan(model, obs_for(TASKS), TASKS, cfg=SMALL)
     check_actions(model, action, TASKS)
+
+
+def test_discounts_are_built_once_per_device(monkeypatch):
+    """Each planning step indexes one device tensor of discounts instead of copying a new
+    one from the host."""
+    model = make_model()
+    made = []
+    real = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: made.append(a) or real(*a, **k))
+    actor = Actor(model, len(TASKS), cfg=SMALL)
+    for _ in range(3):
+        actor(obs_for(TASKS), TASKS)
+    assert sum(1 for a in made if a and a[0] == model.cfg.discounts) == 1

@@ -76,6 +76,15 @@ def estimate_value(
 
 
 @torch.no_grad()
+def _discounts(model: WorldModel, device: torch.device) -> Tensor:
+    """Every task's discount on `device`, made once per model and device: building it each
+    planning step was a small blocking host-to-device copy on CUDA."""
+    cache = model.__dict__.setdefault("_plan_discounts", {})
+    if device not in cache:
+        cache[device] = torch.tensor(model.cfg.discounts, device=device)
+    return cache[device]
+
+
 def plan(
     model: WorldModel,
     obs: Tensor,
@@ -101,7 +110,7 @@ def plan(
         model.cfg.action_dim,
     )
     mask = model._action_masks[task].float()  # [N, A]
-    gamma = torch.tensor(model.cfg.discounts, device=device)[task]  # [N]
+    gamma = _discounts(model, device)[task]  # [N]
     z = model.encode(obs.to(dtype), task)  # [N, L]
 
     # Planner state is float32 and laid out [H, N, ...] like the official [H, ...] tensors
