@@ -111,3 +111,21 @@ def test_slice_draws_are_pure_and_uniform():
 def test_chi2_helper_can_fail():
     skewed = np.array([120] + [100] * 49)
     assert chi2_pvalue(skewed * 100, np.full(50, skewed.sum() * 2)) < 1e-6
+
+
+def test_bench_pool_replays_the_loaders_pool():
+    from tools.bench.pool import bench_pool
+
+    out = bench_pool(episodes=3000, tasks=3, rows=51, cache_gb=0.0055, steps=4000,
+                     batch_size=32, window=400)  # fmt: skip
+    live = out["pool_episodes"]
+    assert live == 64 * (int(0.0055e9 // ((51 * 31 * 4 + 8) * 64)) - 2)  # the loader's sum
+    assert out["stay_batches"] == live // 64 * 16
+    # each batch draws B slots uniformly from the live ones: B * stay / live slices per stay
+    assert abs(out["slices_per_stay_mean"] - 32 * out["stay_batches"] / live) < 0.2
+    for sampler in ("pool", "uniform"):  # both draw every task at its share in the long run
+        assert out[sampler]["slices_per_episode_mean"] == 4000 * 32 / 3000
+    assert out["passes"] > 2 and out["pool"]["episodes_never_drawn"] == 0
+    # the pool is a shuffle window: a window sees the live episodes and those admitted in it
+    assert out["pool"]["distinct_episodes_per_window"] <= live + 400 // 16 * 64
+    assert out["uniform"]["distinct_episodes_per_window"] > live + 400 // 16 * 64

@@ -211,6 +211,41 @@ def bench_loader_cmd(store, src, batch_sizes, horizon, cache_gb, seconds, approa
     _write_rows(json_out, cfg, rows)
 
 
+@main.command("bench-startup")
+@click.argument("stores", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--batches", type=int, default=200, show_default=True,
+              help="Time to this batch too (the pool refilled from all over the store).")  # fmt: skip
+@click.option("--batch-size", type=int, default=256, show_default=True, help="B.")
+@click.option("--cache-gb", type=float, default=1.0, show_default=True, help="Pool budget, GB.")
+def bench_startup_cmd(stores, batches, batch_size, cache_gb):
+    """Loader start-up against store size: open, first batch, N-th batch, each store fresh."""
+    from tools.bench.startup import bench_startup
+
+    for row in bench_startup(list(stores), batches, batch_size, cache_gb):
+        click.echo(json.dumps(row))
+
+
+@main.command("bench-pool")
+@click.option("--cache-gb", "cache_gbs", type=float, multiple=True, default=(0.25, 1.0, 4.0),
+              show_default=True, help="Pool budgets to replay (repeatable).")  # fmt: skip
+@click.option("--episodes", type=int, default=690_000, show_default=True,
+              help="Store episodes (MT30: 690,000 of 501 rows).")  # fmt: skip
+@click.option("--steps", type=int, default=1_000_000, show_default=True, help="Batches.")
+@click.option("--batch-size", type=int, default=256, show_default=True, help="B.")
+@click.option("--json-out", type=click.Path(path_type=Path), default=None,
+              help="Also write the rows as JSON here.")  # fmt: skip
+def bench_pool_cmd(cache_gbs, episodes, steps, batch_size, json_out):
+    """The loader's pool against uniform draws over the whole store (no I/O, pure numpy)."""
+    from tools.bench.pool import bench_pool
+
+    rows = []
+    for cache_gb in cache_gbs:
+        rows.append(bench_pool(episodes, cache_gb=cache_gb, steps=steps, batch_size=batch_size))
+        click.echo(json.dumps(rows[-1]))
+    if json_out is not None:
+        json_out.write_text(json.dumps(rows, indent=1) + "\n")
+
+
 @main.command("bench-verify")
 @click.option("--store", type=click.Path(path_type=Path), required=True, help="Store to verify.")
 @click.option(
