@@ -326,7 +326,6 @@ def _build(cfg, dst: Location, sources, layout: Layout, ts: TaskSet, plan, comma
             f"{dst}: writing the store failed ({e}). Free disk space (or raise the file size "
             f"limit) and run the same command again: finished units are kept."
         ) from e
-    if cfg.progress:
-        dt = time.perf_counter() - t0
-        print(f"{dst}: complete ({n} episodes, {n * layout.rows} rows, {dt:.1f} s this run)")
+    dt = time.perf_counter() - t0  # printed with or without progress: the run's outcome
+    print(f"{dst}: complete ({n} episodes, {n * layout.rows} rows, {dt:.1f} s this run)")
     return dst.url

@@ -168,6 +168,7 @@ def test_cli_build_and_info(small_source, tmp_path):
     ]
     result = runner.invoke(datapipe_cli, args)
     assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-1].startswith(f"{dst}: complete (300 episodes, ")
     result = runner.invoke(datapipe_cli, ["info", str(dst)])
     assert result.exit_code == 0, result.output
     assert "complete" in result.output and "walker-stand" in result.output
