@@ -1,10 +1,9 @@
 """Tests for trainer.checkpoint: official file formats (docs/tdmpc2.md#checkpoints), quantized files
 (docs/distillation.md#quantization)."""
 
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import TD_MPC_OPT, needs_td_mpc_opt
 
 from trainer.agent import TDMPC2Agent, prepare_teacher
 from trainer.checkpoint import (
@@ -20,14 +19,9 @@ from trainer.math import two_hot_inv
 from trainer.model import WorldModel
 from trainer.presets import ModelConfig
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "td-mpc-opt"
-FP16 = FIXTURES / "mt30_1M_steps_045dist_fp16.pt"
-INT8 = FIXTURES / "mt30_1M_steps_045dist_int8.pt"
-MIXED = FIXTURES / "mt30_1M_steps_045dist_mixed.pt"
-needs_fixtures = pytest.mark.skipif(
-    not FP16.is_file(),
-    reason=f"TD-MPC-Opt checkpoints not found at {FIXTURES} (expected ../shared beside the repo)",
-)
+FP16 = TD_MPC_OPT / "mt30_1M_steps_045dist_fp16.pt"
+INT8 = TD_MPC_OPT / "mt30_1M_steps_045dist_int8.pt"
+MIXED = TD_MPC_OPT / "mt30_1M_steps_045dist_mixed.pt"
 OLD_FIELDS = ("weight", "bias", "ln.weight", "ln.bias")
 
 
@@ -227,7 +221,7 @@ def test_save_atomic_replaces_and_leaves_no_temp_files(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["ckpt.pt"]
 
 
-@needs_fixtures
+@needs_td_mpc_opt
 def test_fixture_fp16_loads_as_1m_model():
     raw = torch.load(FP16, map_location="cpu", weights_only=True)["model"]
     model = load_checkpoint(FP16)
@@ -243,7 +237,7 @@ def test_fixture_fp16_loads_as_1m_model():
     assert norms.max() < 1.001 and norms.min() > 0.8
 
 
-@needs_fixtures
+@needs_td_mpc_opt
 def test_fixture_fp16_as_teacher_and_as_agent_init():
     teacher = prepare_teacher(load_checkpoint(FP16), dtype=torch.bfloat16)
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
@@ -260,7 +254,7 @@ def test_fixture_fp16_as_teacher_and_as_agent_init():
     assert all(torch.isfinite(x).all() for x in outputs(agent.model))
 
 
-@needs_fixtures
+@needs_td_mpc_opt
 @pytest.mark.parametrize(
     ("path", "n_quantized"), [(INT8, "61 of 61"), (MIXED, "20 of 61")], ids=["int8", "mixed"]
 )

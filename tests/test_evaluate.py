@@ -13,6 +13,8 @@ from click.testing import CliRunner
 
 pytest.importorskip("dm_control")
 
+from conftest import TD_MPC_OPT, needs_td_mpc_opt
+
 from datapipe.tasksets import MT30
 from trainer.checkpoint import QuantizedCheckpointError, load_any, save_official
 from trainer.cli import main
@@ -23,7 +25,6 @@ from trainer.model import WorldModel
 from trainer.plan import MPPIConfig
 from trainer.presets import ModelConfig
 
-FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures" / "td-mpc-opt"
 TWO = "cartpole-swingup,pendulum-spin"
 
 
@@ -160,14 +161,12 @@ def test_eval_progress_on_stderr_and_none_with_no_progress(tiny_checkpoint, tmp_
     assert "normalized score" in shown.stdout and "eval:" not in shown.stdout
 
 
-@pytest.mark.skipif(
-    not FIXTURES.is_dir(), reason=f"TD-MPC-Opt fixtures not present (looked in {FIXTURES})"
-)
+@needs_td_mpc_opt
 def test_real_checkpoint_returns_do_not_depend_on_workers(tmp_path):
     """Acceptance (issue 12): `trainer eval --workers 1/2/0`, 4 tasks x 2 episodes, give the
     same per-episode returns; lockstep batching, which differs, shows the setting is
     sensitive to how episodes are batched."""
-    checkpoint = FIXTURES / "mt30_1M_steps_045dist_fp16.pt"
+    checkpoint = TD_MPC_OPT / "mt30_1M_steps_045dist_fp16.pt"
     tasks = "walker-walk,cheetah-run,fish-swim,finger-turn-hard"
     common = ("--tasks", tasks, "--episodes", 2, "--no-mpc", "--max-steps", 100, "--no-progress")
     returns = {}
@@ -181,10 +180,10 @@ def test_real_checkpoint_returns_do_not_depend_on_workers(tmp_path):
     assert returns["lockstep"] != returns["0"]
 
 
-@pytest.mark.skipif(not FIXTURES.is_dir(), reason="TD-MPC-Opt fixtures not present")
+@needs_td_mpc_opt
 def test_real_fp16_fixture_evaluates(tmp_path):
     cfg = EvalConfig(
-        checkpoint=FIXTURES / "mt30_1M_steps_045dist_fp16.pt", tasks="walker-stand",
+        checkpoint=TD_MPC_OPT / "mt30_1M_steps_045dist_fp16.pt", tasks="walker-stand",
         episodes=1, mpc=False, workers=0, max_steps=20, out=tmp_path,
     )  # fmt: skip
     result = run_eval(cfg)
@@ -192,10 +191,10 @@ def test_real_fp16_fixture_evaluates(tmp_path):
     assert result.tasks[0].returns[0] > 5  # a trained walker stands: ~0.5-1 reward per step
 
 
-@pytest.mark.skipif(not FIXTURES.is_dir(), reason="TD-MPC-Opt fixtures not present")
+@needs_td_mpc_opt
 @pytest.mark.parametrize("name", ["int8", "mixed"])
 def test_paper_quantized_fixtures_refused(name, tmp_path):
-    cfg = EvalConfig(checkpoint=FIXTURES / f"mt30_1M_steps_045dist_{name}.pt", out=tmp_path)
+    cfg = EvalConfig(checkpoint=TD_MPC_OPT / f"mt30_1M_steps_045dist_{name}.pt", out=tmp_path)
     with pytest.raises(QuantizedCheckpointError, match=r"scale: 1\.0.*unusable"):
         run_eval(cfg)
     assert not (tmp_path / "eval.json").exists()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TD_MPC_OPT, needs_td_mpc_opt
 
 from datapipe.source import file_sha256
 from trainer.checkpoint import QUANTIZED_FORMAT as FORMAT
@@ -32,9 +33,6 @@ from trainer.quantize import (
     save_quantized,
 )
 from trainer.runstate import write_training_checkpoint
-
-FIXTURES = Path(__file__).parents[2] / "shared" / "fixtures" / "td-mpc-opt"
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason="fixtures not present")
 
 
 def trained_like(seed: int = 0, **dims) -> WorldModel:
@@ -148,12 +146,12 @@ def test_identical_models_have_zero_error(model_file):
     assert all(r["max_abs_err"] == 0 for r in fidelity(m, m, [batch()]).values())
 
 
-@needs_fixtures
+@needs_td_mpc_opt
 def test_real_fixtures(tmp_path):
-    fp16 = load_any(FIXTURES / "mt30_1M_steps_045dist_fp16.pt")
+    fp16 = load_any(TD_MPC_OPT / "mt30_1M_steps_045dist_fp16.pt")
     assert fp16.cfg.model_size == 1 and fp16._pi[0].weight.dtype == torch.float32
     for name in ("int8", "mixed"):
-        path = FIXTURES / f"mt30_1M_steps_045dist_{name}.pt"
+        path = TD_MPC_OPT / f"mt30_1M_steps_045dist_{name}.pt"
         with pytest.raises(QuantizedCheckpointError, match=r"scale: 1\.0.*unusable"):
             load_any(path)
         broken = load_any(path, allow_quantized=True)  # loads, for inspection
