@@ -175,3 +175,19 @@ def test_run_quantize_reports_size_fidelity_and_score(model_file, tmp_path):
     assert report["fidelity"]["reward"]["rel_err"] < 0.05
     assert set(report["score"]) >= {"fp32", "int8", "delta", "per_task"}
     assert json.loads(Path(f"{cfg.out}.report.json").read_text())["dtype"] == "int8"
+
+
+def test_quantize_prints_a_table_or_json(model_file, tmp_path):
+    from click.testing import CliRunner
+
+    from trainer.cli import main as trainer_cli
+
+    args = ["quantize", "--checkpoint", str(model_file), "--dtype", "fp16"]
+    text = CliRunner().invoke(trainer_cli, [*args, "--out", str(tmp_path / "a.pt")])
+    assert text.exit_code == 0, text.output
+    assert "x the float32 model" in text.output and "{" not in text.output
+    as_json = CliRunner().invoke(trainer_cli, [*args, "--out", str(tmp_path / "b.pt"), "--json"])
+    report = json.loads(as_json.output)
+    # fp16 halves the float32 model (the source may be a training checkpoint with optimisers)
+    assert 0.45 < report["out"]["ratio_to_fp32"] < 0.6
+    assert f"{report['out']['ratio_to_fp32']:.2f}x the float32 model" in text.output

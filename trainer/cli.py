@@ -195,14 +195,15 @@ def eval_cmd(**kw: Any) -> None:
 @option(QuantizeConfig, "workers", type=int)
 @option(QuantizeConfig, "seed", type=int)
 @option(QuantizeConfig, "progress", "--progress/--no-progress")
-def quantize_cmd(**kw: Any) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def quantize_cmd(as_json: bool, **kw: Any) -> None:
     """Post-training quantization with a size, fidelity and score report (<out>.report.json)."""
     import json
 
-    from trainer.quantize import run_quantize
+    from trainer.quantize import report_text, run_quantize
 
     report = _run(lambda: run_quantize(QuantizeConfig(**kw)))
-    click.echo(json.dumps(report, indent=1))
+    click.echo(json.dumps(report, indent=1) if as_json else report_text(report))
 
 
 def _train(kw: dict[str, Any], command: str) -> None:

@@ -24,6 +24,7 @@ The paper's quantization (docs/distillation.md#quantization) rounds every weight
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -252,11 +253,16 @@ def run_quantize(cfg: QuantizeConfig) -> dict[str, Any]:
     save_quantized(reference, cfg.dtype, cfg.out, cfg.checkpoint)
     candidate = load_any(cfg.out)
     source_bytes, out_bytes = os.path.getsize(cfg.checkpoint), os.path.getsize(cfg.out)
+    fp32 = io.BytesIO()  # the model alone in float32: a training checkpoint adds optimisers
+    torch.save(reference.state_dict(), fp32)
+    fp32_bytes = fp32.getbuffer().nbytes
     report: dict[str, Any] = {
         "source": {"path": str(cfg.checkpoint), "bytes": source_bytes},
+        "fp32_model_bytes": fp32_bytes,
         "out": {
             "path": str(cfg.out),
             "bytes": out_bytes,
+            "ratio_to_fp32": out_bytes / fp32_bytes,
             "ratio_to_source": out_bytes / source_bytes,
         },
         "dtype": cfg.dtype,
@@ -291,3 +297,27 @@ def run_quantize(cfg: QuantizeConfig) -> dict[str, Any]:
         }
     Path(f"{cfg.out}.report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def report_text(report: dict[str, Any]) -> str:
+    """`trainer quantize`'s report for a person: size, fidelity, score change."""
+    out, mb = report["out"], lambda n: f"{n / 1e6:.2f} MB"
+    lines = [
+        f"{report['dtype']} ({report['scheme']}) -> {out['path']}",
+        f"size: {mb(out['bytes'])} = {out['ratio_to_fp32']:.2f}x the float32 model "
+        f"({mb(report['fp32_model_bytes'])}); the source file is {mb(report['source']['bytes'])}",
+    ]
+    if "fidelity" in report:
+        lines.append(f"{'output':10} {'mean |err|':>11} {'max |err|':>11} {'relative':>9}")
+        for name, s in report["fidelity"].items():
+            lines.append(
+                f"{name:10} {s['mean_abs_err']:11.3g} {s['max_abs_err']:11.3g} {s['rel_err']:9.2%}"
+            )
+    if "score" in report:
+        score = report["score"]
+        lines.append(
+            f"score ({score['protocol']}): float32 {score['fp32']:.2f}, {report['dtype']} "
+            f"{score[report['dtype']]:.2f}, change {score['delta']:+.2f}"
+        )
+    lines.append(f"report: {out['path']}.report.json")
+    return "\n".join(lines)
