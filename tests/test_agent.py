@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from trainer.agent import TDMPC2Agent, prepare_teacher, reward_distillation_loss
+from trainer.agent import TDMPC2Agent, metric_floats, prepare_teacher, reward_distillation_loss
 from trainer.math import two_hot_inv
 from trainer.model import WorldModel
 from trainer.presets import ModelConfig
@@ -97,8 +97,10 @@ def test_discounts_are_099_float32_per_task():
 
 def test_update_logs_the_official_names_and_initial_losses_are_ln101():
     agent = make_agent()
-    info = agent.update(*make_batch())
-    assert set(info) == set(LOGGED)
+    tensors = agent.update(*make_batch())
+    assert set(tensors) == set(LOGGED)  # detached 0-dim tensors, read when logged
+    assert all(t.shape == () and not t.requires_grad for t in tensors.values())
+    info = metric_floats(tensors)
     assert all(isinstance(v, float) and math.isfinite(v) for v in info.values())
     expected = math.log(101) * (1 + 0.5 + 0.25) / 3
     assert expected == pytest.approx(2.692154, abs=1e-6)
@@ -145,6 +147,7 @@ def test_distillation_with_zero_coefficient_equals_plain_training():
     distill_infos = [distilled.update(*b, teacher=teacher, d_coef=0.0) for b in batches]
     assert state_equal(plain.state_dict(), distilled.state_dict())
     for p, d in zip(plain_infos, distill_infos, strict=True):
+        p, d = metric_floats(p), metric_floats(d)
         assert {k: d[k] for k in p} == p
         assert d["distill_loss"] > 0 and d["reward_mae_teacher"] > 0
 
@@ -252,6 +255,6 @@ def test_bad_batch_shapes_are_refused():
 def test_a_few_hundred_updates_learn_the_reward():
     agent = make_agent()
     g = torch.Generator().manual_seed(0)
-    losses = [agent.update(*make_batch(generator=g))["reward_loss"] for _ in range(150)]
+    losses = [float(agent.update(*make_batch(generator=g))["reward_loss"]) for _ in range(150)]
     assert losses[0] == pytest.approx(2.692154, abs=1e-5)
     assert sum(losses[-20:]) / 20 < 0.5 * losses[0]

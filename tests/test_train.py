@@ -348,6 +348,50 @@ def test_nan_loss_stops_with_step_and_last_checkpoint(store, tmp_path, monkeypat
     assert read_metrics(tmp_path / "run")[-1]["value_loss"] == "nan"
 
 
+def test_nan_between_log_steps_is_named_by_its_own_step(store, tmp_path, monkeypatch):
+    """Metrics are read at log, eval and save steps only; a non-finite loss in between is
+    still named by its own step, and no checkpoint is written after it."""
+    update, calls = TDMPC2Agent.update, []
+
+    def poisoned(self, *args, **kwargs):
+        info = update(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 5:
+            info["reward_loss"] = info["reward_loss"] * float("inf")
+        return info
+
+    monkeypatch.setattr(TDMPC2Agent, "update", poisoned)
+    with pytest.raises(DivergedError, match=r"step 5 \(reward_loss=inf\)"):
+        train(config(store, tmp_path / "run", steps=10, log_every=3, save_every=2))
+    assert read_training_checkpoint(tmp_path / "run" / "checkpoint.pt")["step"] == 4
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [3, 5]
+
+
+def test_a_step_reads_no_device_value_outside_log_steps(store, tmp_path, monkeypatch):
+    """Counts reads of tensor values (item, tolist, float, int, bool) made by our code: per
+    10-step log window a few, not one per step (each would stop a GPU's queue)."""
+    import sys
+
+    reads = []
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, **k):
+            caller = sys._getframe(1).f_code.co_filename
+            if "/trainer/" in caller or "/datapipe/" in caller:
+                reads.append(caller)
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    counts = []
+    for steps in (10, 30):
+        reads.clear()
+        train(config(store, tmp_path / f"r{steps}", steps=steps, log_every=10, save_every=10))
+        counts.append(len(reads))
+    per_window = (counts[1] - counts[0]) / 2
+    assert per_window < 10, (counts, sorted(set(reads)))
+
+
 def test_settings_are_checked(store, teacher, tmp_path):
     with pytest.raises(TrainConfigError, match="d_coef > 0 needs a teacher"):
         config(store, tmp_path, d_coef=0.4)

@@ -210,8 +210,15 @@ def prepare_teacher(model: WorldModel, dtype: torch.dtype | None = None) -> Worl
     return model if dtype is None else model.to(dtype)
 
 
-def _scalar(x: Tensor) -> float:
-    return float(x.detach())
+def metric_floats(info: dict[str, Tensor | float]) -> dict[str, float]:
+    """An update's metrics as Python floats, read from the device in one transfer (the
+    update returns device tensors so that a step never waits for the device: the training
+    loop reads them only when it logs)."""
+    values = [torch.as_tensor(v, dtype=torch.float32).reshape(()) for v in info.values()]
+    devices = {v.device for v in values}
+    if len(devices) > 1:  # a value set on the host (tests poison one so)
+        values = [v.cpu() for v in values]
+    return dict(zip(info, torch.stack(values).tolist(), strict=True))
 
 
 class TDMPC2Agent:
@@ -269,11 +276,12 @@ class TDMPC2Agent:
         teacher: WorldModel | None = None,
         d_coef: float = 0.0,
         distill: DistillSteps = "first",
-    ) -> dict[str, float]:
+    ) -> dict[str, Tensor]:
         """One update (docs/tdmpc2.md#update) on obs [H+1, B, O], action [H, B, A], reward
         [H, B, 1] (or [H, B]) and task [B]. With a teacher and d_coef > 0 the reward-
         distillation loss (docs/distillation.md#loss) enters the same backward pass; with
-        d_coef = 0 it is only logged."""
+        d_coef = 0 it is only logged. Returns the logged metrics as detached 0-dim device
+        tensors: nothing here waits for the device (`metric_floats` reads them)."""
         cfg, model = self.cfg, self.model
         obs, action, reward, task = self._check_batch(obs, action, reward, task)
 
@@ -293,19 +301,19 @@ class TDMPC2Agent:
         pi_info = self.update_pi(zs.detach(), task)
         model.soft_update_target_Q(cfg.tau)
         model.eval()
-        info = {k: _scalar(v) for k, v in logged.items()}
+        info = {k: v.detach() for k, v in logged.items()}
         return {
             "consistency_loss": info.pop("consistency_loss"),
             "reward_loss": info.pop("reward_loss"),
             "value_loss": info.pop("value_loss"),
-            "termination_loss": 0.0,
-            "total_loss": _scalar(total),
-            "grad_norm": _scalar(grad_norm),
+            "termination_loss": torch.zeros((), device=total.device),
+            "total_loss": total.detach(),
+            "grad_norm": grad_norm.detach(),
             **pi_info,
             **info,
         }
 
-    def update_pi(self, zs: Tensor, task: Tensor) -> dict[str, float]:
+    def update_pi(self, zs: Tensor, task: Tensor) -> dict[str, Tensor]:
         """Policy step on detached latents [H+1, B, L] (docs/tdmpc2.md#policy-update).
 
         The task-embedding gradient it leaves behind is not cleared: as in the official
@@ -318,11 +326,11 @@ class TDMPC2Agent:
         self.pi_optim.step()
         self.pi_optim.zero_grad(set_to_none=True)
         return {
-            "pi_loss": _scalar(loss),
-            "pi_grad_norm": _scalar(grad_norm),
-            "pi_entropy": _scalar(info["entropy"].mean()),
-            "pi_scaled_entropy": _scalar(info["scaled_entropy"].mean()),
-            "pi_scale": _scalar(self.scale.value),
+            "pi_loss": loss.detach(),
+            "pi_grad_norm": grad_norm.detach(),
+            "pi_entropy": info["entropy"].detach().mean(),
+            "pi_scaled_entropy": info["scaled_entropy"].detach().mean(),
+            "pi_scale": self.scale.value.detach().clone().reshape(()),  # updated in place later
         }
 
     def _check_batch(

@@ -143,15 +143,20 @@ class Ranks:
         dist.all_gather(parts, tensor.contiguous())
         return torch.cat(parts)
 
-    def mean(self, values: dict[str, float], device: torch.device) -> dict[str, float]:
-        """Each value averaged over the ranks (float64). Logged losses are batch means, so
-        this is the loss of the global batch; values that are equal on all ranks (gradient
-        norms, the Q scale) come back unchanged."""
+    def mean(self, values: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        """Each value (a number or a 0-dim tensor) averaged over the ranks, as float64 device
+        tensors. Logged losses are batch means, so this is the loss of the global batch;
+        values that are equal on all ranks (gradient norms, the Q scale) come back unchanged."""
         if not self.distributed:
             return values
-        packed = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+        packed = torch.stack(
+            [
+                torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
+                for v in values.values()
+            ]
+        )
         dist.all_reduce(packed)
-        return dict(zip(values, (packed / self.world_size).tolist(), strict=True))
+        return dict(zip(values, (packed / self.world_size).unbind(), strict=True))
 
     def barrier(self) -> None:
         if self.distributed:

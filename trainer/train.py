@@ -25,7 +25,7 @@ import torch
 from datapipe.loader import SliceLoader
 from datapipe.progress import Progress
 from datapipe.store import Store, open_store
-from trainer.agent import TDMPC2Agent, prepare_teacher
+from trainer.agent import TDMPC2Agent, metric_floats, prepare_teacher
 from trainer.checkpoint import (
     CheckpointError,
     detect_model_size,
@@ -129,13 +129,17 @@ def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
 
 def _loop(cfg: TrainConfig, run: _Run, stop: StopRequest, bar: Progress) -> None:
     """Steps start + 1 .. cfg.steps: update, log, evaluate and save on schedule. On CUDA the
-    loader copies batch k + 1 while the update runs on batch k."""
+    loader copies batch k + 1 while the update runs on batch k. A step reads no device value:
+    the metrics stay on the device until a log step, and a non-finite one is caught there (or
+    before an evaluation or a save) and named by its own step. With several ranks, stopping
+    is agreed every step, which reads one value."""
     autocast = (
         torch.autocast(run.device.type, dtype=torch.bfloat16)
         if cfg.amp
         else contextlib.nullcontext()
     )
     last_saved = run.start if run.resumed else None
+    nonfinite = _FirstNonFinite()
     if run.evaluating and not run.resumed:
         run.evaluate(0, bar)
     for step in range(run.start + 1, cfg.steps + 1):
@@ -145,33 +149,74 @@ def _loop(cfg: TrainConfig, run: _Run, stop: StopRequest, bar: Progress) -> None
         d_coef = cfg.d_coef_at(step - 1)
         with autocast:
             info = run.update(*batch, run.teacher, d_coef, cfg.distill)
-        info["stop"] = float(stop.requested)  # reduced with the losses: all ranks agree
-        info = run.ranks.mean(info, run.device)  # the losses of the global batch, on every rank
-        stopping = info.pop("stop") > 0 and step < cfg.steps
+        stopping = stop.requested
+        if run.ranks.distributed:  # reduced with the losses: all ranks agree
+            info = run.ranks.mean({**info, "stop": float(stop.requested)}, run.device)
+            stopping = float(info.pop("stop")) > 0
+        stopping = stopping and step < cfg.steps
         run.timer.add(wait=t1 - t0, busy=time.perf_counter() - t1)
         if cfg.ddp_check:
             check_replicas(run.agent, tuple(batch), step, run.ranks)
             run.checked += 1
-        if run.teacher is not None:
-            info["d_coef"] = d_coef
-        bad = {k: v for k, v in info.items() if not math.isfinite(v)}
-        if bad or step % cfg.log_every == 0 or step == cfg.steps:
-            info |= run.timer.close_window(step)
-            run.log.write(step, info)
+        nonfinite.add(step, info)
+        logging = step % cfg.log_every == 0 or step == cfg.steps
+        evaluating = run.evaluating and (step % cfg.eval_every == 0 or step == cfg.steps)
+        saving = stopping or step % cfg.save_every == 0 or step == cfg.steps
+        if logging or evaluating or saving:
+            first = nonfinite.first()
+            if first is not None:
+                bad_step, values = first
+                run.log.write(bad_step, values)
+                bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+                raise DivergedError(_diverged_message(bad_step, bad, cfg, last_saved))
+        if logging:
+            row = metric_floats(info)
+            if run.teacher is not None:
+                row["d_coef"] = d_coef
+            row |= run.timer.close_window(step)
+            run.log.write(step, row)
             bar.postfix = (
-                f"reward loss {info['reward_loss']:.3f}, total {info['total_loss']:.3f}, "
-                f"data wait {info['data_wait']:.0%}"
+                f"reward loss {row['reward_loss']:.3f}, total {row['total_loss']:.3f}, "
+                f"data wait {row['data_wait']:.0%}"
             )
-        if bad:
-            raise DivergedError(_diverged_message(step, bad, cfg, last_saved))
-        if run.evaluating and (step % cfg.eval_every == 0 or step == cfg.steps):
+        if evaluating:
             run.evaluate(step, bar)
-        if stopping or step % cfg.save_every == 0 or step == cfg.steps:
+        if saving:
             run.save(step)
             last_saved = step
         bar.update(1, bar.postfix)
         if stopping:
             raise Interrupted(_interrupted_message(cfg, run.ranks, step), stop.signum or 15)
+
+
+class _FirstNonFinite:
+    """The first step whose metrics were not all finite, and its metrics, kept on the device
+    with no read per step; `first()` reads them (one transfer)."""
+
+    def __init__(self) -> None:
+        self.step: torch.Tensor | None = None  # int64, 0 while every step was finite
+        self.values: torch.Tensor | None = None
+        self.names: list[str] = []
+
+    def add(self, step: int, info: dict) -> None:
+        device = next((v.device for v in info.values() if isinstance(v, torch.Tensor)), None)
+        v = torch.stack(
+            [
+                torch.as_tensor(x, dtype=torch.float32, device=device).reshape(())
+                for x in info.values()
+            ]
+        )
+        if self.step is None:
+            self.step = torch.zeros((), dtype=torch.int64, device=v.device)
+            self.values, self.names = torch.zeros_like(v), list(info)
+        new = torch.isfinite(v).all().logical_not() & (self.step == 0)
+        self.step = self.step.masked_fill(new, step)
+        self.values = torch.where(new, v, self.values)
+
+    def first(self) -> tuple[int, dict[str, float]] | None:
+        if self.step is None or int(self.step) == 0:
+            return None
+        return int(self.step), dict(zip(self.names, self.values.tolist(), strict=True))
 
 
 @dataclasses.dataclass

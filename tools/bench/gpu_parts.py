@@ -309,7 +309,10 @@ def measure_cell(args: PartArgs, cell: dict, teachers: _TeacherCache) -> dict[st
         accel.sync()
         warmup_s = time.perf_counter() - t0
         windows = _timed_windows(args, loader, step, accel)
-    return {**summarise(windows, first_step_s, warmup_s, accel.peaks()), "last_loss": losses[-1]}
+    return {
+        **summarise(windows, first_step_s, warmup_s, accel.peaks()),
+        "last_loss": float(losses[-1]),
+    }
 
 
 def _student(args: PartArgs) -> TDMPC2Agent:
