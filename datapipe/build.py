@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -18,12 +19,18 @@ import numpy as np
 
 from datapipe import __version__
 from datapipe import format as fmt
-from datapipe.errors import BuildWriteError, DatapipeError, DestinationError, SourceError
+from datapipe.errors import (
+    BuildConfigError,
+    BuildWriteError,
+    DatapipeError,
+    DestinationError,
+    SourceError,
+)
 from datapipe.location import Location, is_storage_error
 from datapipe.options import setting
 from datapipe.progress import Progress
 from datapipe.source import NOT_PLANNED, Layout, SourceFile, scan_sources
-from datapipe.tasksets import TaskSet, get_task_set, match_task_set
+from datapipe.tasksets import TASK_SETS, TaskSet, get_task_set, match_task_set
 from datapipe.units import Piece, build_shard, hash_source, write_json_atomic
 
 
@@ -40,7 +47,9 @@ class BuildConfig:
     formats: tuple[str, ...] = setting(
         ("zarr",), "Which store formats to write: zarr, webdataset or both."
     )
-    workers: int = setting(2, "Local dask worker processes (0: run in this process, no dask).")
+    workers: int = setting(
+        2, "Local dask worker processes (0: run in this process, no dask; -1: one per core)."
+    )
     scheduler: str | None = setting(None, "Address of a running dask.distributed scheduler.")
     task_set: str = setting("auto", "mt30, mt80 or auto (the known set matching the dims).")
     progress: bool = setting(True, "Progress bar: rows/s and ETA (a line a minute off a terminal).")
@@ -186,8 +195,9 @@ def _run(jobs: list[tuple], cfg: BuildConfig, total_rows: int, done_rows: int) -
     if cfg.scheduler is not None:
         client, cluster = Client(cfg.scheduler), None
     else:
+        n_workers = (os.cpu_count() or 1) if cfg.workers == -1 else cfg.workers
         cluster = LocalCluster(
-            n_workers=cfg.workers, threads_per_worker=1, processes=True, dashboard_address=":0"
+            n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0"
         )
         client = Client(cluster)
     futures = {client.submit(fn, *args, pure=False): rows for fn, args, rows in jobs}
@@ -279,7 +289,17 @@ def build(cfg: BuildConfig, command: str = "datapipe build") -> str:
     (an absolute path, or the URL)."""
     unknown = set(cfg.formats) - set(fmt.FORMATS)
     if unknown or not cfg.formats:
-        raise ValueError(f"formats must be a non-empty subset of {fmt.FORMATS}, got {cfg.formats}")
+        raise BuildConfigError(
+            f"formats must be a non-empty subset of {fmt.FORMATS}, got {cfg.formats}"
+        )
+    if cfg.workers < -1:
+        raise BuildConfigError(
+            f"--workers {cfg.workers}: give 0 (in this process), -1 (one per core) or a count"
+        )
+    if cfg.task_set != "auto" and cfg.task_set not in TASK_SETS:
+        raise BuildConfigError(
+            f"--task-set {cfg.task_set}: give auto or one of {', '.join(TASK_SETS)}"
+        )
     sources, layout = scan_sources(cfg.src)
     ts = resolve_task_set(cfg.task_set, layout, cfg.src)
     plan = make_plan(sources, layout, ts, cfg.formats)

@@ -10,6 +10,10 @@ class DatapipeError(Exception):
     """Base class of every error raised on purpose by datapipe."""
 
 
+class BuildConfigError(DatapipeError, ValueError):
+    """A build setting out of range (the value and what is allowed)."""
+
+
 class SourceError(DatapipeError, ValueError):
     """A source file (an MT30 chunk) is missing, unreadable or not in the official layout."""
 

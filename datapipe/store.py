@@ -119,6 +119,11 @@ def _load_crc_table(loc: Location, n_shards: int, manifest_sha256: str):
 
 def check_complete(root: Location) -> fmt.StoreMeta:
     """The metadata of the complete store at `root`, or an error saying how to get one."""
+    if root.local and os.path.isfile(root.path("")):
+        raise StoreNotFoundError(
+            f"{root}: a file, not a store; give the store's folder (the one holding "
+            f"{fmt.META_FILE}), or build one with `datapipe build`."
+        )
     if not root.exists(fmt.META_FILE):
         if root.exists(fmt.PLAN_FILE):
             plan = _load_json(root, fmt.PLAN_FILE)

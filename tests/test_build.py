@@ -223,3 +223,24 @@ def test_every_build_setting_is_a_flag_with_its_help():
     params = {p.name: p for p in main.commands["build"].params}
     for f in dataclasses.fields(BuildConfig):
         assert params[f.name].help == f.metadata["help"] != "", f.name
+
+
+def test_bad_settings_and_a_file_for_a_store_are_clean_errors(small_source, tmp_path):
+    """No traceback and no hang: an unknown task set, --workers below -1, a file given as
+    the store to `datapipe info`; --workers -1 is one worker per core."""
+    _refused(["--src", str(small_source), "--dst", str(tmp_path / "a"), "--task-set", "mt99"],
+             "--task-set mt99", "mt30, mt80")  # fmt: skip
+    result = CliRunner().invoke(
+        datapipe_cli, ["build", "--src", str(small_source), "--dst", str(tmp_path / "b"),
+                       "--workers", "-2", "--no-progress"],
+    )  # fmt: skip
+    assert result.exit_code == 1 and "--workers -2" in result.output
+    (tmp_path / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(datapipe_cli, ["info", str(tmp_path / "notes.txt")])
+    assert result.exit_code == 1 and "a file, not a store" in result.output
+    assert "Traceback" not in result.output
+    built = CliRunner().invoke(
+        datapipe_cli, ["build", "--src", str(small_source), "--dst", str(tmp_path / "c"),
+                       "--workers", "-1", "--no-progress"],
+    )  # fmt: skip
+    assert built.exit_code == 0 and "complete (300 episodes" in built.output, built.output
