@@ -392,6 +392,18 @@ def test_a_step_reads_no_device_value_outside_log_steps(store, tmp_path, monkeyp
     assert per_window < 10, (counts, sorted(set(reads)))
 
 
+@pytest.mark.parametrize("cache_gb", [float("nan"), float("inf"), 1e-6])
+def test_a_pool_budget_that_cannot_work_is_refused(store, tmp_path, cache_gb):
+    with pytest.raises(TrainConfigError, match="cache_gb"):
+        train(config(store, tmp_path / "run", cache_gb=cache_gb))
+
+
+def test_a_file_for_the_store_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(StoreNotFoundError, match="a file, not a store"):
+        train(config(tmp_path / "notes.txt", tmp_path / "run"))
+
+
 def test_settings_are_checked(store, teacher, tmp_path):
     with pytest.raises(TrainConfigError, match="d_coef > 0 needs a teacher"):
         config(store, tmp_path, d_coef=0.4)

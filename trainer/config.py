@@ -204,8 +204,8 @@ class TrainConfig:
             problems.append("d_coef > 0 needs a teacher checkpoint (--teacher)")
         if self.resume and self.overwrite:
             problems.append("resume and overwrite exclude each other: pick one")
-        if self.cache_gb <= 0:
-            problems.append(f"cache_gb must be > 0 (got {self.cache_gb})")
+        if not (math.isfinite(self.cache_gb) and self.cache_gb > 0):
+            problems.append(f"cache_gb must be a finite number > 0 (got {self.cache_gb})")
         if self.sampler not in ("pool", "uniform"):
             problems.append(f"sampler must be pool or uniform (got {self.sampler!r})")
         if min(self.refill_size, self.refill_every) < 1:

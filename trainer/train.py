@@ -42,7 +42,7 @@ from trainer.distributed import (
     process_group,
     rank_stream,
 )
-from trainer.errors import DivergedError, IncompatibleDataError
+from trainer.errors import DivergedError, IncompatibleDataError, TrainConfigError
 from trainer.model import WorldModel
 from trainer.presets import ModelConfig
 from trainer.runfolder import (
@@ -279,17 +279,20 @@ class _Run:
         if cfg.compile:
             compile_model(agent.model)
         stream = rank_stream(cfg.seed, cfg.checkpoint_path, ranks, previous)
-        loader = SliceLoader(
-            store,
-            batch_size=cfg.batch_size,
-            horizon=cfg.horizon,
-            device=device,
-            seed=stream.seed,
-            cache_gb=cfg.cache_gb,
-            refill_size=cfg.refill_size,
-            refill_every=cfg.refill_every,
-            sampler=cfg.sampler,
-        )
+        try:
+            loader = SliceLoader(
+                store,
+                batch_size=cfg.batch_size,
+                horizon=cfg.horizon,
+                device=device,
+                seed=stream.seed,
+                cache_gb=cfg.cache_gb,
+                refill_size=cfg.refill_size,
+                refill_every=cfg.refill_every,
+                sampler=cfg.sampler,
+            )
+        except ValueError as e:  # a pool too small for this store's episodes, a bad horizon
+            raise TrainConfigError(f"{cfg.shards}: {e}") from None
         start = 0
         if previous is not None:
             agent.load_state_dict(previous["agent"])
