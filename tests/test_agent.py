@@ -191,6 +191,26 @@ def test_distillation_loss_is_zero_against_itself_and_handles_low_precision_teac
         reward_distillation_loss(student, teacher, obs, action, task, "last")
 
 
+def test_only_the_distilled_parts_of_a_teacher_go_to_its_device_and_dtype():
+    """A 317M teacher is 1.88 GiB in float32 with its Q ensemble; distillation runs only the
+    task embedding, encoder and reward head (0.30 GiB): only those are cast and moved."""
+    from trainer.agent import DISTILLED_PARTS
+
+    teacher = prepare_teacher(make_teacher(), dtype=torch.bfloat16, device="meta")
+    for name, module in teacher.named_children():
+        for p in module.parameters():
+            moved = name in DISTILLED_PARTS
+            assert (p.device.type, p.dtype) == (
+                ("meta", torch.bfloat16) if moved else ("cpu", torch.float32)
+            ), name
+    with torch.device("meta"):
+        big = WorldModel(ModelConfig.for_size(317))
+    size = lambda ms: sum(t.numel() * 4 for m in ms for t in [*m.parameters(), *m.buffers()])  # noqa: E731
+    moved = size([getattr(big, n) for n in DISTILLED_PARTS])
+    assert moved / 2**30 == pytest.approx(0.30, abs=0.01)
+    assert size([big]) / 2**30 == pytest.approx(1.88, abs=0.01)  # with the target Qs
+
+
 def test_first_step_distillation_only_sees_t0():
     student, teacher = make_teacher(seed=3), make_teacher(seed=4)
     obs, action, _, task = make_batch(B=8)

@@ -128,11 +128,12 @@ def reward_distillation_loss(
         raise ValueError("the teacher must be frozen and in eval mode: pass prepare_teacher(model)")
     vmin, vmax = student.cfg.vmin, student.cfg.vmax
     with torch.no_grad():
-        ref = next(teacher.parameters())
+        ref = teacher._task_emb.weight  # where prepare_teacher put the distilled parts
         t_obs, t_action = (x.to(device=ref.device, dtype=ref.dtype) for x in (obs_s, action_s))
         t_task = task.to(ref.device)
         logits = teacher.reward(teacher.encode(t_obs, t_task), t_action, t_task)
-        r_teacher = two_hot_inv(logits, vmin, vmax).to(device=obs.device, dtype=torch.float32)
+        # the bins in float32 whatever the teacher's dtype (bf16 bins round the reward)
+        r_teacher = two_hot_inv(logits.float(), vmin, vmax).to(obs.device)
     logits = student.reward(student.encode(obs_s, task), action_s, task)
     r_student = two_hot_inv(logits, vmin, vmax)
     loss = F.mse_loss(r_student, r_teacher)
@@ -204,10 +205,24 @@ class UpdateLosses(nn.Module):
         raise ValueError(f"kind must be 'model' or 'pi', got {kind!r}")
 
 
-def prepare_teacher(model: WorldModel, dtype: torch.dtype | None = None) -> WorldModel:
-    """Freeze a world model for use as a teacher: eval mode, no gradients, optional dtype."""
+DISTILLED_PARTS = ("_task_emb", "_encoder", "_reward")  # what reward distillation runs
+
+
+def prepare_teacher(
+    model: WorldModel, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+) -> WorldModel:
+    """Freeze a world model for use as a teacher: eval mode, no gradients; the parts that
+    reward distillation runs (task embedding, encoder, reward head) cast to `dtype` and
+    moved to `device`, each in turn, so that no full-size copy is made on the device; the
+    dynamics, policy and Q ensemble stay where they are (most of a 317M model)."""
     model.eval().requires_grad_(False)
-    return model if dtype is None else model.to(dtype)
+    for name in DISTILLED_PARTS:
+        part = getattr(model, name)
+        if dtype is not None:
+            part.to(dtype)
+        if device is not None:
+            part.to(device)
+    return model
 
 
 def metric_floats(info: dict[str, Tensor | float]) -> dict[str, float]:

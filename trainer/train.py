@@ -274,7 +274,7 @@ class _Run:
         if teacher_state is not None:
             with torch.random.fork_rng(devices=[]):
                 teacher = _load_teacher(cfg.teacher, teacher_state, cfg.teacher_size, dims)
-            teacher = prepare_teacher(teacher.to(device), TEACHER_DTYPES[cfg.teacher_dtype])
+            teacher = prepare_teacher(teacher, TEACHER_DTYPES[cfg.teacher_dtype], device)
             teacher_id["size"] = teacher.cfg.model_size
         if cfg.compile:
             compile_model(agent.model)

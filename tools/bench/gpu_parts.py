@@ -266,7 +266,7 @@ class _TeacherCache:
             dims = store_dims(open_store(self.args.store))
             self.models[size] = load_checkpoint(path, size=size, **dims)
         device = self.args.torch_device
-        return prepare_teacher(copy.deepcopy(self.models[size]).to(device), TEACHER_DTYPES[dtype])
+        return prepare_teacher(copy.deepcopy(self.models[size]), TEACHER_DTYPES[dtype], device)
 
 
 def teacher_file(work: Path, size: int) -> Path:
