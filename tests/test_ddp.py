@@ -364,3 +364,27 @@ def test_two_nodes_of_one_rank_train_as_one_node_of_two(run_inputs, whole_run, t
     assert whole.keys() == nodes_run.keys()
     assert all(torch.equal(whole[k], nodes_run[k]) for k in whole)
     assert losses(out) == losses(whole_run[0])
+
+
+def test_the_process_group_waits_as_long_as_an_evaluation(monkeypatch):
+    """Rank 0 evaluates while the others wait in a barrier: the group's timeout (NCCL's
+    default is 10 minutes) fits the run's evaluation protocol."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from trainer.distributed import process_group
+    from trainer.traineval import EvalProtocol
+
+    seen = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: seen.append(k))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: None)
+    mppi = EvalProtocol(tuple(f"t{i}" for i in range(30)), 10, True, 1)
+    with process_group(Ranks(0, 2, 0), torch.device("cpu"), mppi.wait()):
+        pass
+    assert seen[-1]["timeout"] == timedelta(seconds=600 + 450 * 300)  # 30 tasks x 10 MPPI
+    assert EvalProtocol(("a",), 4, False, 1).wait() == timedelta(seconds=620)
+    with process_group(Ranks(0, 2, 0), torch.device("cpu")):
+        pass
+    assert "timeout" not in seen[-1]

@@ -39,6 +39,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -164,10 +165,14 @@ class Ranks:
 
 
 @contextmanager
-def process_group(ranks: Ranks, device: torch.device) -> Iterator[None]:
+def process_group(
+    ranks: Ranks, device: torch.device, timeout: timedelta | None = None
+) -> Iterator[None]:
     """The default process group for a data-parallel run (gloo on CPU, nccl on CUDA), from
     torchrun's environment; destroyed on exit. Nothing for one rank, or when the caller has
-    initialised one already (then it is the caller's to destroy)."""
+    initialised one already (then it is the caller's to destroy). `timeout` bounds every
+    collective, the barrier in which the other ranks wait while rank 0 evaluates included
+    (torch's default for NCCL is 10 minutes: an MPPI evaluation outlasts it)."""
     if not ranks.distributed or dist.is_initialized():
         if dist.is_initialized() and dist.get_world_size() != ranks.world_size:
             raise TrainConfigError(
@@ -178,7 +183,8 @@ def process_group(ranks: Ranks, device: torch.device) -> Iterator[None]:
         return
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    kw = {} if timeout is None else {"timeout": timeout}
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **kw)
     try:
         yield
     finally:

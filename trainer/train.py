@@ -93,7 +93,8 @@ def train(cfg: TrainConfig) -> Path:
     cfg = cfg.resolve()
     ranks = Ranks.from_env()
     device = ranks.device(cfg.device)
-    with process_group(ranks, device):
+    protocol = cfg.eval_protocol  # evaluated on rank 0 while the other ranks wait for it
+    with process_group(ranks, device, None if protocol is None else protocol.wait()):
         return _train(cfg, ranks, device)
 
 

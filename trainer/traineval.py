@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,13 @@ class EvalProtocol:
     @classmethod
     def of(cls, tasks: str, episodes: int, mpc: bool, seed: int) -> EvalProtocol:
         return cls(tuple(resolve_tasks(tasks)), episodes, mpc, seed)
+
+    def wait(self) -> timedelta:
+        """A bound on one evaluation's wall time, for the ranks that wait on it: 10 minutes
+        plus 450 s per MPPI episode (one took ~410 s on a core of the development VM) or
+        5 s per policy-only episode."""
+        per_episode = 450 if self.mpc else 5
+        return timedelta(seconds=600 + per_episode * self.episodes * len(self.tasks))
 
     def to_dict(self) -> dict[str, Any]:
         return {
