@@ -206,3 +206,29 @@ def _umask() -> int:
     mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
     os.umask(mask)
     return mask
+
+
+@contextlib.contextmanager
+def only_writer(folder: str | os.PathLike, name: str, what: str, error: type[Exception]):
+    """Hold an exclusive lock on `folder`/`name` (created with the folder) while the block
+    runs, with this process's pid in it; if another process holds it, raise `error` naming
+    that pid. The kernel releases the lock when the process ends, however it ends, so a
+    crash leaves no stale lock. Local folders only: object stores have no such lock."""
+    import fcntl
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    with open(Path(folder) / name, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "?"
+            raise error(
+                f"{folder}: {what} (pid {pid}) is writing here; wait for it to end or stop it, "
+                f"or use another folder"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield

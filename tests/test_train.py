@@ -404,6 +404,34 @@ def test_a_file_for_the_store_is_refused(tmp_path):
         train(config(tmp_path / "notes.txt", tmp_path / "run"))
 
 
+def test_two_runs_into_one_folder_the_second_is_refused(store, tmp_path):
+    """While a process writes a run folder (holds its run.lock), another `trainer train`
+    into it stops at once naming that process; the lock goes when the process ends."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import sys, time; from datapipe.location import only_writer\n"
+            f"with only_writer({str(out)!r}, 'run.lock', 'a test', RuntimeError):\n"
+            "    print('held', flush=True); time.sleep(60)"
+        )],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(
+            ResumeError, match=rf"another `trainer train/distill` \(pid {holder.pid}\)"
+        ):
+            train(config(store, out, steps=1))
+        assert not (out / "config.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    train(config(store, out, steps=1))  # the holder is gone: its lock with it
+
+
 def test_settings_are_checked(store, teacher, tmp_path):
     with pytest.raises(TrainConfigError, match="d_coef > 0 needs a teacher"):
         config(store, tmp_path, d_coef=0.4)

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -62,6 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from datapipe.location import only_writer
 from datapipe.progress import Progress
 from trainer.checkpoint import CheckpointError, read_checkpoint
 from trainer.config import TrainConfig
@@ -482,14 +482,7 @@ class ExperimentError(TrainConfigError):
 def _only_experiment_in(out: Path) -> Iterator[None]:
     """Hold an exclusive lock on OUT/experiment.lock: two experiments writing the same run
     folders would corrupt them. The lock goes with the process, however it ends."""
-    with open(out / LOCK_FILE, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ExperimentError(
-                f"{out}: another `trainer experiment` is running in this folder; wait for it "
-                f"to end (or stop it) before starting it again"
-            ) from None
+    with only_writer(out, LOCK_FILE, "another `trainer experiment`", ExperimentError):
         yield
 
 

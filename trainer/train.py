@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from datapipe.loader import SliceLoader
+from datapipe.location import only_writer
 from datapipe.progress import Progress
 from datapipe.store import Store, open_store
 from trainer.agent import TDMPC2Agent, metric_floats, prepare_teacher
@@ -42,11 +43,12 @@ from trainer.distributed import (
     process_group,
     rank_stream,
 )
-from trainer.errors import DivergedError, IncompatibleDataError, TrainConfigError
+from trainer.errors import DivergedError, IncompatibleDataError, ResumeError, TrainConfigError
 from trainer.model import WorldModel
 from trainer.presets import ModelConfig
 from trainer.runfolder import (
     CONFIG_FILE,
+    RUN_LOCK_FILE,
     SUMMARY_FILE,
     check_out_beside_store,
     check_resumable,
@@ -94,7 +96,13 @@ def train(cfg: TrainConfig) -> Path:
     ranks = Ranks.from_env()
     device = ranks.device(cfg.device)
     protocol = cfg.eval_protocol  # evaluated on rank 0 while the other ranks wait for it
-    with process_group(ranks, device, None if protocol is None else protocol.wait()):
+    check_out_beside_store(cfg)
+    with (
+        process_group(ranks, device, None if protocol is None else protocol.wait()),
+        contextlib.ExitStack() as held,
+    ):
+        lock = only_writer(cfg.out, RUN_LOCK_FILE, "another `trainer train/distill`", ResumeError)
+        ranks.on_main(lambda: held.enter_context(lock))  # one run per folder; rank 0 writes
         return _train(cfg, ranks, device)
 
 
@@ -105,7 +113,6 @@ def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
         summary_writer_class()  # fail now, not after loading everything
     if cfg.wandb:
         wandb_module()
-    check_out_beside_store(cfg)
     previous = ranks.on_main(lambda: previous_run(cfg))  # rank 0 owns OUT; all get its answer
     run = _Run.setup(cfg, ranks, device, previous)
     with (
