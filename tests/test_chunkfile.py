@@ -14,7 +14,7 @@ from tensordict import TensorDict
 
 import tools.make_mt30 as make
 from datapipe.tasksets import MT30
-from tools.chunkfile import chunk_shapes, write_chunk
+from tools.chunkfile import STREAMS, chunk_shapes, write_chunk
 from tools.cli import main as tools_cli
 
 
@@ -28,8 +28,12 @@ def _episodes(n: int, rows: int, seed: int = 0) -> dict:
     }
 
 
+@pytest.mark.parametrize("streams", [True, False], ids=["torch>=2.6", "torch<2.6"])
 @pytest.mark.parametrize("cuts", [[], [1], [3, 4, 6]])
-def test_blocks_give_torch_saves_bytes(tmp_path, cuts):
+def test_blocks_give_torch_saves_bytes(tmp_path, cuts, streams, monkeypatch):
+    import tools.chunkfile
+
+    monkeypatch.setattr(tools.chunkfile, "STREAMS", streams and tools.chunkfile.STREAMS)
     data = _episodes(7, 11)
     td = TensorDict({k: torch.from_numpy(v) for k, v in data.items()}, batch_size=[7, 11])
     (tmp_path / "ref").mkdir()
@@ -63,6 +67,7 @@ def _peak_bytes(tmp_path, episodes_per_task: int) -> int:
         tracemalloc.stop()
 
 
+@pytest.mark.skipif(not STREAMS, reason="needs torch >= 2.6 (torch.serialization.skip_data)")
 def test_make_mt30_memory_does_not_grow_with_the_chunk(tmp_path, monkeypatch):
     # blocks of 8 episodes: a chunk of 30 x 8 episodes against one of 30 x 64 (8x the bytes)
     monkeypatch.setattr(make, "BLOCK", 8)

@@ -28,6 +28,7 @@ from datapipe.location import TMP_SUFFIX
 from tools.errors import ToolError
 
 KEYS = ("obs", "action", "reward", "task")  # the official key order
+STREAMS = hasattr(torch.serialization, "skip_data")  # torch >= 2.6: bounded memory
 _SERIALIZATION_ID = ".data/serialization_id"
 _DESCRIPTOR = b"PK\x07\x08"
 _CENTRAL = b"PK\x01\x02"
@@ -59,25 +60,43 @@ def save_chunk(parts: list[dict], path: Path) -> None:
 def write_chunk(path: Path, shapes: dict[str, tuple], blocks: Iterable[dict]) -> None:
     """Write the official chunk file `path` (atomically) from `blocks`: dicts of obs, action,
     reward and task arrays of consecutive episodes, in order, that together fill `shapes`
-    (chunk_shapes). One block is in memory at a time."""
-    if not hasattr(torch.serialization, "skip_data"):
-        raise ToolError(
-            f"writing chunk files needs torch >= 2.6 (torch.serialization.skip_data); this is "
-            f"torch {torch.__version__}: `pip install 'torch>=2.6'`"
-        )
+    (chunk_shapes). One block is in memory at a time. torch before 2.6 has no `skip_data`:
+    there the chunk is gathered in memory and saved whole (the same bytes, the whole chunk's
+    memory, as make-mt30 always did before; `tools make-mt30` says so)."""
     n = shapes["task"][0]
     # torch.save names the zip records after the file it writes ("chunk_0.pt/data.pkl", as
     # the released chunks), so it writes a path: in a unique temporary folder beside `path`,
     # flushed to disk, then renamed into place.
     with tempfile.TemporaryDirectory(prefix=f".{path.name}{TMP_SUFFIX}", dir=path.parent) as tmp:
         part = Path(tmp) / f"{path.name}.tmp"
-        _save_skeleton(part, shapes)
-        records = _records(part)
-        with open(part, "rb+") as f:
-            crcs = _fill(f.fileno(), records, shapes, blocks, n)
-            _set_crcs(f.fileno(), records, crcs)
-            os.fsync(f.fileno())
+        if STREAMS:
+            _save_skeleton(part, shapes)
+            records = _records(part)
+            with open(part, "rb+") as f:
+                crcs = _fill(f.fileno(), records, shapes, blocks, n)
+                _set_crcs(f.fileno(), records, crcs)
+                os.fsync(f.fileno())
+        else:
+            _save_whole(part, shapes, blocks)
         os.replace(part, path)
+
+
+def _save_whole(part: Path, shapes: dict[str, tuple], blocks: Iterable[dict]) -> None:
+    """torch.save of the whole chunk, gathered in memory (torch < 2.6)."""
+    from tensordict import TensorDict
+
+    blocks = list(blocks)
+    arrays = {k: np.concatenate([np.asarray(b[k], _DTYPES[k]) for b in blocks]) for k in KEYS}
+    for key, arr in arrays.items():
+        if arr.shape != shapes[key]:
+            raise ToolError(
+                f"the blocks held {arr.shape[0]} episodes, the chunk has {shapes[key][0]}"
+            )
+    n, rows = shapes["task"]
+    td = TensorDict({k: torch.from_numpy(v) for k, v in arrays.items()}, batch_size=[n, rows])
+    torch.save(td, part)
+    with open(part, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def _save_skeleton(part: Path, shapes: dict[str, tuple]) -> None:

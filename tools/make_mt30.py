@@ -11,15 +11,17 @@ reward in [0, 2] that depends on the state and the action, so a world model can 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from datapipe.options import setting
 from datapipe.progress import Progress
 from datapipe.tasksets import TASK_SETS, TaskSet, get_task_set
-from tools.chunkfile import chunk_shapes, write_chunk
+from tools.chunkfile import STREAMS, chunk_shapes, write_chunk
 from tools.errors import ToolError
 
 BLOCK = 1024  # episodes generated at once: ~66 MB of MT30 rows
@@ -165,6 +167,12 @@ def make_mt30(cfg: MakeConfig) -> list[Path]:
     if cfg.chunks > total:
         raise ToolError(f"--chunks {cfg.chunks} is more than the {total} episodes to write")
     cfg.dst.mkdir(parents=True, exist_ok=True)
+    if not STREAMS:
+        print(
+            f"make-mt30: torch {torch.__version__} has no torch.serialization.skip_data: each "
+            f"chunk is built in memory (torch >= 2.6 writes it in blocks)",
+            file=sys.stderr,
+        )
     bounds = _chunk_bounds(cfg, task_set)
     paths = []
     bar = Progress(total, "make-mt30", "episode", enabled=cfg.progress)
