@@ -23,4 +23,10 @@ This demo checks the pipeline end to end (build -> verify -> train -> distil -> 
 report) on 90 sample episodes, 300 steps at batch 64, one seed and one episode per task.
 At this size its scores are noise, not a result: see RESULTS.md for the study and
 runs/demo/experiment/report.md for everything this run measured.
+
+Next: the CPU study on real physics (about 10 min of data, then ~1.2 core-hours per run,
+6 runs), in the project's virtualenv:
+  . .venv/bin/activate
+  TEACHER2=0 bash experiments/cpu-study-data.sh
+  trainer experiment experiments/cpu-study-10k.toml --out runs/cpu-study-10k --jobs 2
 MSG
