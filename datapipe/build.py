@@ -26,7 +26,7 @@ from datapipe.errors import (
     DestinationError,
     SourceError,
 )
-from datapipe.location import Location, is_storage_error
+from datapipe.location import Location, folder_lock, is_storage_error
 from datapipe.options import setting
 from datapipe.progress import Progress
 from datapipe.source import NOT_PLANNED, Layout, SourceFile, scan_sources
@@ -313,7 +313,16 @@ def build(cfg: BuildConfig, command: str = "datapipe build") -> str:
 
 
 def _build(cfg, dst: Location, sources, layout: Layout, ts: TaskSet, plan, command) -> str:
-    """Prepare or resume `dst`, run the missing units, commit; see build()."""
+    """Prepare or resume `dst`, run the missing units, commit; see build(). A local
+    destination is locked for the whole build: a second build into it stops at once."""
+    if not dst.local:
+        return _build_locked(cfg, dst, sources, layout, ts, plan, command)
+    _check_is_folder(dst)
+    with folder_lock(dst.root, "another `datapipe build`", DestinationError):
+        return _build_locked(cfg, dst, sources, layout, ts, plan, command)
+
+
+def _build_locked(cfg, dst: Location, sources, layout: Layout, ts: TaskSet, plan, command):
     if not prepare_destination(dst, plan, command):
         print(f"{dst}: already complete; nothing to do.")
         return dst.url

@@ -232,3 +232,40 @@ def only_writer(folder: str | os.PathLike, name: str, what: str, error: type[Exc
         f.write(f"{os.getpid()}\n")
         f.flush()
         yield
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, what: str, error: type[Exception]):
+    """Hold an exclusive lock on the folder itself (created if missing; no file is added to
+    it) while the block runs; if another process holds it, raise `error` naming that
+    process's pid (from /proc/locks, on Linux). Released by the kernel with the process."""
+    import fcntl
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise error(
+                f"{folder}: {what} (pid {_flock_holder(fd)}) is writing here; wait for it to "
+                f"end or stop it"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _flock_holder(fd: int) -> str:
+    """The pid holding a flock on the file open as `fd`, or "?" where /proc/locks cannot say."""
+    st = os.fstat(fd)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()
+                if "FLOCK" in parts and inode in parts:
+                    return parts[parts.index(inode) - 1]
+    except OSError:
+        pass
+    return "?"
