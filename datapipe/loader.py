@@ -131,9 +131,9 @@ class SliceLoader:
                 f"{refill_size} episodes; use cache_gb >= {need:.3f} or a smaller refill_size."
             )
         self.live_groups = min(groups - _SPARE, math.ceil(n_selected / refill_size))
-        if sampler == "uniform":  # a pool of one batch's episodes, read for each batch
-            self.live_groups = -(-batch_size // refill_size) - _SPARE
         n_slots = (self.live_groups + _SPARE) * refill_size
+        if sampler == "uniform":  # no pool: the slots hold one batch's episodes, read for it
+            self.live_groups, n_slots = 0, batch_size
         self._pool = Pool(n_slots, T, store.obs_dim, store.action_dim)
         self._flat = {
             k: v.reshape(n_slots * T, -1) for k, v in self._pool.arrays.items() if k != "task"
@@ -160,7 +160,7 @@ class SliceLoader:
     def pool_episodes(self) -> int:
         """Episodes live in the pool (the draw of a batch is uniform over them); 0 for the
         uniform sampler, which has no pool."""
-        return 0 if self._uniform is not None else self.live_groups * self.refill_size
+        return self.live_groups * self.refill_size
 
     @property
     def pool_bytes(self) -> int:
