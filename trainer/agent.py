@@ -225,15 +225,20 @@ def prepare_teacher(
     return model
 
 
+def stack_metrics(info: dict[str, Tensor | float]) -> Tensor:
+    """An update's metrics as one float32 vector on their device (a value given as a number
+    joins them there), in `info`'s order; reading it is one transfer."""
+    device = next((v.device for v in info.values() if isinstance(v, Tensor)), None)
+    return torch.stack(
+        [torch.as_tensor(v, dtype=torch.float32, device=device).reshape(()) for v in info.values()]
+    )
+
+
 def metric_floats(info: dict[str, Tensor | float]) -> dict[str, float]:
     """An update's metrics as Python floats, read from the device in one transfer (the
     update returns device tensors so that a step never waits for the device: the training
     loop reads them only when it logs)."""
-    values = [torch.as_tensor(v, dtype=torch.float32).reshape(()) for v in info.values()]
-    devices = {v.device for v in values}
-    if len(devices) > 1:  # a value set on the host (tests poison one so)
-        values = [v.cpu() for v in values]
-    return dict(zip(info, torch.stack(values).tolist(), strict=True))
+    return dict(zip(info, stack_metrics(info).tolist(), strict=True))
 
 
 class TDMPC2Agent:

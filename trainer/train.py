@@ -26,7 +26,7 @@ from datapipe.loader import SliceLoader
 from datapipe.location import only_writer
 from datapipe.progress import Progress
 from datapipe.store import Store, open_store
-from trainer.agent import TDMPC2Agent, metric_floats, prepare_teacher
+from trainer.agent import TDMPC2Agent, metric_floats, prepare_teacher, stack_metrics
 from trainer.checkpoint import (
     CheckpointError,
     detect_model_size,
@@ -207,13 +207,7 @@ class _FirstNonFinite:
         self.names: list[str] = []
 
     def add(self, step: int, info: dict) -> None:
-        device = next((v.device for v in info.values() if isinstance(v, torch.Tensor)), None)
-        v = torch.stack(
-            [
-                torch.as_tensor(x, dtype=torch.float32, device=device).reshape(())
-                for x in info.values()
-            ]
-        )
+        v = stack_metrics(info)
         if self.step is None:
             self.step = torch.zeros((), dtype=torch.int64, device=v.device)
             self.values, self.names = torch.zeros_like(v), list(info)
