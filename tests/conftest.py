@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid
+from collections.abc import Iterator
 from math import erfc, sqrt
 from pathlib import Path
 
@@ -35,6 +38,23 @@ needs_td_mpc_opt = pytest.mark.skipif(
     reason=f"needs the TD-MPC-Opt checkpoints (mt30_1M_steps_045dist_fp16/int8/mixed.pt) in "
     f"{TD_MPC_OPT}",
 )
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(lock: str) -> Iterator[int]:
+    """Another process holding `lock` (a `datapipe.location` lock call, e.g.
+    "folder_lock('/x', 'a test', RuntimeError)") while the block runs; yields its pid."""
+    code = (
+        "import time; from datapipe.location import folder_lock, only_writer\n"
+        f"with {lock}:\n    print('held', flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def build_store(src: Path, dst: Path, formats=("zarr", "webdataset"), **kw) -> Path:

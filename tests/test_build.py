@@ -249,26 +249,13 @@ def test_bad_settings_and_a_file_for_a_store_are_clean_errors(small_source, tmp_
 def test_a_second_build_into_a_destination_being_built_is_refused(small_source, tmp_path):
     """A local destination is locked while it is built (the folder itself, no file added):
     another build stops at once naming the holder's pid, and writes nothing."""
-    import subprocess
-    import sys
+    from conftest import lock_held_elsewhere
 
     dst = tmp_path / "store"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", (
-            "import time; from datapipe.location import folder_lock\n"
-            f"with folder_lock({str(dst)!r}, 'a test', RuntimeError):\n"
-            "    print('held', flush=True); time.sleep(60)"
-        )],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(f"folder_lock({str(dst)!r}, 'a test', RuntimeError)") as pid:
         _refused(["--src", str(small_source), "--dst", str(dst)],
-                 f"another `datapipe build` (pid {holder.pid})")  # fmt: skip
+                 f"another `datapipe build` (pid {pid})")  # fmt: skip
         assert list(dst.iterdir()) == []
-    finally:
-        holder.kill()
-        holder.wait()
     built = CliRunner().invoke(datapipe_cli, ["build", "--src", str(small_source), "--dst",
                                               str(dst), "--workers", "0", "--no-progress"])  # fmt: skip
     assert built.exit_code == 0, built.output

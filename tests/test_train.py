@@ -407,28 +407,14 @@ def test_a_file_for_the_store_is_refused(tmp_path):
 def test_two_runs_into_one_folder_the_second_is_refused(store, tmp_path):
     """While a process writes a run folder (holds its run.lock), another `trainer train`
     into it stops at once naming that process; the lock goes when the process ends."""
-    import subprocess
-    import sys
+    from conftest import lock_held_elsewhere
 
     out = tmp_path / "run"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", (
-            "import sys, time; from datapipe.location import only_writer\n"
-            f"with only_writer({str(out)!r}, 'run.lock', 'a test', RuntimeError):\n"
-            "    print('held', flush=True); time.sleep(60)"
-        )],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(
-            ResumeError, match=rf"another `trainer train/distill` \(pid {holder.pid}\)"
-        ):
+    lock = f"only_writer({str(out)!r}, 'run.lock', 'a test', RuntimeError)"
+    with lock_held_elsewhere(lock) as pid:
+        with pytest.raises(ResumeError, match=rf"another `trainer train/distill` \(pid {pid}\)"):
             train(config(store, out, steps=1))
         assert not (out / "config.json").exists()
-    finally:
-        holder.kill()
-        holder.wait()
     train(config(store, out, steps=1))  # the holder is gone: its lock with it
 
 
