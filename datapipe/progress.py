@@ -5,10 +5,11 @@ a bar's carriage returns turn into a flood of fragments, so it prints plain line
 at most one per `interval` seconds and one at the end, each with the count, the rate and
 the ETA. The rate is measured from the first line on (from the start only until there is
 one) and over the last `WINDOW` seconds at most, so that a slow start does not inflate the
-ETA for the rest of a long step: the full MT30 build's first minute (a cluster starting, 44 GB of sources hashed) went
-at 0.4x its steady rate, and the whole-run average put the ETA at 36 min for a 14-min build. `enabled=False` prints nothing. Every long step of the project reports through it:
-build, verify-shards, make-mt30, training, evaluation (`trainer.evaluate.EpisodeProgress`)
-and whole experiments.
+ETA for the rest of a long step: the full MT30 build's first minute (a cluster starting,
+44 GB of sources hashed) went at 0.4x its steady rate, and the whole-run average put the ETA
+at 36 min for a 14-min build. `enabled=False` prints nothing. Every long step of the project
+reports through it: build, verify-shards, make-mt30, training, evaluation
+(`trainer.evaluate.EpisodeProgress`) and whole experiments.
 """
 
 from __future__ import annotations

@@ -193,7 +193,10 @@ def _like(cfg: MakeConfig, task_set: TaskSet) -> MakeConfig:
     if cfg.like != task_set.name or not task_set.release_chunks:
         known = [ts.name for ts in TASK_SETS.values() if ts.release_chunks]
         raise ToolError(f"--like {cfg.like!r}: the released layout is known for {known} only")
-    if (cfg.episodes_per_task, cfg.chunks, cfg.episode_length) != (4, 1, None):
+    defaults = {f.name: f.default for f in dataclasses.fields(MakeConfig)}
+    if any(
+        getattr(cfg, k) != defaults[k] for k in ("episodes_per_task", "chunks", "episode_length")
+    ):
         raise ToolError(
             f"--like {cfg.like} fixes the episodes, chunks and rows; leave out "
             f"--episodes-per-task, --chunks and --episode-length"
