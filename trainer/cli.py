@@ -139,6 +139,26 @@ def report_cmd(folder: Path) -> None:
     click.echo(f"wrote {folder / 'report.md'}, {folder / 'report.json'}, {folder / 'figures'}/")
 
 
+@main.command("curve")
+@click.option(
+    "--point",
+    "points",
+    multiple=True,
+    required=True,
+    help="X=DIR: an experiment folder with its report.json and the value X it stands for.",
+)
+@click.option("--arm", required=True, help="The arm compared with the report's baseline.")
+@click.option("--baseline", default=None, help="Baseline arm (default: the report's).")
+@click.option("--x-label", default="episodes per task", show_default=True, help="What X is.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write.")
+def curve_cmd(points, arm, baseline, x_label, out) -> None:
+    """One arm-vs-baseline comparison across experiments: OUT/curve.json, curve.md, curve.png."""
+    from trainer.curve import FILES, parse_point, write_curve
+
+    _run(lambda: write_curve([parse_point(p) for p in points], out, arm, baseline, x_label))
+    click.echo("wrote " + ", ".join(str(out / f) for f in FILES))
+
+
 @main.command("export")
 @click.argument("checkpoint", type=click.Path(path_type=Path, exists=True, dir_okay=False))
 @click.option(
