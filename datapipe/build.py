@@ -8,6 +8,7 @@ config, and last `meta.json`, which marks it complete.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import tempfile
@@ -241,6 +242,10 @@ def _chunk_crcs(dst: Location, record: dict, name: str) -> list[int]:
     return crcs
 
 
+def _sha256(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
+
+
 def _commit(
     dst: Location, cfg: BuildConfig, plan: dict, sources: list[SourceFile], ts: TaskSet
 ) -> None:
@@ -252,14 +257,20 @@ def _commit(
     index = _index(records, ts, rows)
     files = {rel: info for rec in records for rel, info in rec["files"].items()}
     dst.remove_stale_temps()  # of a worker lost mid-write, whose unit was redone elsewhere
-    write_json_atomic(dst, fmt.INDEX_FILE, index)
+    written = {fmt.INDEX_FILE: write_json_atomic(dst, fmt.INDEX_FILE, index)}
     manifest = write_json_atomic(dst, fmt.MANIFEST_FILE, {"files": dict(sorted(files.items()))})
+    written[fmt.MANIFEST_FILE] = manifest
     if "zarr" in plan["formats"]:
         table = {a: [_chunk_crcs(dst, rec, a) for rec in records] for a in fmt.ARRAYS}
         table = {a: np.asarray(v, np.uint32) for a, v in table.items()}
-        dst.write_atomic(fmt.CHUNK_CRC_FILE, fmt.encode_crc_table(table, manifest["sha256"]))
+        blob = fmt.encode_crc_table(table, manifest["sha256"])
+        dst.write_atomic(fmt.CHUNK_CRC_FILE, blob)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()}
     write_json_atomic(dst, fmt.CONFIG_FILE, config)
+    metadata = {  # as published (the Zarr metadata was written when the build began)
+        rel: written[rel]["sha256"] if rel in written else _sha256(dst.read_bytes(rel))
+        for rel in fmt.metadata_files(plan["formats"])
+    }
     lay = plan["layout"]
     meta = fmt.StoreMeta(
         created_by=f"mt30-datapipe {__version__}",
@@ -279,8 +290,9 @@ def _commit(
             for s, h in zip(sources, hashes, strict=True)
         ),
         plan=plan,
+        metadata=metadata,
     )
-    write_json_atomic(dst, fmt.META_FILE, meta.to_json())
+    write_json_atomic(dst, fmt.META_FILE, fmt.seal(meta.to_json()))
     dst.remove_tree(fmt.BUILD_DIR)
 
 

@@ -14,6 +14,11 @@ A store directory holds:
     webdataset/         optional: shard-NNNNNN.tar, one sample per episode
     _build/             only while a build is unfinished: plan and one record per done unit
 
+The integrity chain: manifest.json names the sha256 of every data file; meta.json, written
+last, names the sha256 of every other metadata file (METADATA, stores built since
+2026-12-06) and carries the sha256 of its own canonical form (SEAL_KEY), so that an edit of
+any file a reader trusts is detected and the file named.
+
 Episode e of the store lives in shard e // EPISODES_PER_SHARD of every array and in the
 WebDataset tar of the same number. Rows keep the source layout exactly (row 0 holds the NaN
 action/reward fillers), so every stored value equals its source value bit for bit.
@@ -32,7 +37,7 @@ import hashlib
 import io
 import json
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -53,6 +58,8 @@ PLAN_FILE = f"{BUILD_DIR}/plan.json"
 UNITS_DIR = f"{BUILD_DIR}/units"  # one record per finished work unit
 SOURCES_DIR = f"{BUILD_DIR}/sources"  # one record per hashed source file
 
+SEAL_KEY = "self_sha256"  # meta.json's checksum of itself (see seal)
+
 ARRAYS = ("obs", "action", "reward", "task")
 ARRAY_NDIM = {"obs": 3, "action": 3, "reward": 2, "task": 1}  # store arrays: [E,T,O] .. [E]
 SOURCE_KEYS = frozenset(ARRAYS)
@@ -61,6 +68,35 @@ FORMATS = ("zarr", "webdataset")
 
 BLOSC = {"cname": "lz4hc", "clevel": 5, "shuffle": "shuffle"}
 WDS_GZIP_LEVEL = 1
+
+
+def metadata_files(formats) -> list[str]:
+    """The metadata files whose sha256 meta.json records: every file a reader trusts
+    (build_config.json, which names the store's own path, only feeds advice)."""
+    files = [INDEX_FILE, MANIFEST_FILE]
+    if "zarr" in formats:
+        files += [CHUNK_CRC_FILE, f"{ZARR_DIR}/zarr.json"]
+        files += [f"{ZARR_DIR}/{name}/zarr.json" for name in ARRAYS]
+    return files
+
+
+def _canonical(doc: dict) -> bytes:
+    body = {k: v for k, v in doc.items() if k != SEAL_KEY}
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def seal(doc: dict) -> dict:
+    """meta.json's document with the sha256 of its canonical form (every other key, sorted,
+    compact) under SEAL_KEY."""
+    return {**doc, SEAL_KEY: hashlib.sha256(_canonical(doc)).hexdigest()}
+
+
+def check_seal(doc: dict) -> bool | None:
+    """Whether meta.json's document is the one its build sealed; None for a store built
+    before the seal existed."""
+    if SEAL_KEY not in doc:
+        return None
+    return doc[SEAL_KEY] == hashlib.sha256(_canonical(doc)).hexdigest()
 
 
 def n_shards(n_episodes: int) -> int:
@@ -226,6 +262,7 @@ class StoreMeta:
     plan: dict[str, Any]
     complete: bool = True
     format_version: int = FORMAT_VERSION
+    metadata: dict[str, str] = field(default_factory=dict)  # file -> sha256 ({} before 2026-12)
 
     @property
     def n_tasks(self) -> int:
@@ -284,6 +321,7 @@ class StoreMeta:
                 for s in self.sources
             ],
             "plan": self.plan,
+            **({"metadata": dict(sorted(self.metadata.items()))} if self.metadata else {}),
         }
 
     @classmethod
@@ -294,6 +332,10 @@ class StoreMeta:
             raise MetaError(f"not a JSON object but {type(doc).__name__}")
         if doc.get("format_version") != FORMAT_VERSION:
             raise MetaVersionError(f"format version {doc.get('format_version')}")
+        if check_seal(doc) is False or (check_seal(doc) is None and "metadata" in doc):
+            raise MetaError(
+                f"changed after the build: its {SEAL_KEY} is not the sha256 of the rest of it"
+            )
         try:
             ds = doc["dataset"]
             meta = cls(
@@ -321,12 +363,13 @@ class StoreMeta:
                 ),
                 plan=dict(doc["plan"]),
                 complete=doc.get("complete") is True,
+                metadata={str(k): str(v) for k, v in doc.get("metadata", {}).items()},
             )
             wrong = {
                 "dataset.n_tasks": (ds["n_tasks"], meta.n_tasks),
                 "episodes_per_shard": (doc["episodes_per_shard"], EPISODES_PER_SHARD),
             }
-        except (KeyError, IndexError, TypeError, ValueError) as e:
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
             raise MetaError(f"missing or malformed field: {e!r}") from None
         for key, (got, want) in wrong.items():
             if got != want:

@@ -43,7 +43,7 @@ from numcodecs import blosc
 
 from datapipe import format as fmt
 from datapipe.errors import CorruptStoreError, StoreVersionError
-from datapipe.store import Store, repair_command
+from datapipe.store import Store, check_metadata_file, repair_command
 
 _INDEX_CODECS = [{"name": "bytes", "configuration": {"endian": "little"}}, {"name": "crc32c"}]
 _CRC32C_RESIDUE = 0x48674BC7  # crc32c of any buffer followed by its own crc32c (little-endian)
@@ -59,8 +59,11 @@ class _Array:
 
     def __init__(self, store: Store, name: str):
         self.name = name
-        meta_path = store.location.child(f"{fmt.ZARR_DIR}/{name}/zarr.json")
-        meta = json.loads(store.location.read_bytes(f"{fmt.ZARR_DIR}/{name}/zarr.json"))
+        rel = f"{fmt.ZARR_DIR}/{name}/zarr.json"
+        meta_path = store.location.child(rel)
+        blob = store.location.read_bytes(rel)
+        check_metadata_file(store.location, store.meta, rel, blob)
+        meta = json.loads(blob)
         self.shape = tuple(meta["shape"])
         self.fill_value = meta["fill_value"]
         shard_shape = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])

@@ -88,10 +88,23 @@ def repair_command(loc: Location, src: str | None = None) -> str:
     return shlex.join(["datapipe", "repair", loc.url, "--src", str(src)])
 
 
-def _load_manifest(loc: Location) -> tuple[dict[str, dict], str]:
-    """manifest.json's {file: {"size", "sha256"}}, checked for that shape, and the sha256 of
-    the file."""
+def check_metadata_file(loc: Location, meta: fmt.StoreMeta, rel: str, blob: bytes) -> None:
+    """CorruptStoreError unless metadata file `rel` has the sha256 meta.json records for it
+    (a store built before meta.json recorded them passes)."""
+    want = meta.metadata.get(rel)
+    if want is not None and hashlib.sha256(blob).hexdigest() != want:
+        raise CorruptStoreError(
+            f"{loc.child(rel)}: changed after the build (its sha256 is not the one "
+            f"{fmt.META_FILE} records), so the store cannot be trusted. Restore the file from "
+            f"a copy of the store, or rebuild it into a new folder: `{rebuild_command(loc)}`."
+        )
+
+
+def _load_manifest(loc: Location, meta: fmt.StoreMeta) -> tuple[dict[str, dict], str]:
+    """manifest.json's {file: {"size", "sha256"}}, checked against meta.json and for that
+    shape, and the sha256 of the file."""
     doc, blob = _load_json_bytes(loc, fmt.MANIFEST_FILE)
+    check_metadata_file(loc, meta, fmt.MANIFEST_FILE, blob)
     files = doc.get("files") if isinstance(doc, dict) else None
     if not isinstance(files, dict) or not all(
         isinstance(v, dict) and {"size", "sha256"} <= v.keys() for v in files.values()
@@ -173,10 +186,13 @@ class Store:
         self._checked: dict[str, tuple] = {}  # file -> its stamp when it last passed
         try:
             self.meta = check_complete(loc) if meta is None else meta
-            self.index = _load_json(loc, fmt.INDEX_FILE) if index is None else index
+            if index is None:
+                index, blob = _load_json_bytes(loc, fmt.INDEX_FILE)
+                check_metadata_file(loc, self.meta, fmt.INDEX_FILE, blob)
+            self.index = index
             self._manifest, self.chunk_crcs = {}, None
             if check_files:
-                self._manifest, manifest_sha256 = _load_manifest(loc)
+                self._manifest, manifest_sha256 = _load_manifest(loc, self.meta)
                 if "zarr" in self.meta.formats:
                     n_shards = fmt.n_shards(self.meta.n_episodes)
                     self.chunk_crcs = _load_crc_table(loc, n_shards, manifest_sha256)
@@ -299,8 +315,12 @@ class Store:
 
     @cached_property
     def _zarr(self):
+        """The Zarr group, opened once its metadata files passed `check_metadata_file`."""
         import zarr
 
+        for rel in fmt.metadata_files(["zarr"]):
+            if rel.startswith(fmt.ZARR_DIR) and rel in self.meta.metadata:
+                check_metadata_file(self.location, self.meta, rel, self.location.read_bytes(rel))
         return zarr.open_group(self.location.child(fmt.ZARR_DIR), mode="r")
 
     def read_array(self, name: str, lo: int, hi: int) -> np.ndarray:

@@ -31,7 +31,7 @@ from datapipe.errors import DatapipeError
 from datapipe.location import Location
 from datapipe.progress import track
 from datapipe.shardreader import ShardReader
-from datapipe.source import ChunkReader, scan_sources
+from datapipe.source import ChunkReader, file_sha256, scan_sources
 from datapipe.store import Store, rebuild_command, repair_command
 
 # problems located in a shard's data, which rebuilding that shard fixes
@@ -175,13 +175,30 @@ def _check_metadata(root: Location, report: Report) -> tuple[fmt.StoreMeta, dict
         return None
     if not meta.complete:
         report.add("incomplete", fmt.META_FILE, "the store is not marked complete")
+    _check_metadata_files(root, meta, report)
     return meta, index, manifest
+
+
+def _check_metadata_files(root: Location, meta: fmt.StoreMeta, report: Report) -> None:
+    """Every metadata file has the sha256 meta.json records (stores built since it does)."""
+    for rel, want in sorted(meta.metadata.items()):
+        if not root.exists(rel):
+            report.add("missing-file", rel, "metadata file is missing")
+        elif hashlib.sha256(root.read_bytes(rel)).hexdigest() != want:
+            report.add(
+                "metadata",
+                rel,
+                f"changed after the build: its sha256 is not the one {fmt.META_FILE} records",
+            )
+        report.count("metadata checksums")
 
 
 def _check_crc_table(root: Location, meta: fmt.StoreMeta, report: Report) -> None:
     """chunks.crc32c (stores built since it exists) is whole and made for this manifest."""
     if "zarr" not in meta.formats or not root.exists(fmt.CHUNK_CRC_FILE):
         return
+    if any(p.where == fmt.CHUNK_CRC_FILE for p in report.problems):
+        return  # already named by its checksum
     manifest_sha256 = hashlib.sha256(root.read_bytes(fmt.MANIFEST_FILE)).hexdigest()
     try:
         fmt.decode_crc_table(
@@ -446,8 +463,10 @@ def _unfinished(root: Location, report: Report) -> bool:
     return True
 
 
-def _sources(src, meta: fmt.StoreMeta, report: Report) -> list | None:
-    """The source files to compare with, or None (reported) if `src` is not this store's."""
+def _sources(src, meta: fmt.StoreMeta, report: Report, deep: bool) -> list | None:
+    """The source files to compare with, or None (reported) if `src` is not this store's.
+    Provenance: every file's size and quick id (its first and last MiB) against the build
+    plan, and with `deep` its sha256 against the one meta.json records."""
     try:
         sources, _ = scan_sources(src)
     except DatapipeError as e:
@@ -461,7 +480,14 @@ def _sources(src, meta: fmt.StoreMeta, report: Report) -> list | None:
             f"its files differ from the store's sources ({', '.join(built_from)})",
         )
         return None
-    return sources
+    planned = meta.plan.get("sources", [])
+    for s, recorded, plan in zip(sources, meta.sources, planned, strict=False):
+        if (s.size, s.quick_id) != (plan.get("size"), plan.get("quick_id")):
+            report.add("source", s.name, "not the file the store was built from (size or bytes)")
+        elif deep and file_sha256(s.path) != recorded.sha256:
+            report.add("source", s.name, f"its sha256 differs from the one {fmt.META_FILE} records")
+        report.count("source files checked" + (" (sha256)" if deep else ""))
+    return sources  # compared even where provenance failed: the report says where they differ
 
 
 def verify(
@@ -494,7 +520,7 @@ def verify(
     n = store.n_episodes
     sources, picks = None, set()
     if src is not None:
-        sources = _sources(src, meta, report)
+        sources = _sources(src, meta, report, deep)
         picks = (
             set(range(n))
             if deep

@@ -20,6 +20,7 @@ from conftest import build_store, make_source, store_digest
 
 from datapipe import format as fmt
 from datapipe.errors import BuildWriteError, CorruptStoreError, SourceError
+from datapipe.shardreader import ShardReader
 from datapipe.store import open_store
 from datapipe.verify import verify
 
@@ -115,11 +116,61 @@ def test_truncated_metadata_is_reported(store, name):
 def test_a_missing_or_malformed_meta_field_is_named(store, damage, named):
     meta = json.loads((store / fmt.META_FILE).read_text())
     damage(meta)
-    (store / fmt.META_FILE).write_text(json.dumps(meta))
+    (store / fmt.META_FILE).write_text(json.dumps(fmt.seal(meta)))  # as a faulty writer would
     (p,) = verify(store).problems
     assert (p.kind, p.where) == ("metadata", fmt.META_FILE) and named in p.detail
     with pytest.raises(CorruptStoreError, match=f"{fmt.META_FILE}: .*{named}.* into a new folder"):
         open_store(store)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m["sources"][0].update(sha256="0" * 64),  # provenance
+        lambda m: m["dataset"].update(rows_per_episode=m["dataset"]["rows_per_episode"] - 1),
+        lambda m: m["metadata"].update({fmt.INDEX_FILE: "0" * 64}),
+        lambda m: m.pop(fmt.SEAL_KEY),  # a checksummed store never lacks its seal
+    ],
+)
+def test_any_edit_of_meta_json_is_named(store, edit):
+    meta = json.loads((store / fmt.META_FILE).read_text())
+    edit(meta)
+    (store / fmt.META_FILE).write_text(json.dumps(meta))
+    (p,) = verify(store).problems
+    assert (p.kind, p.where) == (
+        "metadata",
+        fmt.META_FILE,
+    ) and "changed after the build" in p.detail
+    with pytest.raises(CorruptStoreError, match=f"{fmt.META_FILE}: changed after the build"):
+        open_store(store)
+
+
+@pytest.mark.parametrize("rel", [fmt.INDEX_FILE, fmt.MANIFEST_FILE, "episodes.zarr/obs/zarr.json"])
+def test_an_edited_metadata_file_is_named_by_open_and_verify(store, rel):
+    """A small edit that leaves the file valid (a task label, a sha256, a shape) is named."""
+    path = store / rel
+    doc = json.loads(path.read_text())
+    if rel == fmt.INDEX_FILE:
+        doc["tasks"][0]["name"], doc["tasks"][1]["name"] = (
+            doc["tasks"][1]["name"],
+            doc["tasks"][0]["name"],
+        )
+    elif rel == fmt.MANIFEST_FILE:
+        first = next(iter(doc["files"].values()))
+        first["sha256"] = "0" * 64
+    else:
+        doc["shape"][0] += 1
+    path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    problems = verify(store).problems
+    assert ("metadata", rel) in [(p.kind, p.where) for p in problems]
+    assert "changed after the build" in problems[0].detail and problems[0].where == rel
+    with pytest.raises(CorruptStoreError, match=f"{rel}: changed after the build"):
+        store_ = open_store(store)
+        ShardReader(store_)  # the array metadata is trusted once a reader opens it
+    from datapipe.repair import repair
+
+    with pytest.raises(CorruptStoreError, match="into a new folder"):
+        repair(store, store)  # metadata is not a shard: repair refuses before reading --src
 
 
 def test_stored_values_that_break_the_policy_are_reported(store):
@@ -151,7 +202,11 @@ def test_source_mismatch_is_reported(small_source, store, tmp_path):
     data["reward"][4, 10] += 1.0
     save_chunk(data, src / "chunk_1.pt")
     report = verify(store, src=src, deep=True)
-    assert [(p.kind, p.episodes) for p in report.problems] == [("source-mismatch", [104, 105])]
+    assert [(p.kind, p.episodes) for p in report.problems] == [
+        ("source", None),  # provenance: chunk_1.pt is not the file the store was built from
+        ("source-mismatch", [104, 105]),  # and where it differs
+    ]
+    assert report.problems[0].where == "chunk_1.pt"
 
 
 def test_verify_cli_exit_codes_and_json(store):
@@ -295,9 +350,9 @@ def test_repair_refuses_another_source_and_metadata_damage(small_source, store, 
 def test_damaged_array_metadata_is_reported(store):
     (store / fmt.ZARR_DIR / "obs" / "zarr.json").write_text("{")
     report = verify(store)
-    assert [p.kind for p in report.problems] == ["metadata"] and "zarr.json" in report.problems[
-        0
-    ].where
+    assert [p.kind for p in report.problems] == ["metadata", "metadata"]
+    assert report.problems[0].where == f"{fmt.ZARR_DIR}/obs/zarr.json"  # its checksum
+    assert "zarr.json" in report.problems[1].where  # and what the reader made of it
 
 
 # --- a shard file that is not the one the manifest names -----------------------------------
