@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -207,13 +208,41 @@ def test_plan_order_kinds_and_threads(store, teacher, tmp_path):
         (('kind = "reference"', 'kind = "reference"\nsteps = 3'), "reference arm and sets 'steps'"),
         (('name = "distill"', 'name = "distill"\neval_episodes = 2'), "cannot be compared: eval_episodes"),
         (('name = "distill"', 'name = "distill"\nshards = "/nonexistent"'), "shards = '/nonexistent'"),
+        (("steps = 6", "steps = true"), "[base] steps = True: must be an integer"),
+        (("steps = 6", 'steps = "ten"'), "[base] steps = 'ten': must be an integer"),
+        (("steps = 6", "steps = 40.5"), "[base] steps = 40.5: must be an integer"),
+        (("d_coef = 0.4", 'd_coef = "0.4"'), "[[arm]] 'distill' d_coef = '0.4': must be a number"),
+        (("cache_gb = 0.05", "cache_gb = 1"), None),  # an integer is a number
+        (('device = "cpu"', "device = 1"), "device = 1: must be a string"),
+        (("eval_episodes = 1", "eval_episodes = 1\namp = 1"), "amp = 1: must be true or false"),
     ],
 )  # fmt: skip
 def test_bad_spec_is_refused_naming_the_key(store, teacher, tmp_path, change, message):
     text = spec_text(store, teacher).replace(*change, 1)
+    if message is None:
+        load_spec(write_spec(tmp_path, text), tmp_path / "out")
+        return
     with pytest.raises(SpecError, match=_escape(message)):
         load_spec(write_spec(tmp_path, text), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_reference_arm_is_kept_only_while_its_checkpoint_is_the_file_evaluated(
+    finished, teacher, tmp_path
+):
+    """Keyed by the checkpoint's sha256: changed in place (or another file by that path),
+    the reference run is evaluated again instead of reported with the old score."""
+    from trainer.experiment import Run, run_state
+
+    out = tmp_path / "teacher" / "seed1"
+    out.mkdir(parents=True)
+    shutil.copy(finished / "teacher" / "seed1" / "eval.json", out / "eval.json")
+    model = shutil.copy(teacher, tmp_path / "model.pt")
+    run = Run("teacher", "reference", 1, out, checkpoint=Path(model))
+    assert run_state(run) == "done"
+    with open(model, "ab") as f:
+        f.write(b"\0")
+    assert run_state(run) == "new"
 
 
 def test_missing_teacher_and_other_settings_in_a_used_folder(store, teacher, tmp_path):
@@ -234,7 +263,18 @@ def _escape(text: str) -> str:
 
 
 @pytest.mark.parametrize(
-    "name", ["paper-table1", "paper-table2", "cpu-study", "demo", "bench-jobs"]
+    "name",
+    [
+        "paper-table1",
+        "paper-table2",
+        "cpu-study",
+        "cpu-study-10k",
+        "cpu-study-scarce-2",
+        "cpu-study-scarce-8",
+        "pool-ab",
+        "demo",
+        "bench-jobs",
+    ],
 )
 def test_shipped_specs_are_valid(name, tmp_path):
     """Every shipped spec passes every check but those of files made elsewhere."""

@@ -56,6 +56,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,7 @@ from typing import Any
 
 from datapipe.location import only_writer
 from datapipe.progress import Progress
+from datapipe.source import file_sha256
 from trainer.checkpoint import CheckpointError, read_checkpoint
 from trainer.config import TrainConfig
 from trainer.errors import TrainConfigError
@@ -79,7 +81,6 @@ from trainer.traineval import EvalProtocol
 EXPERIMENT_FILE = "experiment.json"
 REFERENCE_FILE = "eval.json"  # a reference run's result (trainer.evaluate.write_outputs)
 RUN_LOG = "run.log"  # a run's stdout and stderr
-LOCK_FILE = "experiment.lock"  # held while an experiment runs in the folder
 FORMAT, VERSION = "mt30-experiment", 1
 
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -269,11 +270,36 @@ def _seeds(spec: Path, where: str, seeds: Any) -> list[int]:
     return list(seeds)
 
 
+def _accepts(kind: Any, value: Any) -> bool:
+    """Whether a TOML value is of a setting's type: a bool is no number, a float no int."""
+    kinds = typing.get_args(kind) or (kind,)
+    if isinstance(value, bool):
+        return bool in kinds
+    if isinstance(value, int):
+        return int in kinds or float in kinds
+    if isinstance(value, float):
+        return float in kinds
+    if isinstance(value, str):
+        return str in kinds or Path in kinds
+    return False
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
 def _normalise(spec: Path, where: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings with lists joined as the CLI spells them, each checked for its type."""
     out = dict(settings)
     for key in _LIST_SETTINGS & set(out):
-        if isinstance(out[key], list):
-            out[key] = ",".join(str(v) for v in out[key])
+        if isinstance(out[key], list) and all(isinstance(v, str) for v in out[key]):
+            out[key] = ",".join(out[key])
+    hints = typing.get_type_hints(TrainConfig)
+    for key, value in out.items():
+        if key in hints and not _accepts(hints[key], value):
+            kinds = typing.get_args(hints[key]) or (hints[key],)
+            want = next(_TYPE_WORDS[k] for k in (*kinds, str) if k in _TYPE_WORDS)
+            want += " or a list of strings" if key in _LIST_SETTINGS else ""
+            raise SpecError(f"{spec}: {where} {key} = {value!r}: must be {want}")
     return out
 
 
@@ -418,15 +444,25 @@ def _checkpoint_step(run: Run) -> int:
 
 
 def run_state(run: Run) -> str:
-    """done | resume | new."""
+    """done | resume | new. A reference run is done when its eval.json is of the checkpoint
+    file as it is now (its sha256): a changed file, in place or by path, is evaluated again."""
     if run.config is None:
-        return "done" if (run.out / REFERENCE_FILE).is_file() else "new"
+        return "done" if _evaluated_sha256(run) == file_sha256(run.checkpoint) else "new"
     if not (run.out / CHECKPOINT_FILE).is_file():
         return "new"
     summary = run.out / SUMMARY_FILE
     if summary.is_file() and json.loads(summary.read_text()).get("final_step") == run.steps:
         return "done"
     return "resume"
+
+
+def _evaluated_sha256(run: Run) -> str | None:
+    """The sha256 of the checkpoint a reference run's eval.json evaluated, if it has one."""
+    try:
+        result = json.loads((run.out / REFERENCE_FILE).read_text())
+        return result["protocol"]["checkpoint_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def run_experiment(
@@ -456,6 +492,12 @@ def _run_planned(exp: Experiment, jobs: int, progress: bool) -> Path:
     todo = [run for run in exp.runs if states[run.name] != "done"]
     kept = len(exp.runs) - len(todo)
     resumed = sum(states[r.name] == "resume" for r in todo)
+    for run in todo:
+        if run.config is None and (run.out / REFERENCE_FILE).is_file():
+            print(
+                f"{run.out}: {run.checkpoint} is not the file its {REFERENCE_FILE} evaluated "
+                f"(sha256 differs): evaluating it again"
+            )
     print(
         f"{exp.out}: {len(exp.runs)} runs ({kept} finished, {resumed} to resume, "
         f"{len(todo) - resumed} to start), {jobs} at a time"
@@ -480,9 +522,9 @@ class ExperimentError(TrainConfigError):
 
 @contextlib.contextmanager
 def _only_experiment_in(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on OUT/experiment.lock: two experiments writing the same run
-    folders would corrupt them. The lock goes with the process, however it ends."""
-    with only_writer(out, LOCK_FILE, "another `trainer experiment`", ExperimentError):
+    """Hold an exclusive lock on OUT: two experiments writing the same run folders would
+    corrupt them. The lock goes with the process, however it ends."""
+    with only_writer(out, "another `trainer experiment`", ExperimentError):
         yield
 
 
