@@ -27,7 +27,7 @@ from datapipe.errors import (
     DestinationError,
     SourceError,
 )
-from datapipe.location import Location, folder_lock, is_storage_error
+from datapipe.location import Location, is_storage_error, only_writer
 from datapipe.options import setting
 from datapipe.progress import Progress
 from datapipe.source import NOT_PLANNED, Layout, SourceFile, scan_sources
@@ -330,7 +330,7 @@ def _build(cfg, dst: Location, sources, layout: Layout, ts: TaskSet, plan, comma
     if not dst.local:
         return _build_locked(cfg, dst, sources, layout, ts, plan, command)
     _check_is_folder(dst)
-    with folder_lock(dst.root, "another `datapipe build`", DestinationError):
+    with only_writer(dst.root, "another `datapipe build`", DestinationError):
         return _build_locked(cfg, dst, sources, layout, ts, plan, command)
 
 

@@ -209,51 +209,66 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def only_writer(folder: str | os.PathLike, name: str, what: str, error: type[Exception]):
-    """Hold an exclusive lock on `folder`/`name` (created with the folder) while the block
-    runs, with this process's pid in it; if another process holds it, raise `error` naming
-    that pid. The kernel releases the lock when the process ends, however it ends, so a
-    crash leaves no stale lock. Local folders only: object stores have no such lock."""
-    import fcntl
-
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    with open(Path(folder) / name, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            pid = f.read().strip() or "?"
-            raise error(
-                f"{folder}: {what} (pid {pid}) is writing here; wait for it to end or stop it, "
-                f"or use another folder"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        yield
-
-
-@contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, what: str, error: type[Exception]):
+def only_writer(folder: str | os.PathLike, what: str, error: type[Exception]):
     """Hold an exclusive lock on the folder itself (created if missing; no file is added to
-    it) while the block runs; if another process holds it, raise `error` naming that
-    process's pid (from /proc/locks, on Linux). Released by the kernel with the process."""
-    import fcntl
-
+    it) while the block runs: one writer per folder (a store being built, a run, an
+    experiment, an evaluation's outputs). If another process holds it, raise `error` naming
+    that process's pid (from /proc/locks, on Linux). The kernel releases it with the
+    process, however that ends: no stale locks. Local folders only: object stores have no
+    such lock."""
     Path(folder).mkdir(parents=True, exist_ok=True)
     fd = os.open(folder, os.O_RDONLY)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise error(
-                f"{folder}: {what} (pid {_flock_holder(fd)}) is writing here; wait for it to "
-                f"end or stop it"
-            ) from None
+        _lock(fd, folder, what, error)
         yield
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def only_writer_of_file(path: str | os.PathLike, what: str, error: type[Exception]):
+    """`only_writer` for one output file (an exported or quantized model): the lock is held
+    on a hidden `.NAME.lock` beside it, removed when the block ends (a crash leaves the empty
+    file, whose lock the kernel has dropped)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.parent / f".{path.name}.lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            _lock(fd, path, what, error)
+            if _same_file(fd, lock):  # not removed by a writer that finished meanwhile
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+def _lock(fd: int, target, what: str, error: type[Exception]) -> None:
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise error(
+            f"{target}: {what} (pid {_flock_holder(fd)}) is writing here; wait for it to end "
+            f"or stop it, or write elsewhere"
+        ) from None
 
 
 def _flock_holder(fd: int) -> str:

@@ -43,9 +43,9 @@ needs_td_mpc_opt = pytest.mark.skipif(
 @contextlib.contextmanager
 def lock_held_elsewhere(lock: str) -> Iterator[int]:
     """Another process holding `lock` (a `datapipe.location` lock call, e.g.
-    "folder_lock('/x', 'a test', RuntimeError)") while the block runs; yields its pid."""
+    "only_writer('/x', 'a test', RuntimeError)") while the block runs; yields its pid."""
     code = (
-        "import time; from datapipe.location import folder_lock, only_writer\n"
+        "import time; from datapipe.location import only_writer, only_writer_of_file\n"
         f"with {lock}:\n    print('held', flush=True); time.sleep(60)"
     )
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

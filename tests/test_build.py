@@ -252,7 +252,7 @@ def test_a_second_build_into_a_destination_being_built_is_refused(small_source, 
     from conftest import lock_held_elsewhere
 
     dst = tmp_path / "store"
-    with lock_held_elsewhere(f"folder_lock({str(dst)!r}, 'a test', RuntimeError)") as pid:
+    with lock_held_elsewhere(f"only_writer({str(dst)!r}, 'a test', RuntimeError)") as pid:
         _refused(["--src", str(small_source), "--dst", str(dst)],
                  f"another `datapipe build` (pid {pid})")  # fmt: skip
         assert list(dst.iterdir()) == []

@@ -198,3 +198,73 @@ def test_paper_quantized_fixtures_refused(name, tmp_path):
     with pytest.raises(QuantizedCheckpointError, match=r"scale: 1\.0.*unusable"):
         run_eval(cfg)
     assert not (tmp_path / "eval.json").exists()
+
+
+def _file_size_limit(limit: int):
+    import resource
+    import signal
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-large write fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.parametrize("command", ["eval", "export"])
+def test_a_full_disk_is_a_message_and_leaves_no_partial_file(tiny_checkpoint, tmp_path, command):
+    """Every output is written whole or not at all; the user reads what failed and the fix."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    args = {
+        "eval": ["eval", "--checkpoint", str(tiny_checkpoint), "--tasks", "cartpole-swingup",
+                 "--episodes", "1", "--no-mpc", "--max-steps", "2", "--workers", "0",
+                 "--no-progress", "--out", str(out)],
+        "export": ["export", str(tiny_checkpoint), "--out", str(out / "model.pt")],
+    }[command]  # fmt: skip
+    out.mkdir()
+    run = subprocess.run(
+        [sys.executable, "-m", "trainer.cli", *args],
+        capture_output=True,
+        text=True,
+        preexec_fn=_file_size_limit(20_000),  # the eval's CSV fits, its figure does not
+    )
+    assert run.returncode == 1, run.stderr
+    assert "Traceback" not in run.stderr and "Free disk space" in run.stderr, run.stderr
+    left = sorted(p.name for p in out.iterdir())
+    assert left == (["eval.csv"] if command == "eval" else []), left  # no temp, no 0-byte file
+
+
+@pytest.mark.parametrize("command", ["eval", "export", "quantize"])
+def test_a_second_writer_of_the_same_output_is_refused(tiny_checkpoint, tmp_path, command):
+    """One writer per output, as for runs and stores: the second names the first's pid and
+    writes nothing; once the first is gone the output can be written."""
+    from conftest import lock_held_elsewhere
+
+    from trainer.checkpoint import export
+    from trainer.errors import BusyError
+    from trainer.quantize import QuantizeConfig, run_quantize
+
+    out = tmp_path / ("eval" if command == "eval" else "model.pt")
+    lock = {
+        "eval": f"only_writer({str(out)!r}, 'a test', RuntimeError)",
+        "export": f"only_writer_of_file({str(out)!r}, 'a test', RuntimeError)",
+        "quantize": f"only_writer_of_file({str(out)!r}, 'a test', RuntimeError)",
+    }[command]
+    write = {
+        "eval": lambda: run_eval(EvalConfig(checkpoint=tiny_checkpoint, tasks="cartpole-swingup",
+                                            episodes=1, mpc=False, workers=0, max_steps=2,
+                                            out=out, progress=False)),
+        "export": lambda: export(tiny_checkpoint, out),
+        "quantize": lambda: run_quantize(QuantizeConfig(checkpoint=tiny_checkpoint, out=out,
+                                                        dtype="fp16")),
+    }[command]  # fmt: skip
+    with lock_held_elsewhere(lock) as pid:
+        with pytest.raises(BusyError, match=rf"another `trainer {command}` \(pid {pid}\)"):
+            write()
+        assert not (out / "eval.json" if command == "eval" else out).exists()
+    write()
+    assert (out / "eval.json" if command == "eval" else out).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

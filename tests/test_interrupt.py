@@ -152,7 +152,6 @@ def test_second_signal_aborts_without_a_half_written_checkpoint(store, tmp_path,
         "config.json",
         "metrics.csv",
         "metrics.jsonl",
-        "run.lock",  # the run's writer lock (released with the process)
     ]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 

@@ -405,12 +405,12 @@ def test_a_file_for_the_store_is_refused(tmp_path):
 
 
 def test_two_runs_into_one_folder_the_second_is_refused(store, tmp_path):
-    """While a process writes a run folder (holds its run.lock), another `trainer train`
+    """While a process writes a run folder (holds its lock), another `trainer train`
     into it stops at once naming that process; the lock goes when the process ends."""
     from conftest import lock_held_elsewhere
 
     out = tmp_path / "run"
-    lock = f"only_writer({str(out)!r}, 'run.lock', 'a test', RuntimeError)"
+    lock = f"only_writer({str(out)!r}, 'a test', RuntimeError)"
     with lock_held_elsewhere(lock) as pid:
         with pytest.raises(ResumeError, match=rf"another `trainer train/distill` \(pid {pid}\)"):
             train(config(store, out, steps=1))

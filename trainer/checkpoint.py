@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from datapipe.location import atomic_file
-from trainer.errors import TrainError
+from datapipe.location import atomic_file, only_writer_of_file
+from trainer.errors import BusyError, TrainError
 from trainer.model import WorldModel
 from trainer.presets import PRESETS, ModelConfig
 
@@ -487,5 +487,6 @@ def export(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     src, dst = Path(src), Path(dst)
     if src.resolve() == dst.resolve():
         raise CheckpointError(f"export would overwrite its source {src}; choose another --out")
-    save_official(load_any(src).float(), dst)
+    with only_writer_of_file(dst, "another `trainer export`", BusyError):
+        save_official(load_any(src).float(), dst)
     return dst

@@ -7,6 +7,7 @@ one-line messages.
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 from collections.abc import Callable
@@ -249,6 +250,9 @@ def _train(kw: dict[str, Any], command: str) -> None:
     _run(lambda: train(cfg))
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def _run(fn: Callable[[], Any]) -> Any:
     """Call `fn`, turning the project's own errors into one-line messages (exit 1) and a
     stopped run into its resume command (exit 128 + the signal). Any other exception is a
@@ -260,6 +264,15 @@ def _run(fn: Callable[[], Any]) -> Any:
         sys.exit(e.exit_code)
     except (DatapipeError, TrainError) as e:  # CheckpointError is a TrainError
         raise click.ClickException(str(e)) from e
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        raise click.ClickException(
+            f"{where}writing failed: {e.strerror}. Free disk space (or raise the quota) and run "
+            f"the command again: every file is written whole or not at all, and a training run "
+            f"continues from its last checkpoint with --resume."
+        ) from e
 
 
 if __name__ == "__main__":

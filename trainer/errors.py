@@ -30,5 +30,9 @@ class ReplicaMismatchError(TrainError, RuntimeError):
     """Data-parallel ranks hold different model states, or drew the same batch (--ddp-check)."""
 
 
+class BusyError(TrainError, RuntimeError):
+    """Another process is writing the same output (run folder, evaluation, model file)."""
+
+
 class ReportError(TrainError, ValueError):
     """An experiment folder cannot be reported on (not one, another format, runs missing)."""

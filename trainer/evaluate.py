@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import multiprocessing as mp
 import os
@@ -51,10 +52,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from datapipe.location import atomic_file, only_writer
 from datapipe.options import setting
 from datapipe.progress import Progress
 from datapipe.tasksets import MT30, TaskSet
-from trainer.errors import IncompatibleDataError, TrainConfigError
+from trainer.errors import BusyError, IncompatibleDataError, TrainConfigError
 from trainer.model import WorldModel
 from trainer.options import resolve_device
 from trainer.plan import OFFICIAL_MPPI, Actor, MPPIConfig, describe_protocol
@@ -486,18 +488,21 @@ def write_outputs(result: EvalResult, out: str | os.PathLike) -> dict[str, Path]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out / "eval.csv", "json": out / "eval.json", "png": out / "eval.png"}
-    with open(paths["csv"], "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["task_id", "task", "episodes", "mean_return", "std_return", "score", "returns"])
-        for t in result.tasks:
-            w.writerow(
-                [t.task_id, t.task, len(t.returns), f"{t.mean_return:.3f}",
-                 f"{np.std(t.returns):.3f}", f"{t.score:.3f}",
-                 " ".join(f"{r:.3f}" for r in t.returns)]
-            )  # fmt: skip
-        w.writerow(["", "normalized_score", "", "", "", f"{result.normalized_score:.3f}", ""])
-    paths["json"].write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(["task_id", "task", "episodes", "mean_return", "std_return", "score", "returns"])
+    for t in result.tasks:
+        w.writerow(
+            [t.task_id, t.task, len(t.returns), f"{t.mean_return:.3f}",
+             f"{np.std(t.returns):.3f}", f"{t.score:.3f}",
+             " ".join(f"{r:.3f}" for r in t.returns)]
+        )  # fmt: skip
+    w.writerow(["", "normalized_score", "", "", "", f"{result.normalized_score:.3f}", ""])
+    with atomic_file(paths["csv"]) as f:  # each file whole or absent (a full disk: OSError)
+        f.write(text.getvalue().encode())
     plot_scores(result, paths["png"])
+    with atomic_file(paths["json"]) as f:  # last: a finished result has all three files
+        f.write((json.dumps(result.to_dict(), indent=2) + "\n").encode())
     return paths
 
 
@@ -529,17 +534,27 @@ def plot_scores(result: EvalResult, path: str | os.PathLike) -> None:
     )  # fmt: skip
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_file(path) as f:  # never a 0-byte figure (a full disk: OSError, no file)
+            fig.savefig(f, dpi=110, format="png")
+    finally:
+        plt.close(fig)
 
 
 def run_eval(cfg: EvalConfig) -> EvalResult:
-    """`trainer eval`: load the checkpoint, evaluate, write the outputs into cfg.out."""
+    """`trainer eval`: load the checkpoint, evaluate, write the outputs into cfg.out (one
+    evaluation at a time per folder)."""
+    with only_writer(cfg.out, "another `trainer eval`", BusyError):
+        return _run_eval(cfg)
+
+
+def _run_eval(cfg: EvalConfig) -> EvalResult:
     from datapipe.source import file_sha256
     from trainer.checkpoint import load_any, read_meta
 
     device = resolve_device(cfg.device)
     names = resolve_tasks(cfg.tasks)
+    sha256 = file_sha256(cfg.checkpoint)  # of the file evaluated, read before it is loaded
     model = load_any(cfg.checkpoint, allow_quantized=cfg.allow_quantized, device=device)
     result = evaluate(
         model, names, cfg.episodes, cfg.mpc, cfg.seed, cfg.workers, cfg.max_steps,
@@ -548,7 +563,7 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
     meta = read_meta(cfg.checkpoint)
     result.protocol |= {
         "checkpoint": Path(cfg.checkpoint).name,
-        "checkpoint_sha256": file_sha256(cfg.checkpoint),
+        "checkpoint_sha256": sha256,
         "quantization": None if meta is None else {k: meta[k] for k in ("dtype", "scheme")},
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
     }

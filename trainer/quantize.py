@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from datapipe.location import atomic_file, only_writer_of_file
 from datapipe.options import setting
 from datapipe.source import file_sha256
 from trainer.checkpoint import (
@@ -43,6 +44,7 @@ from trainer.checkpoint import (
     load_any,
     save_atomic,
 )
+from trainer.errors import BusyError
 from trainer.math import two_hot_inv
 from trainer.model import WorldModel
 from trainer.presets import ModelConfig
@@ -244,7 +246,13 @@ class QuantizeConfig:
 
 def run_quantize(cfg: QuantizeConfig) -> dict[str, Any]:
     """`trainer quantize`: write the quantized file, then report its size, its fidelity
-    against the float32 source on held-out batches and the policy-only score change."""
+    against the float32 source on held-out batches and the policy-only score change (one
+    writer per output file)."""
+    with only_writer_of_file(cfg.out, "another `trainer quantize`", BusyError):
+        return _run_quantize(cfg)
+
+
+def _run_quantize(cfg: QuantizeConfig) -> dict[str, Any]:
     import json
 
     from trainer.evaluate import evaluate
@@ -295,7 +303,8 @@ def run_quantize(cfg: QuantizeConfig) -> dict[str, Any]:
                 for a, b in zip(runs["fp32"].tasks, runs[cfg.dtype].tasks, strict=True)
             },
         }
-    Path(f"{cfg.out}.report.json").write_text(json.dumps(report, indent=2) + "\n")
+    with atomic_file(f"{cfg.out}.report.json") as f:
+        f.write((json.dumps(report, indent=2) + "\n").encode())
     return report
 
 

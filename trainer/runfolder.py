@@ -19,7 +19,6 @@ from trainer.traineval import BEST_FILE, BEST_INFO_FILE
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
-RUN_LOCK_FILE = "run.lock"  # held by the process writing the run (datapipe.location.only_writer)
 
 
 def resume_config(out: Path, given: dict[str, Any], command: str) -> TrainConfig:

@@ -48,7 +48,6 @@ from trainer.model import WorldModel
 from trainer.presets import ModelConfig
 from trainer.runfolder import (
     CONFIG_FILE,
-    RUN_LOCK_FILE,
     SUMMARY_FILE,
     check_out_beside_store,
     check_resumable,
@@ -101,7 +100,7 @@ def train(cfg: TrainConfig) -> Path:
         process_group(ranks, device, None if protocol is None else protocol.wait()),
         contextlib.ExitStack() as held,
     ):
-        lock = only_writer(cfg.out, RUN_LOCK_FILE, "another `trainer train/distill`", ResumeError)
+        lock = only_writer(cfg.out, "another `trainer train/distill`", ResumeError)
         ranks.on_main(lambda: held.enter_context(lock))  # one run per folder; rank 0 writes
         return _train(cfg, ranks, device)
 
