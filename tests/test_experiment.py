@@ -283,3 +283,31 @@ def test_shipped_specs_are_valid(name, tmp_path):
     assert exp.runs and all(r.config is None or r.config.eval_every for r in exp.runs)
     if name.startswith("paper"):
         assert exp.eval["mpc"] and exp.eval["episodes"] == 10 and len(exp.eval["tasks"]) == 30
+
+
+def test_what_every_run_needs_is_checked_before_the_first(store, teacher, tmp_path, monkeypatch):
+    """An untrained teacher and a missing evaluation package stop the experiment before any
+    run, naming the key and the install command, instead of failing in a run's log."""
+    from tools.make_teacher import make_teacher
+
+    untrained = make_teacher(1, tmp_path / "untrained.pt", seed=7)  # reward head all zeros
+    text = spec_text(store, teacher).replace(f'teacher = "{teacher}"', f'teacher = "{untrained}"')
+    with pytest.raises(SpecError, match=r"\[\[arm\]\] 'distill' teacher = .*never trained"):
+        load_spec(write_spec(tmp_path, text), tmp_path / "out")
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "dm_control" else real(name)
+    )
+    with pytest.raises(SpecError, match=r"need dm_control: install them with `pip install .*envs"):
+        load_spec(write_spec(tmp_path, spec_text(store, teacher)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_install_hints_follow_the_way_the_package_was_installed(monkeypatch, tmp_path):
+    from datapipe import extras
+
+    assert extras.install_hint("envs") == f"pip install -e '{extras._CHECKOUT}[envs]'"  # a clone
+    monkeypatch.setattr(extras, "_CHECKOUT", tmp_path)  # site-packages: no pyproject.toml beside
+    assert extras.install_hint("envs") == "pip install 'mt30-datapipe[envs]'"

@@ -134,7 +134,7 @@ class TrainConfig:
     wandb: str | None = field(
         default=None,
         metadata={
-            "help": "Also log to this Weights & Biases project (pip install -e '.[wandb]'; "
+            "help": "Also log to this Weights & Biases project (the wandb extra; "
             "WANDB_MODE=offline keeps it local). Same metric names as metrics.csv."
         },
     )

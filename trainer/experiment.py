@@ -62,12 +62,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from datapipe.location import only_writer
 from datapipe.progress import Progress
 from datapipe.source import file_sha256
 from trainer.checkpoint import CheckpointError, read_checkpoint
 from trainer.config import TrainConfig
-from trainer.errors import TrainConfigError
+from trainer.errors import TrainConfigError, TrainError
 from trainer.runfolder import CONFIG_FILE, SUMMARY_FILE
 from trainer.runlog import JSONL_FILE
 from trainer.runstate import (
@@ -174,6 +176,8 @@ def load_spec(
     _check_keys(spec, "[base]", base, set(SETTINGS) | {"seeds"})
     base_seeds = _seeds(spec, "[base]", base.pop("seeds", [1]))
     base = _normalise(spec, "[base]", base)
+    if check_files:
+        _check_packages(spec)
     if not base.get("eval_every"):
         raise SpecError(
             f"{spec}: [base] eval_every is not set; an experiment compares evaluation scores, "
@@ -367,19 +371,49 @@ def _reference_runs(
     return runs, {"checkpoint": str(checkpoint)}
 
 
+# What every experiment needs besides the base package: evaluation (each arm is scored) and
+# the report's statistics. Checked before any run starts, not in a run's log hours later.
+_NEEDED = {"dm_control": "envs", "mujoco": "envs", "matplotlib": "envs", "rliable": "train",
+           "scipy": "train"}  # fmt: skip
+
+
+def _check_packages(spec: Path) -> None:
+    import importlib.util
+
+    from datapipe.extras import install_hint
+
+    missing = [name for name in _NEEDED if importlib.util.find_spec(name) is None]
+    if missing:
+        extras = sorted({_NEEDED[name] for name in missing})
+        raise SpecError(
+            f"{spec}: an experiment evaluates every arm and reports statistics, which need "
+            f"{', '.join(missing)}: install them with "
+            f"{' and '.join(f'`{install_hint(e)}`' for e in extras)}"
+        )
+
+
 def _check_files(spec: Path, where: str, cfg: TrainConfig) -> None:
-    """The store opens; teacher and init files are world models (before any run starts)."""
+    """The store opens; teacher and init files are world models that fit it, and a teacher
+    is trained (before any run starts)."""
     from datapipe.errors import DatapipeError
     from datapipe.store import open_store
+    from trainer.train import load_teacher, store_dims
 
     try:
-        open_store(cfg.shards)
+        store = open_store(cfg.shards)
     except (DatapipeError, OSError) as e:
         raise SpecError(f"{spec}: {where} shards = {cfg.shards!r}: {e}") from None
     for key in ("teacher", "init"):
         path = getattr(cfg, key)
         if path is not None:
             _check_model_file(spec, where, key, path)
+    if cfg.teacher is not None and cfg.d_coef > 0:
+        try:
+            with torch.random.fork_rng(devices=[]):
+                load_teacher(cfg.teacher, read_checkpoint(cfg.teacher), cfg.teacher_size,
+                             store_dims(store))  # fmt: skip
+        except TrainError as e:
+            raise SpecError(f"{spec}: {where} teacher = {str(cfg.teacher)!r}: {e}") from None
 
 
 def _check_model_file(spec: Path, where: str, key: str, path: Path) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 import psutil
 import torch
 
+from datapipe.extras import install_hint
 from trainer.errors import TrainConfigError
 
 # docs/tdmpc2.md#logged-values, in the official order.
@@ -68,7 +69,7 @@ def summary_writer_class() -> type:
     except ImportError as e:
         raise TrainConfigError(
             f"--tensorboard needs the tensorboard package ({e}); install it with "
-            f"`pip install tensorboard` (or `pip install -e '.[train]'`), or leave out "
+            f"`{install_hint('train')}`, or leave out "
             f"--tensorboard: metrics.csv and metrics.jsonl are always written"
         ) from e
     return SummaryWriter
@@ -80,8 +81,8 @@ def wandb_module() -> Any:
         import wandb
     except ImportError as e:
         raise TrainConfigError(
-            f"--wandb needs the wandb package ({e}); install it with `pip install -e "
-            f"'.[wandb]'`, or leave out --wandb: metrics.csv and metrics.jsonl are always written"
+            f"--wandb needs the wandb package ({e}); install it with `{install_hint('wandb')}`, "
+            f"or leave out --wandb: metrics.csv and metrics.jsonl are always written"
         ) from e
     return wandb
 

@@ -274,7 +274,7 @@ class _Run:
         teacher = None
         if teacher_state is not None:
             with torch.random.fork_rng(devices=[]):
-                teacher = _load_teacher(cfg.teacher, teacher_state, cfg.teacher_size, dims)
+                teacher = load_teacher(cfg.teacher, teacher_state, cfg.teacher_size, dims)
             teacher = prepare_teacher(teacher, TEACHER_DTYPES[cfg.teacher_dtype], device)
             teacher_id["size"] = teacher.cfg.model_size
         if cfg.compile:
@@ -460,7 +460,7 @@ def _load_into(model: WorldModel, state: dict[str, Any], path: Path, dims: dict[
         raise CheckpointError(f"--init {path}: {e}. {hint}") from e
 
 
-def _load_teacher(
+def load_teacher(
     path: Path, state: dict[str, Any], size: int | None, dims: dict[str, Any]
 ) -> WorldModel:
     try:

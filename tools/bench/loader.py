@@ -30,6 +30,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from datapipe.extras import install_hint
+
 APPROACHES = ("ours", "official", "numpy")
 
 
@@ -266,7 +268,7 @@ def bench_loader(cfg: BenchLoaderConfig) -> list[dict]:
             import torchrl  # noqa: F401
         except ImportError:
             raise ImportError(
-                "the official approach needs torchrl: `pip install -e '.[bench]'` "
+                f"the official approach needs torchrl: `{install_hint('bench')}` "
                 "(or leave it out: --approach ours --approach numpy)"
             ) from None
         if cfg.src is None:

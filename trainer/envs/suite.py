@@ -14,12 +14,14 @@ from typing import Any
 
 import numpy as np
 
+from datapipe.extras import install_hint
+
 try:
     from dm_control import suite as dm_suite
     from dm_control.suite.wrappers import action_scale
 except ModuleNotFoundError as e:
     raise ModuleNotFoundError(
-        f"trainer.envs needs dm_control ({e.name} is missing): pip install -e '.[envs]'"
+        f"evaluation needs dm_control ({e.name} is missing): {install_hint('envs')}"
     ) from e
 
 from datapipe.tasksets import MT30
@@ -67,7 +69,7 @@ class MT30Env:
             raise RuntimeError(
                 f"{self.task}: dm_control gives obs {obs}, action {act}; MT30 says "
                 f"{self.obs_dim}, ({self.action_dim},). Install the pinned dm-control/mujoco "
-                "(pip install -e '.[envs]')."
+                f"({install_hint('envs')})."
             )
 
     def _obs(self, observation: dict[str, Any]) -> np.ndarray:
