@@ -10,7 +10,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -68,6 +70,14 @@ def resolve_task_set(name: str, layout: Layout, src: str | Path) -> TaskSet:
         raise SourceError(
             f"{src}: the data has obs dim {layout.obs_dim} and action dim {layout.action_dim}, "
             f"task set {ts.name} needs {ts.obs_dim} and {ts.action_dim}: pick the right --task-set."
+        )
+    if layout.rows != ts.rows:
+        print(
+            f"warning: {src}: episodes of {layout.rows} rows, where {ts.name}'s have {ts.rows} "
+            f"(a reset row + {ts.rows - 1} steps). They are stored as they are, and the trainer "
+            f"derives its discount from their {layout.rows - 1} steps; if they were cut or "
+            f"padded, that differs from the official data's.",
+            file=sys.stderr,
         )
     return ts
 
@@ -152,6 +162,15 @@ def _read_existing(dst: Location, rel: str, what: str) -> dict:
     return data
 
 
+def _changed_sources(old: dict, new: dict) -> list[str]:
+    """Source files of the same names whose size or bytes differ between two build plans."""
+    before = {s["name"]: s for s in old.get("sources", [])}
+    after = {s["name"]: s for s in new["sources"]}
+    if before.keys() != after.keys():
+        return []
+    return [name for name in after if before[name] != after[name]]
+
+
 def prepare_destination(dst: Location, plan: dict, command: str) -> bool:
     """Create, or check for resuming, the store at `dst`; False if it is already complete."""
     _check_is_folder(dst)
@@ -166,6 +185,13 @@ def prepare_destination(dst: Location, plan: dict, command: str) -> bool:
         return False
     if dst.exists(fmt.PLAN_FILE):
         old = _read_existing(dst, fmt.PLAN_FILE, "an unfinished build")
+        if _changed_sources(old, identity):
+            raise DestinationError(
+                f"{dst}: holds an unfinished build from other bytes of the same source files "
+                f"({', '.join(_changed_sources(old, identity))} changed since it began), so its "
+                f"finished units cannot be kept. Delete {dst} and run the command again, or "
+                f"use a new --dst."
+            )
         if {k: v for k, v in old.items() if k != "command"} != identity:
             raise DestinationError(
                 f"{dst}: holds an unfinished build of a different dataset or settings (started "
@@ -197,9 +223,10 @@ def _run(jobs: list[tuple], cfg: BuildConfig, total_rows: int, done_rows: int) -
         client, cluster = Client(cfg.scheduler), None
     else:
         n_workers = (os.cpu_count() or 1) if cfg.workers == -1 else cfg.workers
-        cluster = LocalCluster(
-            n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0"
-        )
+        cluster = LocalCluster(  # a unit's error is re-raised here: no worker log of it
+            n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+            silence_logs=logging.CRITICAL,
+        )  # fmt: skip
         client = Client(cluster)
     futures = {client.submit(fn, *args, pure=False): rows for fn, args, rows in jobs}
     try:
@@ -296,6 +323,19 @@ def _commit(
     dst.remove_tree(fmt.BUILD_DIR)
 
 
+def _forget(dst: Location, sources: list[SourceFile], n: int, path: str | None) -> None:
+    """Drop what an unfinished build recorded of the source file at `path` (its sha256, the
+    units that read it): a fixed file may differ anywhere, and the store must hold its bytes
+    and its provenance, not the bad file's."""
+    for i, s in enumerate(sources):
+        if s.path != path:
+            continue
+        dst.remove(fmt.source_record_file(i))
+        for k in range(fmt.n_shards(n)):
+            if any(p.file.path == path for p in shard_pieces(sources, k, n)):
+                dst.remove(fmt.unit_record_file(k))
+
+
 def build(cfg: BuildConfig, command: str = "datapipe build") -> str:
     """Build (or finish building) the store `cfg.dst` from `cfg.src`; returns its location
     (an absolute path, or the URL)."""
@@ -360,6 +400,13 @@ def _build_locked(cfg, dst: Location, sources, layout: Layout, ts: TaskSet, plan
     try:
         _run(jobs, cfg, n * layout.rows, done_rows)
         _commit(dst, cfg, plan, sources, ts)
+    except SourceError as e:
+        _forget(dst, sources, n, e.path)
+        raise SourceError(
+            f"{dst}: the build stopped at a bad source file and is left unfinished; once the "
+            f"file is fixed, the same command finishes it (or says why it cannot). {e}",
+            path=e.path,
+        ) from e
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             raise

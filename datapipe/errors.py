@@ -15,7 +15,15 @@ class BuildConfigError(DatapipeError, ValueError):
 
 
 class SourceError(DatapipeError, ValueError):
-    """A source file (an MT30 chunk) is missing, unreadable or not in the official layout."""
+    """A source file (an MT30 chunk) is missing, unreadable or not in the official layout.
+    `path`: the file whose bytes are bad, where one is (set by the readers of its episodes)."""
+
+    def __init__(self, message: str, path: str | None = None):
+        super().__init__(message)
+        self.path = path
+
+    def __reduce__(self):  # keeps `path` across processes (dask workers)
+        return type(self), (str(self), self.path)
 
 
 class DestinationError(DatapipeError, FileExistsError):

@@ -293,7 +293,8 @@ class ChunkReader:
             if buf.size != nbytes:
                 raise SourceError(
                     f"{where}: {key} of episodes [{lo}, {hi}) runs past the end of the file "
-                    f"(truncated or changed since it was scanned): {REFETCH}."
+                    f"(truncated or changed since it was scanned): {REFETCH}.",
+                    path=self.where,
                 )
             view = t.view(buf, hi - lo)
             whole = view.flags.c_contiguous and view.nbytes == buf.nbytes
@@ -313,7 +314,8 @@ def validate_episodes(arrays: dict, file: SourceFile, lo: int, task_set: TaskSet
 
     def fail(i: int, what: str, fix: str) -> None:
         raise SourceError(
-            f"{file.path}, episode {lo + i} (store episode {file.start + lo + i}): {what}. {fix}"
+            f"{file.path}, episode {lo + i} (store episode {file.start + lo + i}): {what}. {fix}",
+            path=file.path,
         )
 
     corrupt = f"The file is corrupt: {REFETCH}."

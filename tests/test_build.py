@@ -262,3 +262,18 @@ def test_a_second_build_into_a_destination_being_built_is_refused(small_source, 
     from datapipe.verify import verify
 
     assert verify(dst).ok  # the finished store holds no lock file or other stray
+
+
+def test_episodes_of_another_length_than_the_task_sets_are_named(capsys):
+    """500-row episodes under mt30 (a row lost, or steps only) are built, with a warning."""
+    from datapipe.build import resolve_task_set
+    from datapipe.source import Layout
+
+    assert resolve_task_set("auto", Layout(501, 24, 6), "src").name == "mt30"
+    assert capsys.readouterr().err == ""
+    assert resolve_task_set("mt30", Layout(500, 24, 6), "src").name == "mt30"
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("warning: src: episodes of 500 rows, where mt30's have 501")
+        and "499 steps" in err
+    )

@@ -19,7 +19,7 @@ import pytest
 from conftest import build_store, make_source, store_digest
 
 from datapipe import format as fmt
-from datapipe.errors import BuildWriteError, CorruptStoreError, SourceError
+from datapipe.errors import BuildWriteError, CorruptStoreError, DestinationError, SourceError
 from datapipe.shardreader import ShardReader
 from datapipe.store import open_store
 from datapipe.verify import verify
@@ -275,9 +275,17 @@ def test_corrupt_source_bytes_fail_the_build(small_source, tmp_path):
     data = bytearray(path.read_bytes())
     data[len(data) // 3 : len(data) // 3 + 64] = b"\xff" * 64  # inside the obs tensor: NaN
     path.write_bytes(bytes(data))
-    with pytest.raises(SourceError, match=r"chunk_2\.pt, episode \d+ .*obs is NaN"):
+    with pytest.raises(
+        SourceError,
+        match=r"file is fixed, the same command .*chunk_2\.pt, episode \d+ .*obs is NaN",
+    ):
         build_store(src, tmp_path / "store")
     assert not (tmp_path / "store" / fmt.META_FILE).exists()
+    shutil.copy(small_source / "chunk_1.pt", path)  # "fixed" with other bytes: cannot resume
+    with pytest.raises(DestinationError, match=r"chunk_2\.pt changed since it began.* Delete"):
+        build_store(src, tmp_path / "store")  # not "run the same command", which cannot work
+    shutil.copy(small_source / "chunk_2.pt", path)  # fixed: the original bytes
+    assert verify(build_store(src, tmp_path / "store"), src=src, deep=True).ok
 
 
 def test_corrupt_zip_directory_fails_the_build(small_source, tmp_path):
