@@ -599,3 +599,13 @@ def test_cuda_rng_is_saved_and_restored_for_the_runs_own_gpu(monkeypatch):
     assert calls[-1][0] is every[2]
     set_rng_state({**state, "cuda": every[:1]}, torch.device("cuda"))
     assert calls[-1][0] is every[0]
+
+
+def test_a_batch_that_does_not_fit_in_memory_is_a_message_and_keeps_nothing(store, tmp_path):
+    """Out of memory before the first step: the batch size named, the folder left as it was,
+    so the same command with a smaller batch runs without --overwrite."""
+    out = tmp_path / "run"
+    with pytest.raises(TrainConfigError, match=r"--batch-size 2000000000: cpu ran out of memory"):
+        train(config(store, out, steps=1, batch_size=2_000_000_000))
+    assert sorted(p.name for p in out.iterdir()) == []
+    train(config(store, out, steps=1))

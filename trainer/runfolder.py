@@ -89,9 +89,18 @@ def previous_run(cfg: TrainConfig) -> dict[str, Any] | None:
             f"--resume to continue it, --overwrite to delete it and start again, or choose "
             f"another --out"
         )
-    for p in found:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    discard_run(cfg.out)
     return None
+
+
+def discard_run(out: Path) -> None:
+    """Remove every file a run writes into `out` (--overwrite; a run that failed before its
+    first step)."""
+    for p in _run_files(out):
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
 
 
 def _run_files(out: Path) -> list[Path]:

@@ -51,6 +51,7 @@ from trainer.runfolder import (
     SUMMARY_FILE,
     check_out_beside_store,
     check_resumable,
+    discard_run,
     previous_run,
 )
 from trainer.runlog import (
@@ -102,7 +103,41 @@ def train(cfg: TrainConfig) -> Path:
     ):
         lock = only_writer(cfg.out, "another `trainer train/distill`", ResumeError)
         ranks.on_main(lambda: held.enter_context(lock))  # one run per folder; rank 0 writes
-        return _train(cfg, ranks, device)
+        try:
+            return _train(cfg, ranks, device)
+        except (MemoryError, RuntimeError) as e:
+            if not _out_of_memory(e):
+                raise
+            kept = cfg.checkpoint_path.is_file()
+            if not kept:
+                ranks.on_main(lambda: discard_run(cfg.out))  # never trained a step: nothing lost
+            raise TrainConfigError(
+                f"--batch-size {cfg.batch_size}: {cfg.device} ran out of memory ({_first_line(e)})"
+                f". Use a smaller --batch-size; "
+                + (
+                    f"{cfg.out} keeps its last checkpoint."
+                    if kept
+                    else f"nothing was kept in {cfg.out}, so the same command with a smaller "
+                    f"batch starts it."
+                )
+            ) from None
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """An allocation failure: MemoryError (numpy), torch's OutOfMemoryError (CUDA) or the CPU
+    allocator's RuntimeError."""
+    text = str(e)
+    return (
+        isinstance(e, MemoryError)
+        or type(e).__name__ == "OutOfMemoryError"
+        or "can't allocate memory" in text
+        or "out of memory" in text.lower()
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return line.split("DefaultCPUAllocator: ", 1)[-1]  # not the "[enforce fail at ...]" part
 
 
 def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
