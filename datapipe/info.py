@@ -10,6 +10,7 @@ from datapipe import format as fmt
 from datapipe.errors import IncompleteStoreError
 from datapipe.location import Location
 from datapipe.store import open_store
+from datapipe.tasksets import get_task_set
 
 
 def _dir_bytes(root: Location, rel: str) -> int:
@@ -34,6 +35,14 @@ def _incomplete_summary(root: Location, err: IncompleteStoreError) -> str:
     )
 
 
+def _length_note(meta: fmt.StoreMeta) -> list[str]:
+    """A line when the episodes are not as long as the task set's (built with a warning)."""
+    rows = get_task_set(meta.task_set).rows
+    if meta.rows_per_episode == rows:
+        return []
+    return [f"note: episodes of {meta.rows_per_episode} rows, where {meta.task_set}'s have {rows}"]
+
+
 def summary(path: str | Path) -> str:
     """The text `datapipe info` prints for the store at `path` (a path or an fsspec URL)."""
     root = Location(path)
@@ -52,6 +61,7 @@ def summary(path: str | Path) -> str:
         f"action {meta.action_dim}",
         f"formats: {', '.join(meta.formats)}; {meta.n_shards} shards of "
         f"{fmt.EPISODES_PER_SHARD} episodes",
+        *_length_note(meta),
         "",
         f"{'array':8} {'dtype':8} {'shape':22} {'raw':>10} {'on disk':>10} {'ratio':>6}",
     ]

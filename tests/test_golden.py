@@ -108,3 +108,9 @@ def test_store_meta_reads_and_writes_the_golden_meta_json():
 def test_verify_shards_passes_the_golden_store(tmp_path):
     report = verify(golden_copy(tmp_path), deep=True)
     assert report.ok, report.to_text()
+
+
+def test_info_notes_episodes_shorter_than_the_task_sets(tmp_path):
+    from datapipe.info import summary
+
+    assert "note: episodes of 11 rows, where mt30's have 501" in summary(golden_copy(tmp_path))

@@ -37,6 +37,7 @@ from rliable import metrics
 from scipy import stats
 from torch import Tensor
 
+from datapipe.location import atomic_file
 from trainer.errors import ReportError
 from trainer.experiment import EXPERIMENT_FILE, FORMAT, REFERENCE_FILE, VERSION
 from trainer.math import two_hot_inv
@@ -691,6 +692,8 @@ def write_report(exp_dir: str | os.PathLike) -> dict[str, Any]:
     report, arms = build_report(root)
     report["figures"] = write_figures(report, arms, root / FIGURES_DIR)
     report = _clean(report)
-    (root / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n")
-    (root / REPORT_MD).write_text(render(report))
+    with atomic_file(root / REPORT_JSON) as f:  # whole or absent, as every output
+        f.write((json.dumps(report, indent=2) + "\n").encode())
+    with atomic_file(root / REPORT_MD) as f:
+        f.write(render(report).encode())
     return report

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from datapipe.location import atomic_file
 from trainer.report import AGREEMENT_KEYS, FIGURES_DIR, Arm
 
 DPI = 110
@@ -28,9 +29,13 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
+    """Write the figure as PNG through `atomic_file` (never a partial file) and close it."""
     fig.tight_layout()
-    fig.savefig(path, dpi=DPI, metadata={"Software": None})  # no version stamp: same bytes
-    _pyplot().close(fig)
+    try:
+        with atomic_file(path) as f:  # no version stamp: the same bytes
+            fig.savefig(f, dpi=DPI, format="png", metadata={"Software": None})
+    finally:
+        _pyplot().close(fig)
 
 
 def curve(runs: list[list[dict[str, Any]]], key: str | tuple[str, ...]) -> dict[str, np.ndarray]:
