@@ -156,7 +156,9 @@ def test_eval_progress_on_stderr_and_none_with_no_progress(tiny_checkpoint, tmp_
     assert quiet.stderr == ""
     lines = shown.stderr.splitlines()  # not a terminal: plain lines, the start and the end
     assert lines[0] == "eval: 0/4 episodes, tasks done 0/2"
-    assert lines[-1].startswith("eval: 4/4 episodes, ") and len(lines) <= 3
+    assert lines[1].startswith("eval: 2 task(s) x 2 episode(s) = 4 episodes of 2 steps, the ")
+    assert lines[2].startswith("eval: first episode in 0:00:0") and "for all 4" in lines[2]
+    assert lines[-1].startswith("eval: 4/4 episodes, ") and len(lines) <= 5
     assert lines[-1].endswith(" episodes/s, ETA 0:00:00, tasks done 2/2 (last: pendulum-spin 2/2)")
     assert "normalized score" in shown.stdout and "eval:" not in shown.stdout
 
@@ -268,3 +270,40 @@ def test_a_second_writer_of_the_same_output_is_refused(tiny_checkpoint, tmp_path
     write()
     assert (out / "eval.json" if command == "eval" else out).is_file()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ctrl_c_writes_the_finished_episodes_as_a_partial_result(
+    tiny_checkpoint, tmp_path, workers
+):
+    """`trainer eval` says its cost first and projects the time after the first episode;
+    Ctrl-C then stops it within seconds, writes what finished (marked partial), exits 130."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "eval"
+    args = ["eval", "--checkpoint", str(tiny_checkpoint), "--tasks", TWO, "--episodes", "20",
+            "--no-mpc", "--workers", str(workers), "--out", str(out)]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer.cli", *args], stderr=subprocess.PIPE, text=True
+    )
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if "eval: first episode in" in line:
+            break
+    assert any("2 task(s) x 20 episode(s) = 40 episodes of 500 steps" in x for x in lines), lines
+    assert "projected about" in lines[-1] and "for all 40" in lines[-1], lines
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=30) == 130, err
+    assert time.monotonic() - t0 < 10, "Ctrl-C took too long"
+    assert "partial result" in err and "Traceback" not in err, err
+    result = json.loads((out / "eval.json").read_text())
+    assert result["protocol"]["partial"] is True
+    finished = sum(len(t["returns"]) for t in result["tasks"])
+    assert 1 <= finished < 40 and (out / "eval.png").is_file()

@@ -262,6 +262,9 @@ def _run(fn: Callable[[], Any]) -> Any:
     except Interrupted as e:
         click.echo(str(e), err=True)
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C before any work that writes (loading, checking)
+        click.echo("stopped (Ctrl-C)", err=True)
+        sys.exit(130)
     except (DatapipeError, TrainError) as e:  # CheckpointError is a TrainError
         raise click.ClickException(str(e)) from e
     except OSError as e:

@@ -39,9 +39,12 @@ import contextlib
 import csv
 import io
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
+import signal
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -54,13 +57,14 @@ import torch
 
 from datapipe.location import atomic_file, only_writer
 from datapipe.options import setting
-from datapipe.progress import Progress
+from datapipe.progress import Progress, hms
 from datapipe.tasksets import MT30, TaskSet
 from trainer.errors import BusyError, IncompatibleDataError, TrainConfigError
 from trainer.model import WorldModel
 from trainer.options import resolve_device
 from trainer.plan import OFFICIAL_MPPI, Actor, MPPIConfig, describe_protocol
 from trainer.presets import ModelConfig
+from trainer.stop import Interrupted
 
 
 @dataclass(frozen=True)
@@ -214,10 +218,10 @@ def task_episodes(
     task: str,
     episodes: range,
     run: EpisodeSettings,
-    done: Callable[[str], None] = lambda task: None,
+    done: Callable[[str, int, float, float], None] = lambda task, k, total, seconds: None,
 ) -> list[float]:
     """Returns of episodes `episodes` of `task`, one after another on one env, each its own
-    batch of one (module docstring); `done(task)` is called after each."""
+    batch of one (module docstring); `done(task, k, return, seconds)` is called after each."""
     from trainer.envs import make_env
 
     env = make_env(task, run.seed)
@@ -228,6 +232,7 @@ def task_episodes(
     actor = Actor(model, 1, mpc=run.mpc, cfg=run.planner, eval_mode=run.eval_mode)
     returns = []
     for k in episodes:
+        t0 = time.perf_counter()
         torch.manual_seed(episode_seed(run.seed, env.task_id, k))
         actor.reset()
         obs, total = env.reset(), 0.0
@@ -236,7 +241,7 @@ def task_episodes(
             obs, reward, _, _ = env.step(action[0].cpu().numpy())
             total += reward
         returns.append(total)
-        done(task)
+        done(task, k, total, time.perf_counter() - t0)
     return returns
 
 
@@ -303,15 +308,20 @@ def worker_model() -> WorldModel:
 
 
 def _init_worker(cfg: ModelConfig, state: dict, dtype: torch.dtype) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops us
     torch.set_num_threads(1)
     model = WorldModel(cfg).to(dtype)
     model.load_state_dict(state)
     set_worker_model(model.eval())
 
 
-def _worker_episode(task: str, episode: int, run: EpisodeSettings) -> float:
-    (total,) = task_episodes(worker_model(), task, range(episode, episode + 1), run)
-    return total
+def _worker_episode(task: str, episode: int, run: EpisodeSettings) -> tuple[float, float]:
+    """(return, seconds the episode took) of one episode in a worker process."""
+    took = []
+    (total,) = task_episodes(
+        worker_model(), task, range(episode, episode + 1), run, lambda *a: took.append(a[-1])
+    )
+    return total, took[0]
 
 
 def _in_workers(
@@ -320,31 +330,36 @@ def _in_workers(
     episodes: int,
     run: EpisodeSettings,
     workers: int,
-    done: Callable[[str], None],
+    done: Callable[[str, int, float, float], None],
 ) -> dict[str, list[float]]:
-    """Every episode as its own job on `workers` processes."""
+    """Every episode as its own job on `workers` processes; on any error or Ctrl-C the
+    processes are stopped at once (the episodes they were playing are lost)."""
     state = {
         k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()
     }
     returns = {task: [0.0] * episodes for task in tasks}
     # spawn, not fork: torch's thread pools do not survive a fork; a worker that dies
     # raises BrokenProcessPool here instead of hanging
-    with ProcessPoolExecutor(
+    pool = ProcessPoolExecutor(
         workers, mp.get_context("spawn"), _init_worker, (model.cfg, state, model.dtype)
-    ) as pool:
+    )
+    try:
         jobs = {
             pool.submit(_worker_episode, task, k, run): (task, k)
             for task in tasks
             for k in range(episodes)
         }
-        try:
-            for job in as_completed(jobs):
-                task, k = jobs[job]
-                returns[task][k] = job.result()
-                done(task)
-        except BaseException:  # an episode failed or Ctrl-C: do not run the rest
-            pool.shutdown(wait=False, cancel_futures=True)
-            raise
+        for job in as_completed(jobs):
+            task, k = jobs[job]
+            returns[task][k], seconds = job.result()
+            done(task, k, returns[task][k], seconds)
+    except BaseException:  # an episode failed or Ctrl-C: stop the processes, wait for none
+        processes = list((pool._processes or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.kill()
+        raise
+    pool.shutdown()
     return returns
 
 
@@ -417,21 +432,68 @@ def evaluate(
     workers = _resolve_workers(workers, lockstep, device, len(names) * episodes)
     run = EpisodeSettings(mpc, seed, max_steps, planner, eval_mode)
     t0 = time.perf_counter()
-    with EpisodeProgress(names, episodes, progress) as bar:
-        if lockstep:
-            with one_torch_thread(device.type == "cpu"):
-                returns = lockstep_episodes(model, names, episodes, run)
-            bar.all_done()
-        elif workers <= 1:
-            with one_torch_thread(device.type == "cpu"):
-                returns = {
-                    t: task_episodes(model, t, range(episodes), run, bar.done) for t in names
-                }
-        else:
-            returns = _in_workers(model, names, episodes, run, workers, bar.done)
+    at_once = 1 if workers <= 1 else workers
+    with EpisodeProgress(names, episodes, progress, at_once) as bar:
+        if progress:
+            bar.note(cost_line(names, episodes, run, device, workers, lockstep))
+        try:
+            if lockstep:
+                with one_torch_thread(device.type == "cpu"):
+                    bar.all_done(lockstep_episodes(model, names, episodes, run))
+            elif workers <= 1:
+                with one_torch_thread(device.type == "cpu"):
+                    for t in names:
+                        task_episodes(model, t, range(episodes), run, bar.done)
+            else:
+                _in_workers(model, names, episodes, run, workers, bar.done)
+        except KeyboardInterrupt:
+            partial = bar.finished()
+            raise EvalInterrupted(
+                EvalResult(
+                    [TaskResult(t, MT30.names.index(t), r) for t, r in partial.items()],
+                    _protocol(model, run, episodes, workers, lockstep, time.perf_counter() - t0)
+                    | {"partial": bar.n < bar.total},
+                )
+            ) from None
     wall = time.perf_counter() - t0
+    returns = bar.finished()
     results = [TaskResult(t, MT30.names.index(t), returns[t]) for t in names]
-    protocol = {
+    return EvalResult(results, _protocol(model, run, episodes, workers, lockstep, wall))
+
+
+class EvalInterrupted(KeyboardInterrupt):
+    """Ctrl-C during an evaluation: `result` holds the episodes that finished (tasks with
+    none left out), its protocol marked partial."""
+
+    def __init__(self, result: EvalResult) -> None:
+        super().__init__("evaluation interrupted")
+        self.result = result
+
+
+def cost_line(
+    names: Sequence[str], episodes: int, run: EpisodeSettings, device, workers: int, lockstep
+) -> str:
+    """What an evaluation will run, said before it starts (its cost is the user's to weigh)."""
+    n = len(names) * episodes
+    how = (
+        f"MPPI planning ({run.planner.iterations} iterations x {run.planner.num_samples} "
+        f"samples, horizon {run.planner.horizon}) at every step"
+        if run.mpc
+        else "the policy's action (no planning)"
+    )
+    where = "one batch" if lockstep else f"{max(workers, 1)} process(es)"
+    return (
+        f"eval: {len(names)} task(s) x {episodes} episode(s) = {n} episodes of {run.steps()} "
+        f"steps, {how}, on {device} in {where} (a projected time follows once one finishes)"
+    )
+
+
+def _protocol(model, run, episodes, workers, lockstep, wall: float) -> dict[str, Any]:
+    mpc, seed, max_steps, planner, eval_mode = (
+        run.mpc, run.seed, run.max_steps, run.planner, run.eval_mode,
+    )  # fmt: skip
+    device = model.device
+    return {
         "action_selection": describe_protocol(mpc, planner, eval_mode),
         "episodes": episodes,
         "seed": seed,
@@ -446,7 +508,6 @@ def evaluate(
         "torch": torch.__version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
     }
-    return EvalResult(results, protocol)
 
 
 class EpisodeProgress(Progress):
@@ -454,26 +515,53 @@ class EpisodeProgress(Progress):
     episode's task (a `datapipe.progress.Progress`, a first line at once off a terminal)."""
 
     def __init__(
-        self, tasks: Sequence[str], episodes: int, enabled: bool, interval: float = 30.0
+        self,
+        tasks: Sequence[str],
+        episodes: int,
+        enabled: bool,
+        at_once: int = 1,
+        interval: float = 30.0,
     ) -> None:
         self.per_task, self.episodes = dict.fromkeys(tasks, 0), episodes
+        self.returns: dict[str, dict[int, float]] = {t: {} for t in tasks}
+        self.at_once, self._start = at_once, time.monotonic()
         total = len(tasks) * episodes
         super().__init__(
             total, "eval", "episode", enabled, interval=interval, postfix=self._tasks_done(),
             start_line=True,
         )  # fmt: skip
 
-    def done(self, task: str) -> None:
-        """One more episode of `task` has finished."""
+    def done(self, task: str, k: int, total: float, seconds: float = math.nan) -> None:
+        """Episode `k` of `task` has finished with return `total` after `seconds` of play."""
+        self.returns[task][k] = total
         self.per_task[task] += 1
+        if self.n == 0 and self.enabled and self.total > 1 and seconds == seconds:
+            first = time.monotonic() - self._start  # with the processes' start-up
+            rest = seconds * (-(-self.total // self.at_once) - 1)
+            self.note(
+                f"eval: first episode in {hms(first)} ({seconds:.1f} s of play); projected "
+                f"about {hms(first + rest)} for all {self.total} ({self.at_once} at a time)"
+            )
         last = f"{task} {self.per_task[task]}/{self.episodes}"
         self.update(1, f"{self._tasks_done()} (last: {last})")
 
-    def all_done(self) -> None:
+    def all_done(self, returns: dict[str, list[float]]) -> None:
         """Every episode has finished (lockstep ends them all at once)."""
-        for task in self.per_task:
-            for _ in range(self.episodes - self.per_task[task]):
-                self.done(task)
+        for task, totals in returns.items():
+            for k, total in enumerate(totals):
+                self.done(task, k, total)  # no time of its own: no projection
+
+    def note(self, line: str) -> None:
+        """A line on stderr beside the bar (stdout holds the results)."""
+        if self.tty:
+            self._bar.write(line, file=sys.stderr)
+        elif self.enabled:
+            print(line, file=sys.stderr, flush=True)
+
+    def finished(self) -> dict[str, list[float]]:
+        """The returns of the finished episodes, per task, in episode order; tasks with none
+        left out."""
+        return {t: [r[k] for k in sorted(r)] for t, r in self.returns.items() if r}
 
     def _tasks_done(self) -> str:
         full = sum(n == self.episodes for n in self.per_task.values())
@@ -556,10 +644,19 @@ def _run_eval(cfg: EvalConfig) -> EvalResult:
     names = resolve_tasks(cfg.tasks)
     sha256 = file_sha256(cfg.checkpoint)  # of the file evaluated, read before it is loaded
     model = load_any(cfg.checkpoint, allow_quantized=cfg.allow_quantized, device=device)
-    result = evaluate(
-        model, names, cfg.episodes, cfg.mpc, cfg.seed, cfg.workers, cfg.max_steps,
-        eval_mode=not cfg.planner_noise, lockstep=cfg.lockstep, progress=cfg.progress,
-    )  # fmt: skip
+    stopped = None
+    try:
+        result = evaluate(
+            model, names, cfg.episodes, cfg.mpc, cfg.seed, cfg.workers, cfg.max_steps,
+            eval_mode=not cfg.planner_noise, lockstep=cfg.lockstep, progress=cfg.progress,
+        )  # fmt: skip
+    except EvalInterrupted as e:
+        result, stopped = e.result, e
+    done = sum(len(t.returns) for t in result.tasks)
+    if stopped is not None and not done:
+        raise Interrupted(
+            f"{cfg.out}: stopped before any episode finished; nothing written", signal.SIGINT
+        )
     meta = read_meta(cfg.checkpoint)
     result.protocol |= {
         "checkpoint": Path(cfg.checkpoint).name,
@@ -568,4 +665,11 @@ def _run_eval(cfg: EvalConfig) -> EvalResult:
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
     }
     write_outputs(result, cfg.out)
+    if stopped is not None and result.protocol["partial"]:
+        raise Interrupted(
+            f"{cfg.out}: stopped; the {done} of {len(names) * cfg.episodes} episodes that "
+            f'finished are written as a partial result (eval.json: "partial": true, scores '
+            f"of the tasks reached). Run the same command again for the whole evaluation.",
+            signal.SIGINT,
+        )
     return result

@@ -493,9 +493,9 @@ def run_state(run: Run) -> str:
 def _evaluated_sha256(run: Run) -> str | None:
     """The sha256 of the checkpoint a reference run's eval.json evaluated, if it has one."""
     try:
-        result = json.loads((run.out / REFERENCE_FILE).read_text())
-        return result["protocol"]["checkpoint_sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
+        protocol = json.loads((run.out / REFERENCE_FILE).read_text())["protocol"]
+        return None if protocol.get("partial") else protocol["checkpoint_sha256"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
@@ -529,8 +529,8 @@ def _run_planned(exp: Experiment, jobs: int, progress: bool) -> Path:
     for run in todo:
         if run.config is None and (run.out / REFERENCE_FILE).is_file():
             print(
-                f"{run.out}: {run.checkpoint} is not the file its {REFERENCE_FILE} evaluated "
-                f"(sha256 differs): evaluating it again"
+                f"{run.out}: its {REFERENCE_FILE} is partial or of another file than "
+                f"{run.checkpoint} (sha256): evaluating it again"
             )
     print(
         f"{exp.out}: {len(exp.runs)} runs ({kept} finished, {resumed} to resume, "
