@@ -75,8 +75,11 @@ class Progress:
                 self._last_line = now
                 self._line()
 
-    def set(self, n: int, postfix: str | None = None) -> None:
-        """The count is now `n` (work counted elsewhere, e.g. by other processes)."""
+    def set(self, n: int, postfix: str | None = None, total: int | None = None) -> None:
+        """The count is now `n` (work counted elsewhere, e.g. by other processes), of
+        `total` if given (an estimate that was refined)."""
+        if total is not None and total != self.total:
+            self.total = self._bar.total = total
         self.update(n - self.n, postfix)
 
     def write(self, line: str) -> None:

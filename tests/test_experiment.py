@@ -311,3 +311,22 @@ def test_install_hints_follow_the_way_the_package_was_installed(monkeypatch, tmp
     assert extras.install_hint("envs") == f"pip install -e '{extras._CHECKOUT}[envs]'"  # a clone
     monkeypatch.setattr(extras, "_CHECKOUT", tmp_path)  # site-packages: no pyproject.toml beside
     assert extras.install_hint("envs") == "pip install 'mt30-datapipe[envs]'"
+
+
+def test_progress_counts_the_evaluations_as_well_as_the_steps(finished, store, teacher, tmp_path):
+    """The display's work: steps plus evaluations in step equivalents, guessed from the
+    protocol until the logs measure it (an evaluation took longer than the training here)."""
+    from trainer.experiment import _Work
+
+    fresh = load_spec(write_spec(tmp_path, spec_text(store, teacher)), tmp_path / "new")
+    work = _Work(fresh)
+    guess = 4.0 * 1 * len(TASKS)  # policy-only: ~4 steps per episode, 1 episode, 2 tasks
+    # 4 training runs of 6 steps, each evaluated at steps 0, 3 and 6; 1 reference run
+    assert [r.evaluations for r in fresh.runs] == [3, 3, 1, 3, 3]
+    done, total, said = work.count(set())
+    assert (done, total) == (0, round(24 + 13 * guess))
+    assert "evaluations 0/13" in said and "guessed" in said
+    exp = load_spec(finished.parent / "spec.toml", finished)
+    done, total, said = _Work(exp).count({r.name for r in exp.runs})
+    assert done == total and "training steps 24/24, evaluations 13/13" in said
+    assert "measured" in said

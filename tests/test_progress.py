@@ -115,3 +115,10 @@ def test_the_eta_is_not_held_back_by_a_slow_start(capsys, monkeypatch):
     assert progress_lines(capsys.readouterr().err, "build")[0].startswith(
         "build: 4100/10000 rows, 0.417 rows/s"  # 1000 rows in the 40 min since minute 4
     )
+
+
+def test_a_total_refined_while_running(capsys):
+    bar = Progress(100, "experiment", "step", enabled=True, interval=0.0)
+    bar.set(50, total=200)
+    bar.close()
+    assert capsys.readouterr().err.splitlines()[-1].startswith("experiment: 50/200 steps")

@@ -49,9 +49,11 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -71,7 +73,7 @@ from trainer.checkpoint import CheckpointError, read_checkpoint
 from trainer.config import TrainConfig
 from trainer.errors import TrainConfigError, TrainError
 from trainer.runfolder import CONFIG_FILE, SUMMARY_FILE
-from trainer.runlog import JSONL_FILE
+from trainer.runlog import JSONL_FILE, read_evals, read_metrics
 from trainer.runstate import (
     CHECKPOINT_FILE,
     read_training_checkpoint,
@@ -116,8 +118,17 @@ class Run:
 
     @property
     def steps(self) -> int:
-        """Progress units: a training run's steps; a reference evaluation counts as one."""
-        return self.config.steps if self.config is not None else 1
+        """Training steps (0 for a reference evaluation)."""
+        return self.config.steps if self.config is not None else 0
+
+    @property
+    def evaluations(self) -> int:
+        """Evaluations the run makes from scratch: step 0, every eval_every, the last step
+        (a reference run: one)."""
+        if self.config is None:
+            return 1
+        every = self.config.eval_every
+        return len({0, self.steps, *range(every, self.steps, every)}) if every else 0
 
 
 @dataclass(frozen=True)
@@ -585,14 +596,9 @@ def _run_all(
 ) -> list[tuple[Run, int]]:
     finished = {r.name for r in exp.runs if states[r.name] == "done"}
 
-    def steps_done(running: list[Run]) -> int:
-        return sum(r.steps for r in exp.runs if r.name in finished) + sum(
-            _steps_done(r) for r in running
-        )
-
-    display = Progress(
-        sum(r.steps for r in exp.runs), "experiment", "step", progress, steps_done(todo)
-    )
+    work = _Work(exp)
+    done, total, said = work.count(finished)
+    display = Progress(total, "experiment", "step", progress, done, postfix=said)
     waiting, active, failed = list(todo), {}, []
     try:
         while waiting or active:
@@ -613,9 +619,9 @@ def _run_all(
                     display.write(f"{name} failed (exit {code}); its log: {run.out / RUN_LOG}")
             running = [r for r, _ in active.values()]
             names = ", ".join(r.name for r in running) or "-"
+            done, total, said = work.count(finished)
             display.set(
-                steps_done(running),
-                f"runs {len(finished)}/{len(exp.runs)} done, running {names}",
+                done, f"{said}; runs {len(finished)}/{len(exp.runs)} done, running {names}", total
             )
     finally:
         _stop_children([proc for _, proc in active.values()], display)
@@ -668,6 +674,63 @@ def _start(run: Run, resume: bool, exp: Experiment) -> subprocess.Popen:
     )
     proc.log = log  # type: ignore[attr-defined]
     return proc
+
+
+class _Work:
+    """An experiment's work in training-step equivalents: every training step counts one,
+    every evaluation (the runs' own at step 0, every eval_every and the last step, and each
+    reference run's) as many steps as the same time trains. That ratio is measured from the
+    runs' logs (median eval wall time over median seconds per step) as soon as both exist,
+    and until then guessed from the development VM (a policy-only episode ~ 4 steps at batch
+    256; an MPPI episode ~ 500)."""
+
+    def __init__(self, exp: Experiment, every: float = 10.0) -> None:
+        self.exp, self.every, self._at, self._ratio = exp, every, -math.inf, None
+        protocol = exp.eval
+        per_episode = 500.0 if protocol["mpc"] else 4.0
+        self.guess = per_episode * protocol["episodes"] * len(protocol["tasks"])
+
+    def ratio(self) -> tuple[float, bool]:
+        """(steps per evaluation, measured?), read from the logs at most every few seconds."""
+        if time.monotonic() - self._at >= self.every:
+            self._at = time.monotonic()
+            self._ratio = _measured_ratio(self.exp.runs)
+        return (self._ratio, True) if self._ratio else (self.guess, False)
+
+    def count(self, finished: set[str]) -> tuple[int, int, str]:
+        """(done, total) in step equivalents, and what they are made of, in words; a run
+        not finished counts what its logs hold (a run to resume, or one running)."""
+        per_eval, measured = self.ratio()
+        steps = evals = steps_total = evals_total = 0
+        for run in self.exp.runs:
+            steps_total += run.steps
+            evals_total += run.evaluations
+            if run.name in finished:
+                steps, evals = steps + run.steps, evals + run.evaluations
+            elif run.config is not None:
+                steps += _steps_done(run)
+                evals += min(len(read_evals(run.out)), run.evaluations)
+        done = round(steps + evals * per_eval)
+        total = round(steps_total + evals_total * per_eval)
+        how = "measured" if measured else "guessed until one is logged"
+        said = (
+            f"training steps {steps}/{steps_total}, evaluations {evals}/{evals_total} "
+            f"(one ~ {per_eval:.0f} steps, {how})"
+        )
+        return done, max(total, 1), said
+
+
+def _measured_ratio(runs: list[Run]) -> float | None:
+    """Median evaluation wall time over median seconds per training step, from the logs."""
+    walls, rates = [], []
+    for run in runs:
+        if run.config is None or not run.out.is_dir():
+            continue
+        walls += [row["wall_s"] for row in read_evals(run.out) if row.get("wall_s")]
+        rates += [row["steps_per_s"] for row in read_metrics(run.out) if row.get("steps_per_s")]
+    if not walls or not rates:
+        return None
+    return statistics.median(walls) * statistics.median(rates)
 
 
 def _steps_done(run: Run) -> int:
