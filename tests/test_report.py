@@ -221,3 +221,33 @@ def test_unfinished_runs_sweeps_and_reward_errors(tmp_path, models, heldout):
     assert "Teacher teacher.pt predicts the held-out rewards" in section["reading"]
     assert section["reading"] in md and "figures/reward_error.png" in md
     assert (tmp_path / "figures" / "reward_error.png").exists()
+
+
+def test_the_untrained_step_0_score_is_a_baseline_row_and_high_tasks_are_marked(tmp_path):
+    """Every training run's step-0 evaluation is the untrained baseline (identical ones, as
+    runs of one seed in two arms, counted once); tasks it already scores high on are marked."""
+    finals = make_experiment(tmp_path, two_arms())
+    firsts = {}
+    for name in ("scratch", "distill-0.4"):
+        for seed in ("1", "2"):
+            path = tmp_path / name / f"seed{seed}" / "evals.jsonl"
+            rows = [json.loads(line) for line in path.read_text().splitlines()]
+            if name == "distill-0.4":  # the same seed starts from the same weights
+                rows[0] = firsts[seed]
+            firsts[seed] = rows[0]
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = write_report(tmp_path)
+    untrained = report["untrained"]
+    expect = {s: [np.mean(r["returns"][t]) / 10 for t in TASKS] for s, r in firsts.items()}
+    assert untrained["runs"] == 2
+    assert untrained["final"]["mean"] == pytest.approx(
+        np.mean([np.mean(v) for v in expect.values()])
+    )
+    per_task = {t: np.mean([expect[s][i] for s in expect]) for i, t in enumerate(TASKS)}
+    assert untrained["per_task"] == pytest.approx(per_task)
+    assert untrained["high_tasks"] == [t for t in TASKS if per_task[t] >= 25.0]
+    assert untrained["high_tasks"]  # uniform(0, 1000) returns: some tasks score >= 25
+    md = (tmp_path / REPORT_MD).read_text()
+    assert "| untrained (step 0) | baseline | 2 |" in md
+    assert f"| {untrained['high_tasks'][0]} * |" in md and "An untrained policy (step 0" in md
+    assert finals  # the final scores are untouched by the step-0 rows

@@ -617,6 +617,40 @@ def _comparisons(arms: list[Arm], base: Arm | None, tasks: list[str]) -> dict[st
     return out
 
 
+UNTRAINED_HIGH = 25.0  # task score (of 100) at which an untrained policy counts as scoring high
+
+
+def untrained_section(arms: list[Arm], tasks: list[str]) -> dict[str, Any] | None:
+    """The baseline every training run starts from: its step-0 evaluation (random weights),
+    mean over the training runs that logged one; and the tasks on which that untrained policy
+    already scores >= UNTRAINED_HIGH (e.g. pendulum-spin, which a near-constant action spins):
+    on those, scores say little about what training learned. Runs of one seed start from the
+    same weights whatever the arm: identical step-0 evaluations count once. None without a
+    step-0 row."""
+    rows = {}
+    for arm in arms:
+        if arm.kind == "reference":
+            continue
+        for run in arm.runs:
+            first = run.evals[0] if run.evals else None
+            if first is not None and first["step"] == 0 and set(tasks) <= first["returns"].keys():
+                row = tuple(float(np.mean(first["returns"][t])) / 10.0 for t in tasks)
+                rows[row] = row
+    if not rows:
+        return None
+    scores = np.array(list(rows))
+    per_task = dict(zip(tasks, map(float, scores.mean(0)), strict=True))
+    high = [t for t in tasks if per_task[t] >= UNTRAINED_HIGH]
+    return {
+        "runs": len(rows),
+        "final": seed_stats([float(s) for s in scores.mean(1)]),
+        "per_task": per_task,
+        "high_threshold": UNTRAINED_HIGH,
+        "high_tasks": high,
+        "high_share": float(sum(per_task[t] for t in high) / max(sum(per_task.values()), 1e-12)),
+    }
+
+
 def _missing(arms: list[Arm]) -> list[dict[str, Any]]:
     return [
         {"arm": a.name, "seed": r.seed, "path": r.rel, "status": r.status,
@@ -670,6 +704,7 @@ def build_report(exp_dir: str | os.PathLike) -> tuple[dict[str, Any], list[Arm]]
             "score": "task score = mean return / 10; final score = last evaluation",
         },
         "arms": entries,
+        "untrained": untrained_section(arms, tasks),
         "comparisons": _comparisons(arms, base, tasks),
         "d_coef_sweeps": d_coef_sweeps(arms),
         "reward_errors": reward_section(exp, arms, root, scratch_arm(arms, base)),

@@ -66,6 +66,11 @@ def _headline(report: dict[str, Any]) -> list[str]:
             name, e["kind"], str(f["n"]), _pm(f["mean"], f["std"]), _ci(f["ci95"]),
             _with_ci(agg, "iqm"), _with_ci(agg, "mean"), per_seed,
         ])  # fmt: skip
+    untrained = report.get("untrained")
+    if untrained:
+        f = untrained["final"]
+        rows.append(["untrained (step 0)", "baseline", str(f["n"]), _pm(f["mean"], f["std"]),
+                     _ci(f["ci95"]), NA, NA, NA])  # fmt: skip
     header = ["arm", "kind", "n", "mean \u00b1 std", "95% CI (t, seeds)", "IQM [95% CI]",
               "mean over tasks x seeds [95% CI]", "per seed"]  # fmt: skip
     note = (
@@ -74,6 +79,11 @@ def _headline(report: dict[str, Any]) -> list[str]:
         f"({report['statistics']['bootstrap']}) that resample seeds within every task; for an "
         "arm with n = 1 they resample tasks only and say nothing about seed-to-seed variation."
     )
+    if untrained:
+        note += (
+            " The untrained row is every training run's step-0 evaluation (random weights, "
+            "the same protocol): the score a policy gets for nothing."
+        )
     return ["## Final scores", "", *_table(header, rows), "", note, ""]
 
 
@@ -103,12 +113,26 @@ def _figures(report: dict[str, Any]) -> list[str]:
 
 def _per_task(report: dict[str, Any]) -> list[str]:
     names = [a for a, e in report["arms"].items() if e["final"]["n"]]
+    untrained = report.get("untrained")
+    high = set(untrained["high_tasks"]) if untrained else set()
     rows = [
-        [t, *(_num(report["arms"][a]["per_task"][t]["mean_return"], 1) for a in names)]
+        [f"{t} *" if t in high else t,
+         *(_num(report["arms"][a]["per_task"][t]["mean_return"], 1) for a in names),
+         *([_num(untrained["per_task"][t] * 10.0, 1)] if untrained else [])]
         for t in report["eval"]["tasks"]
-    ]
+    ]  # fmt: skip
     title = "## Per-task final returns (mean over finished seeds; task score = return / 10)"
-    return [title, "", *_table(["task", *names], rows), ""]
+    header = ["task", *names, *(["untrained (step 0)"] if untrained else [])]
+    lines = [title, "", *_table(header, rows), ""]
+    if high:
+        lines += [
+            f"\\* An untrained policy (step 0, random weights) already scores >= "
+            f"{untrained['high_threshold']:.0f} of 100 on these {len(high)} task(s), "
+            f"{100 * untrained['high_share']:.0f}% of its score: differences between arms there "
+            f"say little about what training learned.",
+            "",
+        ]
+    return lines
 
 
 def _reward_rows(section: dict[str, Any]) -> list[list[str]]:
