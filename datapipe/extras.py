@@ -26,3 +26,21 @@ def install_hint(extra: str) -> str:
     if from_checkout():
         return f"pip install -e '{_CHECKOUT}[{extra}]'"
     return f"pip install '{DISTRIBUTION}[{extra}]'"
+
+
+SPECS_SHARE = "share/mt30-datapipe/experiments"  # where a wheel installs the shipped specs
+
+
+def shipped_specs_dir() -> Path | None:
+    """The folder of the shipped experiment specs: experiments/ of the checkout, or where
+    the wheel put them (the install prefix's share/, or the user base's); None if neither."""
+    import site
+    import sys
+
+    if from_checkout():
+        return _CHECKOUT / "experiments"
+    for prefix in (sys.prefix, site.getuserbase()):
+        folder = Path(prefix) / SPECS_SHARE
+        if folder.is_dir():
+            return folder
+    return None

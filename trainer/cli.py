@@ -130,6 +130,30 @@ def experiment_cmd(spec: Path, out: Path, jobs: int, progress: bool) -> None:
     _run(lambda: run_experiment(spec, out, jobs, progress))
 
 
+@main.command("specs")
+@click.argument("name", required=False)
+def specs_cmd(name: str | None) -> None:
+    """List the shipped experiment specs, or print spec NAME (to copy and edit:
+    `trainer specs demo > my.toml`; its paths are relative to the file's folder)."""
+    from datapipe.extras import shipped_specs_dir
+
+    folder = shipped_specs_dir()
+    if folder is None:
+        raise click.ClickException("no shipped specs found: reinstall the package")
+    if name is not None:
+        path = folder / f"{name.removesuffix('.toml')}.toml"
+        if not path.is_file():
+            known = ", ".join(sorted(p.stem for p in folder.glob("*.toml")))
+            raise click.ClickException(f"no shipped spec {name!r}; the specs: {known}")
+        click.echo(path.read_text(), nl=False)
+        return
+    click.echo(f"shipped experiment specs in {folder} (print one: trainer specs NAME):")
+    for path in sorted(folder.glob("*.toml")):
+        first = next((line[1:].strip() for line in path.read_text().splitlines()
+                      if line.startswith("#") and line[1:].strip()), "")  # fmt: skip
+        click.echo(f"  {path.stem:22} {first}")
+
+
 @main.command("report")
 @click.argument("folder", type=click.Path(path_type=Path, file_okay=False, exists=True))
 def report_cmd(folder: Path) -> None:

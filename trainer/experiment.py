@@ -34,7 +34,8 @@ Spec:
     kind = "reference"          # evaluate a fixed model with the same protocol and seeds
     checkpoint = "teacher.pt"
 
-Relative paths are relative to the current directory, as on the command line. Every check
+Relative paths (shards, teacher, init, checkpoint, heldout) are relative to the spec file's
+folder, so a spec and its data move together and run from any directory. Every check
 runs before anything starts: unknown settings, settings out of range, a missing store,
 teacher, init or checkpoint, arms that train on different stores or are evaluated
 differently, and run folders that already hold a run with other settings.
@@ -178,9 +179,9 @@ def load_spec(
             f"{spec}: unknown table(s) {', '.join(sorted(unknown))}; a spec has [base], "
             f"[report] and [[arm]] tables"
         )
-    base = dict(raw.get("base", {}))
-    report = dict(raw.get("report", {}))
-    arms = raw.get("arm", [])
+    base = _beside(spec, dict(raw.get("base", {})))
+    report = _beside(spec, dict(raw.get("report", {})))
+    arms = [_beside(spec, dict(a)) if isinstance(a, dict) else a for a in raw.get("arm", [])]
     if not arms:
         raise SpecError(f"{spec}: no [[arm]] tables; add at least one arm with a name")
     _check_keys(spec, "[report]", report, _REPORT_KEYS)
@@ -255,6 +256,20 @@ def _protocol(base: dict[str, Any]) -> dict[str, Any]:
     value = {k: base.get(k, defaults[k]) for k in (*_EVAL_KEYS, "eval_every")}
     protocol = EvalProtocol.of(value["eval_tasks"], value["eval_episodes"], value["eval_mpc"], 0)
     return protocol.to_dict() | {"eval_every": value["eval_every"], "seed": "the run's seed"}
+
+
+_PATH_KEYS = ("shards", "teacher", "init", "checkpoint", "heldout")
+
+
+def _beside(spec: Path, table: dict[str, Any]) -> dict[str, Any]:
+    """The table with its relative local paths made relative to the spec file's folder
+    (normalised: experiments/../runs/x is runs/x); absolute paths and URLs as they are."""
+    out = dict(table)
+    for key in _PATH_KEYS:
+        value = out.get(key)
+        if isinstance(value, str) and "://" not in value and not os.path.isabs(value):
+            out[key] = os.path.normpath(os.path.join(spec.parent, value))
+    return out
 
 
 def _check_keys(spec: Path, where: str, table: dict[str, Any], known: set[str]) -> None:
@@ -469,7 +484,7 @@ def _check_run_folder(spec: Path, run: Run) -> None:
     new = run.config.to_dict()
     keys = (*run.config.math_fields, "teacher", *_COMPARED)
     was = {k: TrainConfig.saved(old, k) for k in dict.fromkeys(keys)}
-    differ = [f"{k} {was[k]!r} -> {new[k]!r}" for k in was if was[k] != new[k]]
+    differ = [f"{k} {was[k]!r} -> {new[k]!r}" for k in was if not _same(k, was[k], new[k])]
     if old.get("steps") != new["steps"] and _checkpoint_step(run) <= new["steps"]:
         differ = [d for d in differ if not d.startswith("steps ")]  # it continues, or stops
     if differ:
@@ -477,6 +492,14 @@ def _check_run_folder(spec: Path, run: Run) -> None:
             f"{spec}: {run.out} already holds a run with other settings ({'; '.join(differ)}); "
             f"use another --out, or move that folder away"
         )
+
+
+def _same(key: str, a: Any, b: Any) -> bool:
+    """Equal settings; paths by the file they name (a run resumed from another folder)."""
+    if a == b:
+        return True
+    local = key in _PATH_KEYS and all(isinstance(v, str) and "://" not in v for v in (a, b))
+    return local and os.path.realpath(a) == os.path.realpath(b)
 
 
 def _checkpoint_step(run: Run) -> int:
