@@ -48,6 +48,7 @@ def _run_options(fn: Callable) -> Callable:
         _option("init", type=click.Path(path_type=Path, exists=True, dir_okay=False)),
         _option("threads", type=int),
         _option("compile", is_flag=True),
+        _option("tf32", "--tf32/--no-tf32"),
         _option("amp", is_flag=True),
         _option("cache_gb", type=float),
         _option("sampler", type=click.Choice(["pool", "uniform"])),

@@ -359,7 +359,7 @@ class WorldModel(nn.Module):
             out = self._Qs(x, self._Qs.params.tensors(), dropout=self.training)
         if mode == "all":
             return out
-        idx = torch.randperm(len(self._Qs), device=out.device)[:2]
+        idx = torch.randperm(len(self._Qs), device=out.device)[[0, 1]]  # not [:2]: note below
         values = two_hot_inv(out[idx], self.cfg.vmin, self.cfg.vmax)
         if mode == "min":
             return values.min(0).values

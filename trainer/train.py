@@ -16,11 +16,13 @@ import dataclasses
 import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from datapipe.loader import SliceLoader
 from datapipe.location import only_writer
@@ -143,6 +145,8 @@ def _first_line(e: BaseException) -> str:
 def _train(cfg: TrainConfig, ranks: Ranks, device: torch.device) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)  # process-wide; on a shared CPU 1 can beat 2-3x
+    if device.type == "cuda":  # the official code's default is TF32 on
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     if cfg.tensorboard:
         summary_writer_class()  # fail now, not after loading everything
     if cfg.wandb:
@@ -312,8 +316,6 @@ class _Run:
                 teacher = load_teacher(cfg.teacher, teacher_state, cfg.teacher_size, dims)
             teacher = prepare_teacher(teacher, TEACHER_DTYPES[cfg.teacher_dtype], device)
             teacher_id["size"] = teacher.cfg.model_size
-        if cfg.compile:
-            compile_model(agent.model)
         stream = rank_stream(cfg.seed, cfg.checkpoint_path, ranks, previous)
         try:
             loader = SliceLoader(
@@ -340,6 +342,13 @@ class _Run:
         elif stream.reseed:
             _seed_all(stream.seed)
         update = DataParallelUpdate(agent, teacher, ranks) if ranks.distributed else agent.update
+        if cfg.compile and ranks.distributed:
+            raise TrainConfigError(
+                "--compile under torchrun: not supported yet (the compiled update is not "
+                "wrapped for data-parallel training); leave out --compile"
+            )
+        if cfg.compile:
+            update = compile_update(update, device)
 
         description = {
             "config": cfg.to_dict(),
@@ -512,10 +521,29 @@ def load_teacher(
     return teacher
 
 
-def compile_model(model: WorldModel) -> None:
-    """Compile the MLPs in place (state_dict keys unchanged); the Q ensemble stays eager."""
-    for module in (model._encoder["state"], model._dynamics, model._reward, model._pi):
-        module.compile()
+def compile_update(update: Callable[..., dict[str, Tensor]], device: torch.device):
+    """The whole update compiled, as the official `compile: true` compiles its `_update`:
+    losses, backward, clipping, both Adam steps and the Polyak update. PyTorch itself breaks
+    the graph at each `backward()` and around each `optimizer.step()` (torch/optim's
+    `_use_grad`), so it runs as a few compiled graphs; nothing of ours breaks it, and none
+    recompiles after the first step (tests/test_compile.py). CUDA: mode "reduce-overhead"
+    (CUDA graphs; a new graph step is marked before each call and the metrics are copied
+    out, since a graph's next replay overwrites its outputs). Inductor draws its random
+    numbers with the eager ops (`fallback_random`), so a compiled run uses the same dropout,
+    Q-member and policy-noise draws as an eager one and differs from it by float32
+    rounding only."""
+    import torch._inductor.config as inductor
+
+    inductor.fallback_random = True
+    if device.type != "cuda":
+        return torch.compile(update)
+    compiled = torch.compile(update, mode="reduce-overhead")
+
+    def step(*args: Any) -> dict[str, Tensor]:
+        torch.compiler.cudagraph_mark_step_begin()
+        return {k: v.clone() for k, v in compiled(*args).items()}
+
+    return step
 
 
 # -- reporting ---------------------------------------------------------------------------------

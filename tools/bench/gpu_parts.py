@@ -42,7 +42,7 @@ from trainer.plan import OFFICIAL_MPPI, MPPIConfig, plan
 from trainer.presets import ModelConfig
 from trainer.runlog import StepTimer
 from trainer.runstate import write_json
-from trainer.train import compile_model, store_dims
+from trainer.train import compile_update, store_dims
 
 # Training modes of the grid: (compile the student's MLPs, bf16 autocast, teacher dtype).
 MODES = {
@@ -287,7 +287,8 @@ def measure_cell(args: PartArgs, cell: dict, teachers: _TeacherCache) -> dict[st
     if cell["teacher"] is not None:
         teacher = teachers.get(cell["teacher"], teacher_dtype)
     if compiled:
-        compile_model(agent.model)
+        torch._dynamo.reset()  # each cell compiles its own update: no limits carried across
+    update = compile_update(agent.update, device) if compiled else agent.update
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
     )
@@ -296,7 +297,7 @@ def measure_cell(args: PartArgs, cell: dict, teachers: _TeacherCache) -> dict[st
 
     def step(batch: Batch) -> None:
         with autocast:
-            info = agent.update(*batch, teacher, D_COEF if teacher is not None else 0.0, "first")
+            info = update(*batch, teacher, D_COEF if teacher is not None else 0.0, "first")
         losses.append(info["total_loss"])
 
     with _loader(args, cell["batch"], device) as loader:
