@@ -214,6 +214,7 @@ def export_cmd(checkpoint: Path, out: Path) -> None:
 @option(EvalConfig, "planner_noise", is_flag=True)
 @option(EvalConfig, "allow_quantized", is_flag=True)
 @option(EvalConfig, "lockstep", is_flag=True)
+@option(EvalConfig, "compile", is_flag=True)
 @option(EvalConfig, "progress", "--progress/--no-progress")
 def eval_cmd(**kw: Any) -> None:
     """Per-task returns and the normalized MT30 score of a checkpoint (docs/tdmpc2.md)."""

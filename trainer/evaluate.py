@@ -98,6 +98,11 @@ class EvalConfig:
         "Plan all episodes as one batch in this process: fast on a GPU, but the returns then "
         "depend on the batch (default: one episode per batch, as the official code).",
     )
+    compile: bool = setting(
+        False,
+        "torch.compile the planner and the policy step, as the official code compiles _plan "
+        "(each worker process compiles its own: minutes each on CPU).",
+    )
     progress: bool = setting(
         True, "Episodes done per task, rate and ETA on stderr (a line per 30 s off a terminal)."
     )
@@ -201,6 +206,7 @@ class EpisodeSettings:
     max_steps: int | None = None  # cut episodes after this many agent steps (smoke tests)
     planner: MPPIConfig = OFFICIAL_MPPI
     eval_mode: bool = True  # False: MPPI adds std[0] * N(0, 1), as the official evaluate.py
+    compile: bool = False  # plan and policy step through torch.compile (trainer.plan.compiled)
 
     def steps(self) -> int:
         from trainer.envs import EPISODE_LENGTH
@@ -229,7 +235,7 @@ def task_episodes(
         env.reset()
     device = model.device
     task_id = torch.tensor([env.task_id], device=device)
-    actor = Actor(model, 1, mpc=run.mpc, cfg=run.planner, eval_mode=run.eval_mode)
+    actor = Actor(model, 1, run.mpc, run.planner, run.eval_mode, run.compile)
     returns = []
     for k in episodes:
         t0 = time.perf_counter()
@@ -261,7 +267,7 @@ def lockstep_episodes(
             envs.append(env)
     device = model.device
     task_ids = torch.tensor([env.task_id for env in envs], device=device)
-    actor = Actor(model, len(envs), mpc=run.mpc, cfg=run.planner, eval_mode=run.eval_mode)
+    actor = Actor(model, len(envs), run.mpc, run.planner, run.eval_mode, run.compile)
     obs = np.stack([env.reset() for env in envs])
     returns = np.zeros(len(envs))
     for _ in range(run.steps()):
@@ -410,6 +416,7 @@ def evaluate(
     eval_mode: bool = True,
     lockstep: bool = False,
     progress: bool = False,
+    compile: bool = False,
 ) -> EvalResult:
     """Per-task returns and the normalized score of `model` on MT30 tasks.
 
@@ -422,7 +429,9 @@ def evaluate(
     process; -1: one process per CPU core (at most one per episode), or this process when
     the model is on a GPU. `lockstep=True`: all episodes as one batch in this process (the
     GPU fast path; its returns depend on the batch, see the module docstring). `progress`:
-    episodes done, per task, with rate and ETA on stderr.
+    episodes done, per task, with rate and ETA on stderr. `compile`: the planner and the
+    policy step through torch.compile (every worker process compiles its own: minutes each
+    on CPU).
     """
     names = resolve_tasks(tasks)
     _check_counts(episodes, max_steps)
@@ -430,7 +439,7 @@ def evaluate(
     model.eval()
     device = model.device
     workers = _resolve_workers(workers, lockstep, device, len(names) * episodes)
-    run = EpisodeSettings(mpc, seed, max_steps, planner, eval_mode)
+    run = EpisodeSettings(mpc, seed, max_steps, planner, eval_mode, compile)
     t0 = time.perf_counter()
     at_once = 1 if workers <= 1 else workers
     with EpisodeProgress(names, episodes, progress, at_once) as bar:
@@ -649,6 +658,7 @@ def _run_eval(cfg: EvalConfig) -> EvalResult:
         result = evaluate(
             model, names, cfg.episodes, cfg.mpc, cfg.seed, cfg.workers, cfg.max_steps,
             eval_mode=not cfg.planner_noise, lockstep=cfg.lockstep, progress=cfg.progress,
+            compile=cfg.compile,
         )  # fmt: skip
     except EvalInterrupted as e:
         result, stopped = e.result, e

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -155,11 +156,29 @@ def plan(
     return action.clamp(-1, 1), mean.transpose(0, 1)
 
 
+_COMPILED: dict[str, Any] = {}  # one compiled plan and policy step per process
+
+
+def compiled(name: str) -> Any:
+    """`plan` or `policy_action` through torch.compile, as the official code compiles its
+    `_plan` (CUDA: mode "reduce-overhead"; the device is known at the first call, so CPU and
+    CUDA share the default mode here), made once per process. Inductor draws random numbers
+    with the eager ops (`fallback_random`): a compiled plan samples the same noise as an
+    eager one and differs from it by float32 rounding only."""
+    if name not in _COMPILED:
+        import torch._inductor.config as inductor
+
+        inductor.fallback_random = True
+        _COMPILED[name] = torch.compile({"plan": plan, "policy_action": policy_action}[name])
+    return _COMPILED[name]
+
+
 class Actor:
     """Chooses actions for N environments: MPPI with its warm start, or the policy mean.
 
     `reset(envs)` marks the start of an episode in those environments (all by default), so
-    their next plan starts from mean 0 (docs/tdmpc2.md#mppi).
+    their next plan starts from mean 0 (docs/tdmpc2.md#mppi). `compile`: both through
+    torch.compile (`compiled`).
     """
 
     def __init__(
@@ -169,8 +188,11 @@ class Actor:
         mpc: bool = True,
         cfg: MPPIConfig = OFFICIAL_MPPI,
         eval_mode: bool = True,
+        compile: bool = False,
     ) -> None:
         self.model, self.mpc, self.cfg, self.eval_mode = model.eval(), mpc, cfg, eval_mode
+        self._plan = compiled("plan") if compile else plan
+        self._policy = compiled("policy_action") if compile else policy_action
         device = model.device
         self.prev_mean = torch.zeros(n_envs, cfg.horizon, model.cfg.action_dim, device=device)
 
@@ -186,9 +208,9 @@ class Actor:
         """Actions [n, A] (float32, in [-1, 1]) for obs [n, O] of the environments `envs`
         (indices into the N; None = all N, in order)."""
         if not self.mpc:
-            return policy_action(self.model, obs, task)
+            return self._policy(self.model, obs, task)
         prev = self.prev_mean if envs is None else self.prev_mean[envs]
-        action, mean = plan(self.model, obs, task, prev, self.cfg, self.eval_mode)
+        action, mean = self._plan(self.model, obs, task, prev, self.cfg, self.eval_mode)
         if envs is None:
             self.prev_mean.copy_(mean)
         else:

@@ -373,7 +373,7 @@ class _Run:
             if protocol is not None:
                 eval_log = EvalLog(cfg.out, protocol.tasks, log, resume_step)
                 saved = None if previous is None else previous.get("eval")
-                evals = TrainingEval(protocol, cfg.out, eval_log, saved)
+                evals = TrainingEval(protocol, cfg.out, eval_log, saved, compile=cfg.compile)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         return cls(

@@ -75,8 +75,10 @@ class TrainingEval:
         out: Path,
         log: EvalLog,
         state: dict[str, Any] | None = None,
+        compile: bool = False,
     ) -> None:
         self.protocol, self.out, self.log = protocol, Path(out), log
+        self.compile = compile  # a --compile run plans through torch.compile too
         state = state or {}
         self.best_step: int | None = state.get("best_step")
         self.best_score: float | None = state.get("best_score")
@@ -94,6 +96,7 @@ class TrainingEval:
                 self.protocol.mpc,
                 seed=self.protocol.seed,
                 workers=0,
+                compile=self.compile,
             )
         model.train(training)
         wall = time.perf_counter() - t0
