@@ -278,3 +278,40 @@ def test_a_few_hundred_updates_learn_the_reward():
     losses = [float(agent.update(*make_batch(generator=g))["reward_loss"]) for _ in range(150)]
     assert losses[0] == pytest.approx(2.692154, abs=1e-5)
     assert sum(losses[-20:]) / 20 < 0.5 * losses[0]
+
+
+def test_amp_autocasts_the_forward_losses_only(monkeypatch):
+    """--amp: bf16 autocast around the forward losses; the backward, clipping and Adam run
+    outside it, the teacher runs in its own dtype outside it, and the bins of two_hot_inv are
+    float32 whatever the logits' dtype. Checked with CPU autocast (the same code path)."""
+    cfg = ModelConfig.for_size(1)
+    torch.manual_seed(0)
+    agent = TDMPC2Agent(cfg)
+    agent.amp = torch.bfloat16
+    teacher = WorldModel(cfg)
+    torch.nn.init.normal_(teacher._reward[-1].weight, std=0.1)
+    teacher = prepare_teacher(teacher)
+    seen = {}
+
+    def watch(name, fn):
+        def wrapped(*args, **kw):
+            seen.setdefault(name, set()).add(torch.is_autocast_enabled("cpu"))
+            return fn(*args, **kw)
+
+        return wrapped
+
+    monkeypatch.setattr(teacher, "reward", watch("teacher", teacher.reward))
+    monkeypatch.setattr(agent.model, "reward", watch("student", agent.model.reward))
+    for optim in (agent.optim, agent.pi_optim):
+        monkeypatch.setattr(optim, "step", watch("adam", optim.step))
+    monkeypatch.setattr(torch.Tensor, "backward", watch("backward", torch.Tensor.backward))
+    H, B = cfg.horizon, 8
+    info = agent.update(torch.randn(H + 1, B, cfg.obs_dim), torch.rand(H, B, cfg.action_dim),
+                        torch.randn(H, B, 1), torch.randint(0, 30, (B,)), teacher, 0.4)  # fmt: skip
+    assert seen == {"student": {True}, "teacher": {False}, "adam": {False}, "backward": {False}}
+    assert all(torch.isfinite(v) for v in info.values())
+    assert all(p.dtype == torch.float32 for p in agent.model.parameters())
+    logits = torch.randn(5, cfg.num_bins).to(torch.bfloat16)
+    got = two_hot_inv(logits, cfg.vmin, cfg.vmax)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, two_hot_inv(logits.float(), cfg.vmin, cfg.vmax), rtol=0, atol=0)

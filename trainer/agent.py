@@ -8,6 +8,7 @@ Distillation is one extra loss term against a teacher passed in by the caller.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Literal
 
@@ -127,8 +128,8 @@ def reward_distillation_loss(
     if teacher.training or any(p.requires_grad for p in teacher.parameters()):
         raise ValueError("the teacher must be frozen and in eval mode: pass prepare_teacher(model)")
     vmin, vmax = student.cfg.vmin, student.cfg.vmax
-    with torch.no_grad():
-        ref = teacher._task_emb.weight  # where prepare_teacher put the distilled parts
+    ref = teacher._task_emb.weight  # where prepare_teacher put the distilled parts
+    with torch.no_grad(), torch.autocast(ref.device.type, enabled=False):  # its own dtype
         t_obs, t_action = (x.to(device=ref.device, dtype=ref.dtype) for x in (obs_s, action_s))
         t_task = task.to(ref.device)
         logits = teacher.reward(teacher.encode(t_obs, t_task), t_action, t_task)
@@ -266,6 +267,7 @@ class TDMPC2Agent:
             m._pi.parameters(), lr=cfg.lr, eps=1e-5, capturable=capturable
         )
         self.scale = RunningScale(cfg.tau).to(self.device)
+        self.amp: torch.dtype | None = None  # autocast dtype of the forward losses (--amp)
         self.discount = torch.tensor(cfg.discounts, dtype=torch.float32, device=self.device)
         self.model.eval()
         # Both backward passes start from a call of this module (DDP wraps it, see
@@ -305,14 +307,15 @@ class TDMPC2Agent:
         cfg, model = self.cfg, self.model
         obs, action, reward, task = self._check_batch(obs, action, reward, task)
 
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():
             next_z = model.encode(obs[1:], task)
             targets = td_targets(model, next_z, reward, self.discount[task].unsqueeze(-1), task)
 
         model.train()
-        total, zs, logged = self.losses(
-            "model", obs, action, reward, targets, next_z, task, teacher, d_coef, distill
-        )
+        with self._autocast():  # the forward losses only: backward, clipping, Adam in float32
+            total, zs, logged = self.losses(
+                "model", obs, action, reward, targets, next_z, task, teacher, d_coef, distill
+            )
         total.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
         self.optim.step()
@@ -340,7 +343,8 @@ class TDMPC2Agent:
         code it is added to the next model step (docs/tdmpc2.md#exactness).
         """
         cfg = self.cfg
-        loss, info = self.losses("pi", zs, task, self.scale, cfg.entropy_coef, cfg.rho)
+        with self._autocast():
+            loss, info = self.losses("pi", zs, task, self.scale, cfg.entropy_coef, cfg.rho)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model._pi.parameters(), cfg.grad_clip_norm)
         self.pi_optim.step()
@@ -352,6 +356,12 @@ class TDMPC2Agent:
             "pi_scaled_entropy": info["scaled_entropy"].detach().mean(),
             "pi_scale": self.scale.value.detach().clone().reshape(()),  # updated in place later
         }
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast of a forward pass when `amp` is set (--amp), else nothing."""
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp)
 
     def _check_batch(
         self, obs: Tensor, action: Tensor, reward: Tensor, task: Tensor

@@ -99,7 +99,8 @@ class TrainConfig:
         metadata={"help": "TF32 float32 matmuls on CUDA, as the official code (no effect on CPU)."},
     )
     amp: bool = field(
-        default=False, metadata={"help": "bfloat16 autocast in the update (CUDA only)."}
+        default=False,
+        metadata={"help": "bfloat16 autocast of the update's forward losses (CUDA only)."},
     )
     cache_gb: float = field(
         default=1.0,

@@ -40,9 +40,10 @@ def two_hot(x: Tensor, num_bins: int = 101, vmin: float = -10.0, vmax: float = 1
 
 
 def two_hot_inv(logits: Tensor, vmin: float = -10.0, vmax: float = 10.0) -> Tensor:
-    """Scalar value of bin logits [..., K] -> [..., 1]: symexp of the expected bin centre."""
-    bins = torch.linspace(vmin, vmax, logits.shape[-1], device=logits.device, dtype=logits.dtype)
-    probs = F.softmax(logits, dim=-1)
+    """Scalar value of bin logits [..., K] -> [..., 1]: symexp of the expected bin centre,
+    computed in float32 whatever the logits' dtype (bins rounded to bf16 round the value)."""
+    bins = torch.linspace(vmin, vmax, logits.shape[-1], device=logits.device, dtype=torch.float32)
+    probs = F.softmax(logits.float(), dim=-1)
     return symexp(torch.sum(probs * bins, dim=-1, keepdim=True))
 
 

@@ -179,11 +179,6 @@ def _loop(cfg: TrainConfig, run: _Run, stop: StopRequest, bar: Progress) -> None
     the metrics stay on the device until a log step, and a non-finite one is caught there (or
     before an evaluation or a save) and named by its own step. With several ranks, stopping
     is agreed every step, which reads one value."""
-    autocast = (
-        torch.autocast(run.device.type, dtype=torch.bfloat16)
-        if cfg.amp
-        else contextlib.nullcontext()
-    )
     last_saved = run.start if run.resumed else None
     nonfinite = _FirstNonFinite()
     if run.evaluating and not run.resumed:
@@ -193,8 +188,7 @@ def _loop(cfg: TrainConfig, run: _Run, stop: StopRequest, bar: Progress) -> None
         batch = next(run.loader)
         t1 = time.perf_counter()
         d_coef = cfg.d_coef_at(step - 1)
-        with autocast:
-            info = run.update(*batch, run.teacher, d_coef, cfg.distill)
+        info = run.update(*batch, run.teacher, d_coef, cfg.distill)
         stopping = stop.requested
         if run.ranks.distributed:  # reduced with the losses: all ranks agree
             info = run.ranks.mean({**info, "stop": float(stop.requested)}, run.device)
@@ -308,6 +302,7 @@ class _Run:
         # training), loader (seeded per rank, see trainer.distributed.rank_stream).
         _seed_all(cfg.seed)
         agent = TDMPC2Agent(model_cfg, device)
+        agent.amp = torch.bfloat16 if cfg.amp else None
         if init_state is not None:
             _load_into(agent.model, init_state, cfg.init, dims)
         teacher = None

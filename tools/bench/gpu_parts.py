@@ -12,7 +12,6 @@ plain path: a CPU loader whose batches are copied synchronously (`Batch.to`).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import gc
@@ -289,15 +288,12 @@ def measure_cell(args: PartArgs, cell: dict, teachers: _TeacherCache) -> dict[st
     if compiled:
         torch._dynamo.reset()  # each cell compiles its own update: no limits carried across
     update = compile_update(agent.update, device) if compiled else agent.update
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
-    )
+    agent.amp = torch.bfloat16 if amp else None
 
     losses = []
 
     def step(batch: Batch) -> None:
-        with autocast:
-            info = update(*batch, teacher, D_COEF if teacher is not None else 0.0, "first")
+        info = update(*batch, teacher, D_COEF if teacher is not None else 0.0, "first")
         losses.append(info["total_loss"])
 
     with _loader(args, cell["batch"], device) as loader:
