@@ -43,7 +43,8 @@ from trainer.runlog import StepTimer
 from trainer.runstate import write_json
 from trainer.train import compile_update, store_dims
 
-# Training modes of the grid: (compile the student's MLPs, bf16 autocast, teacher dtype).
+# Training modes of the grid: (compile the whole update, bf16 autocast of the forward losses,
+# teacher dtype).
 MODES = {
     "fp32": (False, False, "float32"),
     "bf16-teacher": (False, False, "bfloat16"),
