@@ -20,7 +20,7 @@ from typing import Any
 
 from datapipe.location import atomic_file
 from trainer.errors import TrainError
-from trainer.reportfig import _pyplot, _save
+from trainer.reportfig import pyplot, save_png
 
 REPORT = "report.json"
 FILES = ("curve.json", "curve.md", "curve.png")
@@ -140,7 +140,7 @@ def markdown(curve: dict[str, Any], x_label: str) -> str:
 
 
 def figure(curve: dict[str, Any], x_label: str, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     rows = curve["points"]
     arm, base = rows[0]["arm"], rows[0]["baseline"]
     xs = [r["x"] for r in rows]
@@ -184,7 +184,7 @@ def figure(curve: dict[str, Any], x_label: str, path: Path) -> None:
     right.set_xticks(xs, [_fmt(x) for x in xs], minor=False)
     right.minorticks_off()
     right.legend(fontsize=8)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def write_curve(

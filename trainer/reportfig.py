@@ -19,7 +19,7 @@ from trainer.report import AGREEMENT_KEYS, FIGURES_DIR, Arm
 DPI = 110
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,14 +28,14 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> None:
+def save_png(fig, path: Path) -> None:
     """Write the figure as PNG through `atomic_file` (never a partial file) and close it."""
     fig.tight_layout()
     try:
         with atomic_file(path) as f:  # no version stamp: the same bytes
             fig.savefig(f, dpi=DPI, format="png", metadata={"Software": None})
     finally:
-        _pyplot().close(fig)
+        pyplot().close(fig)
 
 
 def curve(runs: list[list[dict[str, Any]]], key: str | tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -68,7 +68,7 @@ def _colors(arms: list[Arm]) -> dict[str, str]:
 
 
 def score_vs_step(report: dict, arms: list[Arm], path: Path) -> str | None:
-    plt, colors = _pyplot(), _colors(arms)
+    plt, colors = pyplot(), _colors(arms)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     drawn = 0
     for arm in arms:
@@ -83,12 +83,12 @@ def score_vs_step(report: dict, arms: list[Arm], path: Path) -> str | None:
             _draw_curve(ax, c, arm.name, colors[arm.name])
             drawn += 1
     if not drawn:
-        _pyplot().close(fig)
+        pyplot().close(fig)
         return None
     ax.set_xlabel("training step")
     ax.set_ylabel("normalized score (0-100)")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_png(fig, path)
     return (
         "Normalized score during training: line = mean over the seeds that reached the step, "
         "band = min to max over those seeds; dashed lines = reference arms' scores."
@@ -96,7 +96,7 @@ def score_vs_step(report: dict, arms: list[Arm], path: Path) -> str | None:
 
 
 def losses(report: dict, arms: list[Arm], path: Path) -> str | None:
-    plt, colors = _pyplot(), _colors(arms)
+    plt, colors = pyplot(), _colors(arms)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     drawn = 0
     for ax, key in zip(axes, ("reward_loss", "distill_loss"), strict=True):
@@ -112,9 +112,9 @@ def losses(report: dict, arms: list[Arm], path: Path) -> str | None:
         else:
             ax.text(0.5, 0.5, "no arm logged it", ha="center", va="center", transform=ax.transAxes)
     if not drawn:
-        _pyplot().close(fig)
+        pyplot().close(fig)
         return None
-    _save(fig, path)
+    save_png(fig, path)
     return (
         "Training losses (reward loss; distillation loss of the distillation arms): mean over "
         "seeds, band = min to max."
@@ -129,7 +129,7 @@ def per_task(report: dict, arms: list[Arm], path: Path) -> str | None:
     grid = np.array(
         [[report["arms"][a]["per_task"][t]["score"] for a in names] for t in tasks], dtype=float
     )
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(
         figsize=(max(4.0, 1.1 * len(names) + 2.5), max(3.0, 0.3 * len(tasks) + 1.5))
     )
@@ -140,7 +140,7 @@ def per_task(report: dict, arms: list[Arm], path: Path) -> str | None:
         ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=6,
                 color="white" if v < 50 else "black")  # fmt: skip
     fig.colorbar(image, ax=ax, label="task score = mean return / 10")
-    _save(fig, path)
+    save_png(fig, path)
     return "Final score per task and arm, mean over the finished seeds."
 
 
@@ -148,7 +148,7 @@ def d_coef(report: dict, arms: list[Arm], path: Path) -> str | None:
     sweeps = report["d_coef_sweeps"]
     if not sweeps:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, sweep in enumerate(sweeps):
         names, x = list(sweep["arms"]), list(sweep["d_coef"])
@@ -162,7 +162,7 @@ def d_coef(report: dict, arms: list[Arm], path: Path) -> str | None:
     ax.set_xlabel("d_coef (0: the same settings without a teacher)")
     ax.set_ylabel("final normalized score")
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save_png(fig, path)
     return (
         "Final score against the distillation weight d_coef: mean \u00b1 std over seeds (no bar "
         "for n=1); at d_coef 0 the no-teacher arm of otherwise the same settings, if any."
@@ -170,7 +170,7 @@ def d_coef(report: dict, arms: list[Arm], path: Path) -> str | None:
 
 
 def agreement(report: dict, arms: list[Arm], path: Path) -> str | None:
-    plt, colors = _pyplot(), _colors(arms)
+    plt, colors = pyplot(), _colors(arms)
     fig, ax = plt.subplots(figsize=(7, 4))
     for arm in arms:
         if arm.distill:
@@ -178,12 +178,12 @@ def agreement(report: dict, arms: list[Arm], path: Path) -> str | None:
             if len(c["step"]):
                 _draw_curve(ax, c, arm.name, colors[arm.name])
     if not ax.get_legend_handles_labels()[0]:
-        _pyplot().close(fig)
+        pyplot().close(fig)
         return None
     ax.set_xlabel("training step")
     ax.set_ylabel("mean |r_student - r_teacher| (batch)")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_png(fig, path)
     return (
         "Reward agreement with the teacher on training batches (reward_mae_teacher, lower = "
         "closer): mean over seeds, band = min to max."
@@ -210,7 +210,7 @@ def reward_error(report: dict, arms: list[Arm], path: Path) -> str | None:
     bars = _reward_bars(section) if "models" in section else []
     if not bars:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(bars) + 2), 4))
     x = np.arange(len(bars))
     for offset, (i, name) in zip((-0.2, 0.2), ((1, "MAE"), (3, "RMSE")), strict=True):
@@ -219,7 +219,7 @@ def reward_error(report: dict, arms: list[Arm], path: Path) -> str | None:
     ax.set_xticks(x, [b[0] for b in bars], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("reward error on held-out transitions")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_png(fig, path)
     return (
         f"Reward prediction error against the recorded rewards of held-out episodes "
         f"({section['sample']}): arms are mean \u00b1 std over seeds of their final models."
