@@ -6,8 +6,8 @@ part is skipped. The official agent is built from its own `config.yaml` with the
 its config parser would set (sizes from our preset table, which matches the official one),
 without hydra, and fed the batches of our loader, the same batch size and horizon as our
 training cells. It runs eager, and with its own `compile: true` path, which compiles the
-whole `_update` with `torch.compile(mode="reduce-overhead")` (CUDA graphs); our `--compile`
-compiles the MLPs only.
+whole `_update` with `torch.compile(mode="reduce-overhead")` (CUDA graphs), as our
+`--compile` does with ours (`trainer.train.compile_update`).
 
 The official agent puts itself on `cuda:0` (hard-coded), so this part needs a GPU.
 """
