@@ -4,10 +4,10 @@
 # About 4 core-hours of the 2-core development VM (--jobs 2, one torch thread per run);
 # resumable: run it again after an interruption.
 #
-#   bash experiments/cpu-study-scarce.sh          # in the project's virtualenv
+#   bash experiments/cpu-study-scarce.sh [PATH/TO/mt30_1M_steps_045dist_fp16.pt]   # in the venv
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash experiments/cpu-study-scarce-data.sh
+bash experiments/cpu-study-scarce-data.sh "$@"    # [PATH/TO/mt30_1M_steps_045dist_fp16.pt]
 for n in 2 8; do
   trainer experiment experiments/cpu-study-scarce-$n.toml --out runs/cpu-study-scarce-$n --jobs 2
 done
