@@ -250,4 +250,5 @@ def test_the_untrained_step_0_score_is_a_baseline_row_and_high_tasks_are_marked(
     md = (tmp_path / REPORT_MD).read_text()
     assert "| untrained (step 0) | baseline | 2 |" in md
     assert f"| {untrained['high_tasks'][0]} * |" in md and "An untrained policy (step 0" in md
+    assert f"It already scores >= 25 of 100 on {untrained['high_tasks'][0]} " in md
     assert finals  # the final scores are untouched by the step-0 rows

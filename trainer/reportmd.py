@@ -84,6 +84,14 @@ def _headline(report: dict[str, Any]) -> list[str]:
             " The untrained row is every training run's step-0 evaluation (random weights, "
             "the same protocol): the score a policy gets for nothing."
         )
+        high = untrained["high_tasks"]
+        if high:
+            per_task = ", ".join(f"{t} {untrained['per_task'][t]:.1f}" for t in high)
+            note += (
+                f" It already scores >= {untrained['high_threshold']:.0f} of 100 on "
+                f"{per_task}: {100 * untrained['high_share']:.0f}% of its score (marked * in "
+                f"the per-task table)."
+            )
     return ["## Final scores", "", *_table(header, rows), "", note, ""]
 
 
