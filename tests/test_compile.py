@@ -37,6 +37,7 @@ def _batches(cfg: ModelConfig, n: int, batch: int):
 
 
 def test_the_compiled_update_equals_the_eager_one_within_float32_rounding():
+    torch._dynamo.reset()
     cfg = ModelConfig.for_size(1)
     torch.manual_seed(0)
     eager, compiled = TDMPC2Agent(cfg), TDMPC2Agent(cfg)
@@ -75,7 +76,9 @@ def test_a_compiled_run_neither_recompiles_nor_breaks_its_resume(store, tmp_path
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", False)
 
     def run(out, steps, resume=False):
-        torch._dynamo.config.error_on_recompile = False  # a new process compiles anew
+        torch._dynamo.config.error_on_recompile = False
+        torch._dynamo.reset()  # a new process compiles anew (and no earlier test's graphs count
+        # against dynamo's limit of 8 variants per function: past it Adam would run eager)
         cfg = TrainConfig(shards=store, out=out, steps=steps, batch_size=8, device="cpu",
                           compile=True, log_every=1, save_every=3, cache_gb=0.05,
                           progress=False, resume=resume)  # fmt: skip

@@ -284,18 +284,18 @@ def test_ctrl_c_writes_the_finished_episodes_as_a_partial_result(
     import time
 
     out = tmp_path / "eval"
-    args = ["eval", "--checkpoint", str(tiny_checkpoint), "--tasks", TWO, "--episodes", "20",
+    args = ["eval", "--checkpoint", str(tiny_checkpoint), "--tasks", TWO, "--episodes", "100",
             "--no-mpc", "--workers", str(workers), "--out", str(out)]  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "trainer.cli", *args], stderr=subprocess.PIPE, text=True
     )
     lines = []
-    for line in proc.stderr:
+    for line in iter(proc.stderr.readline, ""):  # line by line, as they come (no read-ahead)
         lines.append(line)
         if "eval: first episode in" in line:
             break
-    assert any("2 task(s) x 20 episode(s) = 40 episodes of 500 steps" in x for x in lines), lines
-    assert "projected about" in lines[-1] and "for all 40" in lines[-1], lines
+    assert any("2 task(s) x 100 episode(s) = 200 episodes of 500 steps" in x for x in lines), lines
+    assert "projected about" in lines[-1] and "for all 200" in lines[-1], lines
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     t0 = time.monotonic()
@@ -306,4 +306,4 @@ def test_ctrl_c_writes_the_finished_episodes_as_a_partial_result(
     result = json.loads((out / "eval.json").read_text())
     assert result["protocol"]["partial"] is True
     finished = sum(len(t["returns"]) for t in result["tasks"])
-    assert 1 <= finished < 40 and (out / "eval.png").is_file()
+    assert 1 <= finished < 200 and (out / "eval.png").is_file()

@@ -135,10 +135,12 @@ def test_a_store_without_a_format_is_refused_by_its_readers_with_one_error(
 ):
     root = shutil.copytree(labelled_store, tmp_path / "s")
     meta = json.loads((root / fmt.META_FILE).read_text())
-    (root / fmt.META_FILE).write_text(json.dumps(dict(meta, formats=["zarr"])))
+    for formats in (["zarr"], ["webdataset"]):  # as a build of one format writes it (sealed)
+        (root / f"{formats[0]}.json").write_text(json.dumps(fmt.seal(dict(meta, formats=formats))))
+    shutil.copy(root / "zarr.json", root / fmt.META_FILE)
     with pytest.raises(datapipe.StoreFormatError, match="--format both"):
         datapipe.WebDatasetStream(root)
-    (root / fmt.META_FILE).write_text(json.dumps(dict(meta, formats=["webdataset"])))
+    shutil.copy(root / "webdataset.json", root / fmt.META_FILE)
     store = datapipe.open_store(root)
     for read in (ShardReader, lambda s: s.read_array("obs", 0, 1)):
         with pytest.raises(datapipe.StoreFormatError, match="without its zarr format"):
