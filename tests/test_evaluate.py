@@ -287,7 +287,12 @@ def test_ctrl_c_writes_the_finished_episodes_as_a_partial_result(
     args = ["eval", "--checkpoint", str(tiny_checkpoint), "--tasks", TWO, "--episodes", "100",
             "--no-mpc", "--workers", str(workers), "--out", str(out)]  # fmt: skip
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trainer.cli", *args], stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "trainer.cli", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        # as from a terminal: in the full suite an earlier test leaves SIGINT ignored in the
+        # pytest process, and a child inherits an ignored signal (as under nohup)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     lines = []
     for line in iter(proc.stderr.readline, ""):  # line by line, as they come (no read-ahead)
