@@ -337,13 +337,13 @@ def _in_workers(
     run: EpisodeSettings,
     workers: int,
     done: Callable[[str, int, float, float], None],
-) -> dict[str, list[float]]:
-    """Every episode as its own job on `workers` processes; on any error or Ctrl-C the
-    processes are stopped at once (the episodes they were playing are lost)."""
+) -> None:
+    """Every episode as its own job on `workers` processes, each reported to `done` as it
+    finishes; on any error or Ctrl-C the processes are stopped at once (the episodes they
+    were playing are lost)."""
     state = {
         k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()
     }
-    returns = {task: [0.0] * episodes for task in tasks}
     # spawn, not fork: torch's thread pools do not survive a fork; a worker that dies
     # raises BrokenProcessPool here instead of hanging
     pool = ProcessPoolExecutor(
@@ -356,9 +356,8 @@ def _in_workers(
             for k in range(episodes)
         }
         for job in as_completed(jobs):
-            task, k = jobs[job]
-            returns[task][k], seconds = job.result()
-            done(task, k, returns[task][k], seconds)
+            total, seconds = job.result()
+            done(*jobs[job], total, seconds)
     except BaseException:  # an episode failed or Ctrl-C: stop the processes, wait for none
         processes = list((pool._processes or {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
@@ -366,7 +365,6 @@ def _in_workers(
             process.kill()
         raise
     pool.shutdown()
-    return returns
 
 
 def _resolve_workers(workers: int, lockstep: bool, device: torch.device, jobs: int) -> int:
