@@ -25,7 +25,7 @@ from tools.bench.gpu_parts import (
     planner,
     project_eval,
 )
-from tools.bench.gpu_peer import official_source, official_updates
+from tools.bench.official import official_source, official_updates
 from tools.make_teacher import make_teacher
 from trainer.checkpoint import read_checkpoint
 from trainer.errors import TrainConfigError
@@ -145,7 +145,7 @@ def test_official_peer_needs_a_checkout_and_a_gpu(tmp_path):
         official_source(tmp_path)
     args = PartArgs(sizes=DRY_SIZES, store="s", work="w", device="cpu", deadline=0.0)
     result = official_updates(args, None, Accel(torch.device("cpu")))
-    assert result["status"] == "skipped" and "cuda" in result["reason"]
+    assert result["status"] == "skipped" and "bench-update" in result["reason"]
 
 
 def test_make_teacher_nonzero_reward_head(tmp_path):

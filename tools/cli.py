@@ -277,6 +277,39 @@ def bench_verify_cmd(store, faults_store, work, per_kind) -> None:
             click.echo(f"{row['fault']:40} {row['injected']:>8} {row['detected']:>8}")
 
 
+@main.command("bench-update")
+@click.option("--official", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              default=None, help="Root of an official TD-MPC2 checkout to time beside ours "
+              "(needs tensordict 0.8.3); without it, ours only.")  # fmt: skip
+@click.option("--batch-sizes", default="256,1024", show_default=True,
+              help="Comma-separated update batch sizes.")  # fmt: skip
+@click.option("--model-size", type=click.Choice(["1", "5", "19", "48", "317"]), default="1",
+              show_default=True, help="Model size.")  # fmt: skip
+@click.option("--windows", type=int, default=5, show_default=True,
+              help="Timed windows per update cell (the median is reported).")  # fmt: skip
+@click.option("--window-steps", type=int, default=5, show_default=True,
+              help="Updates per window.")  # fmt: skip
+@click.option("--plan-steps", type=int, default=30, show_default=True,
+              help="Timed planning steps per planning cell.")  # fmt: skip
+@click.option("--json-out", type=click.Path(path_type=Path), default=None,
+              help="Also write the rows as JSON here.")  # fmt: skip
+def bench_update_cmd(official, batch_sizes, model_size, windows, window_steps, plan_steps,
+                     json_out):  # fmt: skip
+    """Update and planning ms/step on CPU, one thread, each cell in its own process: ours and
+    the official, eager and compiled (cold compile: its warm-up is timed apart)."""
+    from tools.bench.update import BenchUpdateConfig, bench_update, ratios
+
+    cfg = BenchUpdateConfig(official=official, model_size=int(model_size), windows=windows,
+                            batch_sizes=tuple(int(b) for b in batch_sizes.split(",")),
+                            window_steps=window_steps, plan_steps=plan_steps)  # fmt: skip
+    rows = bench_update(cfg, click.echo)
+    for r in ratios(rows):
+        if r["vs_official_eager"] is not None:
+            click.echo(f"B={r['batch']:<5} {r['impl']:8} {'compiled' if r['compiled'] else 'eager':8}"
+                       f" {r['vs_official_eager']:.2f}x the official eager time")  # fmt: skip
+    _write_rows(json_out, cfg, rows)
+
+
 @main.command("bench-ddp")
 @click.option("--shards", required=True, help="Store to train on (path or URL).")
 @click.option("--work", type=click.Path(path_type=Path), default=Path("/tmp/bench-ddp"),

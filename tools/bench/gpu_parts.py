@@ -510,7 +510,7 @@ def collective(backend: str, device: str) -> None:
 
 
 def official_part(args: PartArgs, report: Callable[[dict], None]) -> None:
-    from tools.bench.gpu_peer import official_updates
+    from tools.bench.official import official_updates
 
     report(official_updates(args, _loader, Accel(args.torch_device)))
 

@@ -1,24 +1,30 @@
-"""The official TD-MPC2 update timed beside ours (`tools bench-gpu --official PATH`).
+"""The official TD-MPC2 agent, built from a checkout and timed beside ours (`tools bench-gpu
+--official PATH`, `tools bench-update --official PATH`).
 
 PATH is the root of a checkout of the official repository (its code under PATH/tdmpc2/),
 run with tensordict 0.8.3 (the version it pins). Nothing is downloaded: without PATH the
-part is skipped. The official agent is built from its own `config.yaml` with the mt30 values
-its config parser would set (sizes from our preset table, which matches the official one),
-without hydra, and fed the batches of our loader, the same batch size and horizon as our
-training cells. It runs eager, and with its own `compile: true` path, which compiles the
-whole `_update` with `torch.compile(mode="reduce-overhead")` (CUDA graphs), as our
-`--compile` does with ours (`trainer.train.compile_update`).
+official cells are skipped. The official agent is built from its own `config.yaml` with the
+mt30 values its config parser would set (sizes from our preset table, which matches the
+official one), without hydra. It runs eager, and with its own `compile: true` path, which
+compiles the whole `_update` (and `_plan`) with `torch.compile(mode="reduce-overhead")`, as
+our `--compile` does with ours (`trainer.train.compile_update`).
 
-The official agent puts itself on `cuda:0` (hard-coded), so this part needs a GPU.
+The official agent puts itself on `cuda:0` (hard-coded in its constructor and in
+RunningScale's) and makes its Adams `capturable`. On CPU, `official_agent` builds it with
+those two constructors seeing `cpu` and a plain Adam (capturable state needs a GPU); every
+other line of its code already follows the device of its tensors. Nothing in the checkout is
+edited.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import statistics
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +54,72 @@ def official_source(path: str | Path) -> Path:
     return src
 
 
+def import_official(path: str | Path) -> Any:
+    """The official agent class `TDMPC2` from the checkout at `path` (appended to sys.path, so
+    that its `trainer` package never shadows ours)."""
+    src = official_source(path)
+    if str(src) not in sys.path:
+        sys.path.append(str(src))
+    try:
+        from tdmpc2 import TDMPC2  # the official agent, from the checkout
+    except ImportError as exc:
+        raise TrainConfigError(
+            f"--official {path}: the official code does not import ({exc}); it needs "
+            f"tensordict 0.8.3 (pip install tensordict==0.8.3) and PyYAML"
+        ) from None
+    return TDMPC2
+
+
+def official_agent(TDMPC2: Any, cfg: OfficialConfig, device: torch.device) -> Any:
+    """The official agent on `device`: as its code builds it on cuda:0; elsewhere with its two
+    hard-coded `cuda:0` constructors (the agent's and RunningScale's) seeing `device` and
+    a plain Adam (see the module docstring)."""
+    if device == torch.device("cuda:0") or device == torch.device("cuda"):
+        return TDMPC2(cfg)
+    if device.type == "cuda":
+        raise TrainConfigError(f"the official agent runs on cuda:0 only, not {device}")
+    modules = [sys.modules[TDMPC2.__module__], sys.modules["common.scale"]]
+    with _constructors_on(device, modules):
+        return TDMPC2(cfg)
+
+
+@contextlib.contextmanager
+def _constructors_on(device: torch.device, modules: list[types.ModuleType]):
+    """While the official constructors run, their modules' `torch` places what names
+    cuda:0 on `device` and builds Adam without `capturable`; torch itself is untouched."""
+    real = torch
+
+    class Placed(types.ModuleType):
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+    placed = Placed("torch")
+    placed.device = lambda *args, **kwargs: device
+    placed.tensor = lambda *args, device=None, **kwargs: real.tensor(*args, **kwargs).to(
+        placed.device()
+    )
+    placed.optim = types.SimpleNamespace(
+        Adam=lambda *args, capturable=False, **kwargs: real.optim.Adam(*args, **kwargs)
+    )
+    saved = [m.torch for m in modules]
+    for m in modules:
+        m.torch = placed
+    try:
+        yield
+    finally:
+        for m, s in zip(modules, saved, strict=True):
+            m.torch = s
+
+
 def official_config(src: Path, model: ModelConfig, tasks: list[str], batch: int, compile: bool):
     """The official config for mt30 at our model size and batch, as its parser leaves it."""
     import yaml
 
     raw = yaml.safe_load((src / "config.yaml").read_text())
     raw.pop("defaults", None)
+    for key, value in raw.items():  # OmegaConf reads `3e-4` as a number, PyYAML as a string
+        with contextlib.suppress(ValueError):
+            raw[key] = float(value) if isinstance(value, str) else value
     sizes = ("enc_dim", "mlp_dim", "latent_dim", "num_enc_layers", "num_q", "task_dim")
     episode_length = model.episode_lengths[0]
     raw.update({k: getattr(model, k) for k in sizes})
@@ -85,10 +151,9 @@ class _Buffer:
 def official_updates(args, make_loader, accel) -> dict[str, Any]:
     """Median official update time, eager and compiled, on our batches."""
     if not accel.cuda:
-        return {"status": "skipped", "reason": "the official agent runs on cuda:0 only"}
+        return {"status": "skipped", "reason": "on CPU: tools bench-update times it"}
     src = official_source(args.official)
-    sys.path.insert(0, str(src))
-    from tdmpc2 import TDMPC2  # the official agent, from the checkout
+    TDMPC2 = import_official(args.official)
 
     store = open_store(args.store)
     sizes = args.sizes
@@ -99,7 +164,8 @@ def official_updates(args, make_loader, accel) -> dict[str, Any]:
     batch, rows = sizes.batch_sizes[0], {}
     for mode, compile in (("eager", False), ("compile reduce-overhead", True)):
         cfg = official_config(src, model, list(store.task_names), batch, compile)
-        agent = TDMPC2(cfg)
+        torch._dynamo.reset()  # no graphs or limits carried over from an earlier cell
+        agent = official_agent(TDMPC2, cfg, accel.device)
         with make_loader(args, batch, accel.device) as loader:
             buffer = _Buffer(loader, with_terminated)
             t0 = time.perf_counter()
