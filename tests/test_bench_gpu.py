@@ -80,10 +80,12 @@ def test_dry_run_measures_the_whole_grid(dry_run):
 
 def test_grid_runs_the_papers_setting_first():
     cells = grid(DEVICE_SIZES)
-    assert [c["label"] for c in cells[:4]] == [
+    assert [c["label"] for c in cells[:6]] == [
         "B=256 teacher=317 fp32",
+        "B=256 teacher=317 compile",
         "B=256 teacher=317 compile-amp",
         "B=256 teacher=none fp32",
+        "B=256 teacher=none compile",
         "B=256 teacher=none compile-amp",
     ]
     assert len(cells) == len({c["label"] for c in cells}) == 2 * (4 * 5 - 1)  # no bf16 w/o teacher
