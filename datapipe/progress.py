@@ -9,7 +9,7 @@ ETA for the rest of a long step: the full MT30 build's first minute (a cluster s
 44 GB of sources hashed) went at 0.4x its steady rate, and the whole-run average put the ETA
 at 36 min for a 14-min build. `enabled=False` prints nothing. Every long step of the project
 reports through it: build, verify-shards, make-mt30, training, evaluation
-(`trainer.evaluate.EpisodeProgress`) and whole experiments.
+(`trainer.evaluation.evaluate.EpisodeProgress`) and whole experiments.
 """
 
 from __future__ import annotations

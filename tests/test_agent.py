@@ -1,4 +1,4 @@
-"""Tests for trainer.agent: optimisers, the update and distillation.
+"""Tests for trainer.training.agent: optimisers, the update and distillation.
 
 The facts tested: docs/tdmpc2.md#optimisers, #update, #exactness; docs/distillation.md#loss.
 """
@@ -9,10 +9,15 @@ import math
 import pytest
 import torch
 
-from trainer.agent import TDMPC2Agent, metric_floats, prepare_teacher, reward_distillation_loss
-from trainer.math import two_hot_inv
-from trainer.model import WorldModel
-from trainer.presets import ModelConfig
+from trainer.model.math import two_hot_inv
+from trainer.model.presets import ModelConfig
+from trainer.model.world import WorldModel
+from trainer.training.agent import (
+    TDMPC2Agent,
+    metric_floats,
+    prepare_teacher,
+    reward_distillation_loss,
+)
 
 H = 3
 LOGGED = (
@@ -194,7 +199,7 @@ def test_distillation_loss_is_zero_against_itself_and_handles_low_precision_teac
 def test_only_the_distilled_parts_of_a_teacher_go_to_its_device_and_dtype():
     """A 317M teacher is 1.88 GiB in float32 with its Q ensemble; distillation runs only the
     task embedding, encoder and reward head (0.30 GiB): only those are cast and moved."""
-    from trainer.agent import DISTILLED_PARTS
+    from trainer.training.agent import DISTILLED_PARTS
 
     teacher = prepare_teacher(make_teacher(), dtype=torch.bfloat16, device="meta")
     for name, module in teacher.named_children():

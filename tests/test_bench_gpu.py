@@ -27,8 +27,8 @@ from tools.bench.gpu_parts import (
 )
 from tools.bench.official import official_source, official_updates
 from tools.make_teacher import make_teacher
-from trainer.checkpoint import read_checkpoint
 from trainer.errors import TrainConfigError
+from trainer.model.checkpoint import read_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,11 @@
-"""Tests for trainer.checkpoint: official file formats (docs/tdmpc2.md#checkpoints), quantized files
+"""Tests for trainer.model.checkpoint: official file formats (docs/tdmpc2.md#checkpoints), quantized files
 (docs/distillation.md#quantization)."""
 
 import pytest
 import torch
 from conftest import TD_MPC_OPT, needs_td_mpc_opt
 
-from trainer.agent import TDMPC2Agent, prepare_teacher
-from trainer.checkpoint import (
+from trainer.model.checkpoint import (
     CheckpointError,
     QuantizedCheckpointError,
     detect_model_size,
@@ -15,9 +14,10 @@ from trainer.checkpoint import (
     save_atomic,
     save_official,
 )
-from trainer.math import two_hot_inv
-from trainer.model import WorldModel
-from trainer.presets import ModelConfig
+from trainer.model.math import two_hot_inv
+from trainer.model.presets import ModelConfig
+from trainer.model.world import WorldModel
+from trainer.training.agent import TDMPC2Agent, prepare_teacher
 
 FP16 = TD_MPC_OPT / "mt30_1M_steps_045dist_fp16.pt"
 INT8 = TD_MPC_OPT / "mt30_1M_steps_045dist_int8.pt"

@@ -11,10 +11,10 @@ from click.testing import CliRunner
 from conftest import build_store, make_source
 
 from tools.make_teacher import make_teacher
-from trainer.checkpoint import load_checkpoint, read_checkpoint
 from trainer.cli import main
-from trainer.runlog import read_metrics
-from trainer.runstate import read_training_checkpoint
+from trainer.model.checkpoint import load_checkpoint, read_checkpoint
+from trainer.training.runlog import read_metrics
+from trainer.training.runstate import read_training_checkpoint
 
 
 def invoke(*args: str):
@@ -209,9 +209,9 @@ def test_every_setting_is_a_flag_with_its_help():
     field's help text (the options are generated from the dataclass)."""
     import dataclasses
 
-    from trainer.config import TrainConfig
-    from trainer.evaluate import EvalConfig
-    from trainer.quantize import QuantizeConfig
+    from trainer.evaluation.evaluate import EvalConfig
+    from trainer.evaluation.quantized import QuantizeConfig
+    from trainer.training.config import TrainConfig
 
     distill_only = {"teacher", "teacher_size", "d_coef", "d_schedule", "distill", "teacher_dtype"}
     for command, config, skip in (

@@ -1,4 +1,4 @@
-"""`--compile`: the whole update compiled (trainer.train.compile_update), proven on CPU.
+"""`--compile`: the whole update compiled (trainer.training.train.compile_update), proven on CPU.
 
 The numerical contract: a compiled update draws the same random numbers as the eager one
 (inductor's fallback_random) and differs from it only by float32 rounding, because inductor
@@ -18,12 +18,12 @@ import torch
 import torch._dynamo
 from conftest import store  # noqa: F401 (the module's store fixture)
 
-from trainer.agent import TDMPC2Agent, prepare_teacher
-from trainer.config import TrainConfig
-from trainer.model import WorldModel
-from trainer.presets import ModelConfig
-from trainer.runstate import read_training_checkpoint
-from trainer.train import compile_update, train
+from trainer.model.presets import ModelConfig
+from trainer.model.world import WorldModel
+from trainer.training.agent import TDMPC2Agent, prepare_teacher
+from trainer.training.config import TrainConfig
+from trainer.training.runstate import read_training_checkpoint
+from trainer.training.train import compile_update, train
 
 
 def _batches(cfg: ModelConfig, n: int, batch: int):
@@ -63,7 +63,7 @@ def test_the_compiled_update_equals_the_eager_one_within_float32_rounding():
 def test_a_compiled_run_neither_recompiles_nor_breaks_its_resume(store, tmp_path, monkeypatch):  # noqa: F811
     """After the first step nothing recompiles (log steps, checkpoint saves), and a compiled
     run stopped at step 3 and resumed ends where the uninterrupted one does, exactly."""
-    import trainer.train as train_module
+    import trainer.training.train as train_module
 
     settled = {"n": 0}
     real = train_module.metric_floats
@@ -101,7 +101,7 @@ def test_compiled_planning_equals_eager_planning_within_float32_rounding():
     """The MPPI step and the policy step through torch.compile (`trainer eval --compile`,
     evaluation during a --compile run): the same noise draws, the same actions up to
     float32 rounding, over a few warm-started steps of 3 environments."""
-    from trainer.plan import Actor, MPPIConfig
+    from trainer.evaluation.plan import Actor, MPPIConfig
 
     cfg = ModelConfig.for_size(1)
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from trainer.cli import main
-from trainer.curve import CurveError, parse_point
+from trainer.study.curve import CurveError, parse_point
 
 STUDY = Path(__file__).parents[1] / "results" / "cpu-study" / "report.json"
 

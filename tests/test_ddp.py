@@ -1,4 +1,4 @@
-"""Tests for trainer.distributed: data-parallel training on 2 CPU ranks (gloo).
+"""Tests for trainer.training.distributed: data-parallel training on 2 CPU ranks (gloo).
 
 - The averaged update equals one process's update on the concatenated batch (2 ranks x B/2
   against 1 x B, the update's random draws made deterministic), replicas stay identical.
@@ -29,14 +29,14 @@ import torch.distributed as dist
 from conftest import build_store, make_source
 
 from tools.make_teacher import make_teacher
-from trainer.agent import TDMPC2Agent, prepare_teacher
-from trainer.distributed import DataParallelUpdate, Ranks, check_replicas, stream_seed
 from trainer.errors import ReplicaMismatchError, TrainConfigError
-from trainer.model import WorldModel
-from trainer.presets import ModelConfig
-from trainer.runlog import read_metrics
-from trainer.runstate import read_training_checkpoint
-from trainer.train import TrainConfig, train
+from trainer.model.presets import ModelConfig
+from trainer.model.world import WorldModel
+from trainer.training.agent import TDMPC2Agent, prepare_teacher
+from trainer.training.distributed import DataParallelUpdate, Ranks, check_replicas, stream_seed
+from trainer.training.runlog import read_metrics
+from trainer.training.runstate import read_training_checkpoint
+from trainer.training.train import TrainConfig, train
 
 B, H, STEPS = 16, 3, 3
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,7 +209,8 @@ def test_check_replicas_names_diverged_ranks_and_shared_batches(monkeypatch):
     agent = TDMPC2Agent(ModelConfig.for_size(1), "cpu")
     batch = (torch.zeros(2), torch.ones(2))
     monkeypatch.setattr(
-        "trainer.distributed.digest", lambda obj: "state" if isinstance(obj, dict) else "batch"
+        "trainer.training.distributed.digest",
+        lambda obj: "state" if isinstance(obj, dict) else "batch",
     )
     for others, message in (
         ([("other state", "batch 1")], r"state of rank\(s\) \[1\] differs"),
@@ -373,8 +374,8 @@ def test_the_process_group_waits_as_long_as_an_evaluation(monkeypatch):
 
     import torch.distributed as dist
 
-    from trainer.distributed import process_group
-    from trainer.traineval import EvalProtocol
+    from trainer.training.distributed import process_group
+    from trainer.training.traineval import EvalProtocol
 
     seen = []
     monkeypatch.setattr(dist, "is_initialized", lambda: False)

@@ -15,9 +15,9 @@ import pytest
 pytest.importorskip("dm_control")
 
 from datapipe.tasksets import MT30
-from trainer.envs import EPISODE_LENGTH, make_env
-from trainer.envs.custom import CUSTOM_TASKS
-from trainer.envs.headless import (
+from trainer.evaluation.envs import EPISODE_LENGTH, make_env
+from trainer.evaluation.envs.custom import CUSTOM_TASKS
+from trainer.evaluation.envs.headless import (
     choose_gl_backend,
     headless_backend,
     mujoco_deprecations_silenced,
@@ -184,7 +184,7 @@ def test_reacher_three(task, radius):
 STEP_AND_RENDER = """
 import os
 import numpy as np
-from trainer.envs import make_env
+from trainer.evaluation.envs import make_env
 for task in ("cheetah-run", "cheetah-jump", "walker-walk"):  # cheetah.xml: settotalmass
     env = make_env(task)
     env.reset()

@@ -1,4 +1,4 @@
-"""trainer.evaluate: MT30 evaluation end to end on dm_control, its outputs and refusals."""
+"""trainer.evaluation.evaluate: MT30 evaluation end to end on dm_control, its outputs and refusals."""
 
 from __future__ import annotations
 
@@ -16,14 +16,20 @@ pytest.importorskip("dm_control")
 from conftest import TD_MPC_OPT, needs_td_mpc_opt
 
 from datapipe.tasksets import MT30
-from trainer.checkpoint import QuantizedCheckpointError, load_any, save_official
 from trainer.cli import main
-from trainer.envs import make_env
 from trainer.errors import IncompatibleDataError, TrainConfigError
-from trainer.evaluate import EvalConfig, check_task_set, evaluate, resolve_tasks, run_eval
-from trainer.model import WorldModel
-from trainer.plan import MPPIConfig
-from trainer.presets import ModelConfig
+from trainer.evaluation.envs import make_env
+from trainer.evaluation.evaluate import (
+    EvalConfig,
+    check_task_set,
+    evaluate,
+    resolve_tasks,
+    run_eval,
+)
+from trainer.evaluation.plan import MPPIConfig
+from trainer.model.checkpoint import QuantizedCheckpointError, load_any, save_official
+from trainer.model.presets import ModelConfig
+from trainer.model.world import WorldModel
 
 TWO = "cartpole-swingup,pendulum-spin"
 
@@ -245,9 +251,9 @@ def test_a_second_writer_of_the_same_output_is_refused(tiny_checkpoint, tmp_path
     writes nothing; once the first is gone the output can be written."""
     from conftest import lock_held_elsewhere
 
-    from trainer.checkpoint import export
     from trainer.errors import BusyError
-    from trainer.quantize import QuantizeConfig, run_quantize
+    from trainer.evaluation.quantized import QuantizeConfig, run_quantize
+    from trainer.model.checkpoint import export
 
     out = tmp_path / ("eval" if command == "eval" else "model.pt")
     lock = {

@@ -1,4 +1,4 @@
-"""Tests for trainer.experiment: spec checks, run folders equal to `trainer train/distill`,
+"""Tests for trainer.study.experiment: spec checks, run folders equal to `trainer train/distill`,
 resume after SIGKILL of the whole process group, and the report's numbers."""
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.experiment import SpecError, load_spec, run_experiment
-from trainer.runlog import read_evals, read_metrics
-from trainer.runstate import read_training_checkpoint
-from trainer.train import TrainConfig, train
+from trainer.study.experiment import SpecError, load_spec, run_experiment
+from trainer.training.runlog import read_evals, read_metrics
+from trainer.training.runstate import read_training_checkpoint
+from trainer.training.train import TrainConfig, train
 
 TASKS = ["cartpole-balance", "pendulum-swingup"]
 
@@ -232,7 +232,7 @@ def test_a_reference_arm_is_kept_only_while_its_checkpoint_is_the_file_evaluated
 ):
     """Keyed by the checkpoint's sha256: changed in place (or another file by that path),
     the reference run is evaluated again instead of reported with the old score."""
-    from trainer.experiment import Run, run_state
+    from trainer.study.experiment import Run, run_state
 
     out = tmp_path / "teacher" / "seed1"
     out.mkdir(parents=True)
@@ -316,7 +316,7 @@ def test_install_hints_follow_the_way_the_package_was_installed(monkeypatch, tmp
 def test_progress_counts_the_evaluations_as_well_as_the_steps(finished, store, teacher, tmp_path):
     """The display's work: steps plus evaluations in step equivalents, guessed from the
     protocol until the logs measure it (an evaluation took longer than the training here)."""
-    from trainer.experiment import _Work
+    from trainer.study.experiment import _Work
 
     fresh = load_spec(write_spec(tmp_path, spec_text(store, teacher)), tmp_path / "new")
     work = _Work(fresh)

@@ -17,15 +17,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from trainer.agent import TDMPC2Agent
 from trainer.cli import main
-from trainer.config import TrainConfig
 from trainer.errors import ResumeError
-from trainer.runfolder import resume_config
-from trainer.runlog import read_metrics
-from trainer.runstate import read_training_checkpoint
 from trainer.stop import StopRequest
-from trainer.train import train
+from trainer.training.agent import TDMPC2Agent
+from trainer.training.config import TrainConfig
+from trainer.training.runfolder import resume_config
+from trainer.training.runlog import read_metrics
+from trainer.training.runstate import read_training_checkpoint
+from trainer.training.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ("--batch-size", "8", "--cache-gb", "0.1", "--device", "cpu", "--threads", "1")

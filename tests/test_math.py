@@ -1,4 +1,4 @@
-"""Tests for trainer.math: symlog, two-hot regression (docs/tdmpc2.md#two-hot) and RunningScale
+"""Tests for trainer.model.math: symlog, two-hot regression (docs/tdmpc2.md#two-hot) and RunningScale
 (docs/tdmpc2.md#running-scale)."""
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from trainer.math import RunningScale, soft_ce, symexp, symlog, two_hot, two_hot_inv
+from trainer.model.math import RunningScale, soft_ce, symexp, symlog, two_hot, two_hot_inv
 
 
 def test_symlog_symexp_are_inverse():

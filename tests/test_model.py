@@ -1,4 +1,4 @@
-"""Tests for trainer.model: layout, initialisation and heads.
+"""Tests for trainer.model.world: layout, initialisation and heads.
 
 The facts tested: docs/tdmpc2.md#parameter-counts, #new-api, #init, #policy, #q-ensemble,
 #two-hot, #task-embedding.
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.math import two_hot_inv
-from trainer.model import WorldModel, parameter_counts
-from trainer.presets import PRESETS, ModelConfig
+from trainer.model.math import two_hot_inv
+from trainer.model.presets import PRESETS, ModelConfig
+from trainer.model.world import WorldModel, parameter_counts
 
 # docs/tdmpc2.md#parameter-counts: learnable parameters per module, total, and the target-Q copy.
 PARAM_COUNTS = {

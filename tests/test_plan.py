@@ -1,13 +1,13 @@
-"""trainer.plan: batched MPPI (docs/tdmpc2.md#mppi) and policy-only action selection."""
+"""trainer.evaluation.plan: batched MPPI (docs/tdmpc2.md#mppi) and policy-only action selection."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from trainer.model import WorldModel
-from trainer.plan import OFFICIAL_MPPI, Actor, MPPIConfig, plan, policy_action
-from trainer.presets import ModelConfig
+from trainer.evaluation.plan import OFFICIAL_MPPI, Actor, MPPIConfig, plan, policy_action
+from trainer.model.presets import ModelConfig
+from trainer.model.world import WorldModel
 
 SMALL = MPPIConfig(num_samples=64, num_pi_trajs=8, num_elites=16, iterations=2)
 TASKS = torch.tensor([0, 6, 13, 26])  # 6, 1, 2 and 3 active action dims

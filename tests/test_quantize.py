@@ -1,4 +1,5 @@
-"""trainer.quantize: real post-training quantization, its file format and `load_any`."""
+"""trainer.model.quantize and trainer.evaluation.quantized: real post-training quantization,
+its file format, `load_any`, fidelity and `trainer quantize`."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ import torch
 from conftest import TD_MPC_OPT, needs_td_mpc_opt
 
 from datapipe.source import file_sha256
-from trainer.checkpoint import QUANTIZED_FORMAT as FORMAT
-from trainer.checkpoint import (
+from trainer.evaluation.quantized import QuantizeConfig, fidelity, run_quantize
+from trainer.model.checkpoint import QUANTIZED_FORMAT as FORMAT
+from trainer.model.checkpoint import (
     CheckpointError,
     QuantizedCheckpointError,
     dequantize_per_channel,
@@ -22,17 +24,10 @@ from trainer.checkpoint import (
     read_meta,
     save_official,
 )
-from trainer.model import WorldModel
-from trainer.presets import ModelConfig
-from trainer.quantize import (
-    QuantizeConfig,
-    fidelity,
-    linear_weight_keys,
-    quantize_per_channel,
-    run_quantize,
-    save_quantized,
-)
-from trainer.runstate import write_training_checkpoint
+from trainer.model.presets import ModelConfig
+from trainer.model.quantize import linear_weight_keys, quantize_per_channel, save_quantized
+from trainer.model.world import WorldModel
+from trainer.training.runstate import write_training_checkpoint
 
 
 def trained_like(seed: int = 0, **dims) -> WorldModel:

@@ -1,4 +1,4 @@
-"""trainer.report: the report of a hand-built experiment folder, and held-out reward errors."""
+"""trainer.study.report: the report of a hand-built experiment folder, and held-out reward errors."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch
 from conftest import load_chunk, make_source
 
 from tools.make_teacher import make_teacher
-from trainer.checkpoint import load_any, save_official
-from trainer.math import two_hot_inv
-from trainer.report import REPORT_JSON, REPORT_MD, reward_errors, write_report
+from trainer.model.checkpoint import load_any, save_official
+from trainer.model.math import two_hot_inv
+from trainer.study.report import REPORT_JSON, REPORT_MD, reward_errors, write_report
 
 TASKS = ["walker-walk", "cheetah-run", "cartpole-swingup"]
 STEPS = (0, 50, 100)

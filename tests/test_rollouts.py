@@ -14,10 +14,10 @@ from datapipe.build import BuildConfig, build
 from datapipe.store import open_store
 from datapipe.tasksets import MT30
 from tools.rollouts import make_mt30_dmc, rollout_task
-from trainer.checkpoint import save_official
-from trainer.envs import make_env
-from trainer.model import WorldModel
-from trainer.presets import ModelConfig
+from trainer.evaluation.envs import make_env
+from trainer.model.checkpoint import save_official
+from trainer.model.presets import ModelConfig
+from trainer.model.world import WorldModel
 
 TASKS = "walker-walk,reacher-easy,cartpole-swingup"  # 6, 2 and 1 action dims; obs 24, 6, 5
 

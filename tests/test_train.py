@@ -1,4 +1,4 @@
-"""Tests for trainer.train: the training loop, distillation, exact resume and bad input."""
+"""Tests for trainer.training.train: the training loop, distillation, exact resume and bad input."""
 
 from __future__ import annotations
 
@@ -16,23 +16,23 @@ from conftest import build_store, make_source
 
 from datapipe.errors import IncompleteStoreError, StoreNotFoundError
 from tools.make_teacher import make_teacher
-from trainer.agent import TDMPC2Agent
-from trainer.checkpoint import (
-    CheckpointError,
-    export,
-    load_checkpoint,
-    read_checkpoint,
-    save_atomic,
-)
 from trainer.errors import (
     DivergedError,
     IncompatibleDataError,
     ResumeError,
     TrainConfigError,
 )
-from trainer.runlog import UPDATE_METRICS, read_evals, read_metrics
-from trainer.runstate import read_training_checkpoint
-from trainer.train import TrainConfig, train
+from trainer.model.checkpoint import (
+    CheckpointError,
+    export,
+    load_checkpoint,
+    read_checkpoint,
+    save_atomic,
+)
+from trainer.training.agent import TDMPC2Agent
+from trainer.training.runlog import UPDATE_METRICS, read_evals, read_metrics
+from trainer.training.runstate import read_training_checkpoint
+from trainer.training.train import TrainConfig, train
 
 LOSSES = (*UPDATE_METRICS, "distill_loss", "reward_mae_teacher", "d_coef")
 
@@ -477,8 +477,8 @@ EVAL = dict(eval_every=3, eval_tasks="cartpole-balance,pendulum-swingup", eval_e
 
 
 def test_eval_during_training_rows_best_model_and_summary(store, teacher, tmp_path):
-    from trainer.checkpoint import load_checkpoint as load_official
-    from trainer.runlog import read_evals
+    from trainer.model.checkpoint import load_checkpoint as load_official
+    from trainer.training.runlog import read_evals
 
     run = tmp_path / "run"
     train(config(store, run, steps=7, teacher=teacher, d_coef=0.4, **EVAL))
@@ -510,7 +510,7 @@ def test_eval_during_training_leaves_training_unchanged(store, tmp_path):
 
 
 def test_resume_keeps_eval_rows_and_best(store, tmp_path, monkeypatch):
-    from trainer.runlog import read_evals
+    from trainer.training.runlog import read_evals
 
     kw = dict(steps=6, save_every=3, **EVAL)
     train(config(store, tmp_path / "whole", **kw))
@@ -583,7 +583,7 @@ def test_wandb_offline_gets_the_csv_names(store, tmp_path, monkeypatch):
 def test_cuda_rng_is_saved_and_restored_for_the_runs_own_gpu(monkeypatch):
     """A run on cuda:1 saves that GPU's generator only, and restores it with fewer GPUs
     visible; a state saved with every GPU's (before) restores the run's own entry."""
-    from trainer.runstate import rng_state, set_rng_state
+    from trainer.training.runstate import rng_state, set_rng_state
 
     calls = []
     own = torch.tensor([1, 2, 3], dtype=torch.uint8)

@@ -19,11 +19,11 @@ import torch
 
 from datapipe.store import open_store
 from tools.errors import ToolError
-from trainer.checkpoint import export, save_official
-from trainer.config import TrainConfig
-from trainer.model import WorldModel, weight_init
-from trainer.presets import PRESETS, ModelConfig
-from trainer.train import store_dims, train
+from trainer.model.checkpoint import export, save_official
+from trainer.model.presets import PRESETS, ModelConfig
+from trainer.model.world import WorldModel, weight_init
+from trainer.training.config import TrainConfig
+from trainer.training.train import store_dims, train
 
 
 def make_teacher(

@@ -1,6 +1,6 @@
 """Real-physics MT30 data: `tools make-mt30 --physics dmc`.
 
-Runs the 30 MT30 dm_control tasks (`trainer.envs`) and writes the rollouts in exactly the
+Runs the 30 MT30 dm_control tasks (`trainer.evaluation.envs`) and writes the rollouts in exactly the
 official chunk format, with the chunk writer of `tools.chunkfile`: row k of an episode holds
 obs_k, the action that led to it and its reward; row 0's action and reward are NaN; obs are
 zero-padded to 24 and actions to 6; task is int32 on every row; the episodes of a task form
@@ -43,12 +43,12 @@ def _task_seed(seed: int, task_id: int) -> int:
 
 def _set_policy(policy: str) -> None:
     """Load the checkpoint policy of this process (or clear it for random/noise)."""
-    from trainer.evaluate import set_worker_model
+    from trainer.evaluation.evaluate import set_worker_model
 
     if policy in POLICIES:
         set_worker_model(None)
     else:
-        from trainer.checkpoint import load_any
+        from trainer.model.checkpoint import load_any
 
         set_worker_model(load_any(policy))
 
@@ -86,7 +86,7 @@ def rollout_task(
     """Episodes lo..hi-1 of `task` in the official row layout (arrays [n, 501, .])."""
     import torch
 
-    from trainer.envs import EPISODE_LENGTH, make_env
+    from trainer.evaluation.envs import EPISODE_LENGTH, make_env
 
     env = make_env(task, _task_seed(seed, MT30.names.index(task)))
     for _ in range(lo):  # replay the resets of the episodes before lo
@@ -126,8 +126,8 @@ def _rollout_job(args: tuple) -> dict[str, np.ndarray]:
 def _policy_mean(obs: np.ndarray, task_id) -> np.ndarray:
     import torch
 
-    from trainer.evaluate import worker_model
-    from trainer.plan import policy_action
+    from trainer.evaluation.evaluate import worker_model
+    from trainer.evaluation.plan import policy_action
 
     with torch.inference_mode():
         return policy_action(worker_model(), torch.from_numpy(obs)[None], task_id)[0].numpy()
@@ -165,7 +165,7 @@ def make_mt30_dmc(
     `workers` processes (spawned, one torch thread each) run one job per (task, chunk);
     0 runs everything in this process; -1 uses one process per CPU core.
     """
-    from trainer.evaluate import one_torch_thread, resolve_tasks
+    from trainer.evaluation.evaluate import one_torch_thread, resolve_tasks
 
     names = resolve_tasks(tasks or "mt30")
     names.sort(key=MT30.names.index)
@@ -183,8 +183,8 @@ def make_mt30_dmc(
             f"--policy must be one of {', '.join(POLICIES)} or a checkpoint file; got {policy!r}"
         )
     if policy not in POLICIES:
-        from trainer.checkpoint import load_any
-        from trainer.evaluate import check_task_set
+        from trainer.evaluation.evaluate import check_task_set
+        from trainer.model.checkpoint import load_any
 
         check_task_set(load_any(policy).cfg)  # fail here, not inside every worker
     dst = Path(dst)

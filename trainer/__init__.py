@@ -1,20 +1,19 @@
-"""TD-MPC2 world model, update and checkpoints for offline multi-task (mt30) training.
+"""TD-MPC2 world model, training, evaluation and studies for offline multi-task (mt30) data.
 
-presets    -- model-size table and the frozen ModelConfig
-math       -- symlog / two-hot regression and the running Q scale
-model      -- WorldModel: networks and forward passes (no losses)
-checkpoint -- official checkpoint files: read, convert old API, detect size, save
-agent      -- TDMPC2Agent: optimisers, the update step, reward distillation
-train      -- the training loop behind `trainer train` / `trainer distill`
-runstate   -- our training checkpoints (exact resume) and export to the official format
-runlog     -- metrics files, step timing, peak memory
-distributed -- data-parallel training under torchrun (DDP, per-rank streams)
-envs       -- the 30 MT30 environments
-cli        -- the `trainer` command
+Four rooms, imports pointing one way (study -> training -> evaluation -> model -> datapipe):
+
+model      -- the world model and its files: presets, math, WorldModel, checkpoints, quantize
+training   -- `trainer train` / `distill`: config, agent (the update), the loop, run folders,
+              data-parallel training, evaluation during training
+evaluation -- `trainer eval`: the MT30 environments, MPPI planning, per-episode evaluation
+study      -- `trainer experiment` / `report` / `curve`: specs, statistics, figures
+
+and the command itself: cli (with options, the flags generated from the config dataclasses),
+errors (every error the commands turn into one line), stop (Ctrl-C / SIGTERM handling).
+The names below are the public API.
 """
 
-from trainer.agent import TDMPC2Agent, prepare_teacher, reward_distillation_loss
-from trainer.checkpoint import (
+from trainer.model.checkpoint import (
     CheckpointError,
     QuantizedCheckpointError,
     detect_model_size,
@@ -24,8 +23,9 @@ from trainer.checkpoint import (
     save_atomic,
     save_official,
 )
-from trainer.model import WorldModel, parameter_counts
-from trainer.presets import PRESETS, ModelConfig
+from trainer.model.presets import PRESETS, ModelConfig
+from trainer.model.world import WorldModel, parameter_counts
+from trainer.training.agent import TDMPC2Agent, prepare_teacher, reward_distillation_loss
 
 __all__ = [
     "PRESETS",

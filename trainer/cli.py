@@ -19,16 +19,16 @@ from click.core import ParameterSource
 
 from datapipe.errors import DatapipeError
 from datapipe.options import option
-from trainer.checkpoint import export
-from trainer.config import D_SCHEDULES, DISTILL_STEPS, TEACHER_DTYPES, TrainConfig
 from trainer.errors import TrainError
-from trainer.evaluate import EvalConfig
+from trainer.evaluation.evaluate import EvalConfig
+from trainer.evaluation.quantized import QuantizeConfig
+from trainer.model.checkpoint import export
+from trainer.model.presets import PRESETS
 from trainer.options import DEVICES
-from trainer.presets import PRESETS
-from trainer.quantize import QuantizeConfig
-from trainer.runfolder import resume_config
 from trainer.stop import Interrupted
-from trainer.train import train
+from trainer.training.config import D_SCHEDULES, DISTILL_STEPS, TEACHER_DTYPES, TrainConfig
+from trainer.training.runfolder import resume_config
+from trainer.training.train import train
 
 _SIZES = click.Choice([str(s) for s in PRESETS])
 _option = functools.partial(option, TrainConfig)  # a TrainConfig field's option
@@ -124,7 +124,7 @@ def distill_cmd(**kw: Any) -> None:
 def experiment_cmd(spec: Path, out: Path, jobs: int, progress: bool) -> None:
     """Run the arms x seeds of the TOML experiment SPEC into OUT/<arm>/seed<k>/, then write
     OUT/report.md. Run it again to resume: finished runs are kept."""
-    from trainer.experiment import run_experiment
+    from trainer.study.experiment import run_experiment
 
     if jobs < 1:
         raise click.BadParameter("must be >= 1", param_hint="--jobs")
@@ -159,7 +159,7 @@ def specs_cmd(name: str | None) -> None:
 @click.argument("folder", type=click.Path(path_type=Path, file_okay=False, exists=True))
 def report_cmd(folder: Path) -> None:
     """Write FOLDER/report.md, report.json and figures/ for an experiment folder."""
-    from trainer.report import write_report
+    from trainer.study.report import write_report
 
     _run(lambda: write_report(folder))
     click.echo(f"wrote {folder / 'report.md'}, {folder / 'report.json'}, {folder / 'figures'}/")
@@ -179,7 +179,7 @@ def report_cmd(folder: Path) -> None:
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write.")
 def curve_cmd(points, arm, baseline, x_label, out) -> None:
     """One arm-vs-baseline comparison across experiments: OUT/curve.json, curve.md, curve.png."""
-    from trainer.curve import FILES, parse_point, write_curve
+    from trainer.study.curve import FILES, parse_point, write_curve
 
     _run(lambda: write_curve([parse_point(p) for p in points], out, arm, baseline, x_label))
     click.echo("wrote " + ", ".join(str(out / f) for f in FILES))
@@ -218,7 +218,7 @@ def export_cmd(checkpoint: Path, out: Path) -> None:
 @option(EvalConfig, "progress", "--progress/--no-progress")
 def eval_cmd(**kw: Any) -> None:
     """Per-task returns and the normalized MT30 score of a checkpoint (docs/tdmpc2.md)."""
-    from trainer.evaluate import run_eval
+    from trainer.evaluation.evaluate import run_eval
 
     result = _run(lambda: run_eval(EvalConfig(**kw)))
     for t in result.tasks:
@@ -247,7 +247,7 @@ def quantize_cmd(as_json: bool, **kw: Any) -> None:
     """Post-training quantization with a size, fidelity and score report (<out>.report.json)."""
     import json
 
-    from trainer.quantize import report_text, run_quantize
+    from trainer.evaluation.quantized import report_text, run_quantize
 
     report = _run(lambda: run_quantize(QuantizeConfig(**kw)))
     click.echo(json.dumps(report, indent=1) if as_json else report_text(report))

@@ -2,7 +2,7 @@
 
 Each says what is wrong and what to do, and also subclasses the matching built-in, so a
 caller can catch `ValueError` without knowing ours. Checkpoint-file problems raise
-`trainer.checkpoint.CheckpointError`; store problems raise `datapipe.errors.DatapipeError`.
+`trainer.model.checkpoint.CheckpointError`; store problems raise `datapipe.errors.DatapipeError`.
 """
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer.runlog import read_metrics
+from trainer.training.runlog import read_metrics
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from trainer.envs import ACTION_REPEAT, make_env
+from trainer.evaluation.envs import ACTION_REPEAT, make_env
 
 
 def bench_env(task: str, steps: int, seed: int = 0) -> dict:

@@ -27,7 +27,7 @@ from typing import Any
 
 from tools.bench.gpu_parts import DEVICE_SIZES, DRY_SIZES, PartArgs
 from tools.bench.gpu_report import write_markdown
-from trainer.runstate import write_json
+from trainer.training.runstate import write_json
 
 # Parts in the order they run, and their shares of the time budget.
 SHARES = {

@@ -33,15 +33,15 @@ import torch
 from datapipe.loader import Batch, SliceLoader
 from datapipe.store import open_store
 from tools.make_teacher import make_teacher
-from trainer.agent import TDMPC2Agent, prepare_teacher
-from trainer.checkpoint import load_checkpoint
-from trainer.config import TEACHER_DTYPES
-from trainer.model import WorldModel
-from trainer.plan import OFFICIAL_MPPI, MPPIConfig, plan
-from trainer.presets import ModelConfig
-from trainer.runlog import StepTimer
-from trainer.runstate import write_json
-from trainer.train import compile_update, store_dims
+from trainer.evaluation.plan import OFFICIAL_MPPI, MPPIConfig, plan
+from trainer.model.checkpoint import load_checkpoint
+from trainer.model.presets import ModelConfig
+from trainer.model.world import WorldModel
+from trainer.training.agent import TDMPC2Agent, prepare_teacher
+from trainer.training.config import TEACHER_DTYPES
+from trainer.training.runlog import StepTimer
+from trainer.training.runstate import write_json
+from trainer.training.train import compile_update, store_dims
 
 # Training modes of the grid: (compile the whole update, bf16 autocast of the forward losses,
 # teacher dtype).

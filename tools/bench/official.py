@@ -7,7 +7,7 @@ official cells are skipped. The official agent is built from its own `config.yam
 mt30 values its config parser would set (sizes from our preset table, which matches the
 official one), without hydra. It runs eager, and with its own `compile: true` path, which
 compiles the whole `_update` (and `_plan`) with `torch.compile(mode="reduce-overhead")`, as
-our `--compile` does with ours (`trainer.train.compile_update`).
+our `--compile` does with ours (`trainer.training.train.compile_update`).
 
 The official agent puts itself on `cuda:0` (hard-coded in its constructor and in
 RunningScale's) and makes its Adams `capturable`. On CPU, `official_agent` builds it with
@@ -32,8 +32,8 @@ import torch
 
 from datapipe.store import open_store
 from trainer.errors import TrainConfigError
-from trainer.presets import ModelConfig
-from trainer.train import store_dims
+from trainer.model.presets import ModelConfig
+from trainer.training.train import store_dims
 
 
 class OfficialConfig(dict):

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from trainer.presets import ModelConfig
+from trainer.model.presets import ModelConfig
 
 HORIZON = 3  # the official mt30 horizon
 
@@ -179,8 +179,8 @@ def _update_step(cell: dict, cfg: BenchUpdateConfig, model: ModelConfig) -> Call
         agent = _official(cfg, model, cell["batch"], cell["compiled"])
         buffer = _OfficialBuffer(batches)
         return lambda: agent.update(buffer)
-    from trainer.agent import TDMPC2Agent
-    from trainer.train import compile_update
+    from trainer.training.agent import TDMPC2Agent
+    from trainer.training.train import compile_update
 
     torch.manual_seed(0)
     agent = TDMPC2Agent(model)
@@ -211,8 +211,8 @@ def _plan_step(cell: dict, cfg: BenchUpdateConfig, model: ModelConfig) -> Callab
             first[0] = False
 
         return act
-    from trainer.model import WorldModel
-    from trainer.plan import Actor
+    from trainer.evaluation.plan import Actor
+    from trainer.model.world import WorldModel
 
     torch.manual_seed(0)
     actor = Actor(WorldModel(model), 1, mpc=cell["mpc"], compile=cell["compiled"])

@@ -20,7 +20,7 @@ from typing import Any
 
 from datapipe.location import atomic_file
 from trainer.errors import TrainError
-from trainer.reportfig import pyplot, save_png
+from trainer.study.figures import pyplot, save_png
 
 REPORT = "report.json"
 FILES = ("curve.json", "curve.md", "curve.png")

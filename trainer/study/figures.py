@@ -1,5 +1,5 @@
 """The figures of `trainer report`: PNG files in DIR/figures/, drawn from report.json's numbers
-and the run logs (`trainer.report`'s arms), each with the caption report.md prints under it.
+and the run logs (`trainer.study.report`'s arms), each with the caption report.md prints under it.
 
 Curves are the mean over the seeds that reached each step, with a band from their min to their
 max; final scores are over finished runs only, as in the rest of the report.
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from datapipe.location import atomic_file
-from trainer.report import AGREEMENT_KEYS, FIGURES_DIR, Arm
+from trainer.study.folder import AGREEMENT_KEYS, FIGURES_DIR, Arm
 
 DPI = 110
 

@@ -2,8 +2,8 @@
 
 Owns the experiment spec (a TOML file read with `tomllib`), its checks, the plan of runs and
 running them. Each arm x seed is an ordinary run folder `DIR/<arm>/seed<k>/`, made by
-`trainer.train.train` (the function behind `trainer train` / `trainer distill`) in a child
-process of its own, or, for a `kind = "reference"` arm, by `trainer.evaluate.run_eval` (the
+`trainer.training.train.train` (the function behind `trainer train` / `trainer distill`) in a child
+process of its own, or, for a `kind = "reference"` arm, by `trainer.evaluation.evaluate.run_eval` (the
 function behind `trainer eval`) with the experiment's evaluation protocol. Nothing about a run
 depends on the experiment around it: a run folder equals what the command with the same
 settings writes.
@@ -70,23 +70,21 @@ import torch
 from datapipe.location import only_writer
 from datapipe.progress import Progress
 from datapipe.source import file_sha256
-from trainer.checkpoint import CheckpointError, read_checkpoint
-from trainer.config import TrainConfig
 from trainer.errors import TrainConfigError, TrainError
-from trainer.runfolder import CONFIG_FILE, SUMMARY_FILE
-from trainer.runlog import JSONL_FILE, read_evals, read_metrics
-from trainer.runstate import (
+from trainer.model.checkpoint import CheckpointError, read_checkpoint
+from trainer.stop import SIGNALS, Interrupted
+from trainer.study.folder import EXPERIMENT_FILE, FORMAT, REFERENCE_FILE, REPORT_MD, VERSION
+from trainer.training.config import TrainConfig
+from trainer.training.runfolder import CONFIG_FILE, SUMMARY_FILE
+from trainer.training.runlog import JSONL_FILE, read_evals, read_metrics
+from trainer.training.runstate import (
     CHECKPOINT_FILE,
     read_training_checkpoint,
     write_json,
 )
-from trainer.stop import SIGNALS, Interrupted
-from trainer.traineval import EvalProtocol
+from trainer.training.traineval import EvalProtocol
 
-EXPERIMENT_FILE = "experiment.json"
-REFERENCE_FILE = "eval.json"  # a reference run's result (trainer.evaluate.write_outputs)
 RUN_LOG = "run.log"  # a run's stdout and stderr
-FORMAT, VERSION = "mt30-experiment", 1
 
 _TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 _NOT_SETTINGS = {"out", "resume", "overwrite", "seed", "progress"}  # set by the experiment, per run
@@ -423,7 +421,7 @@ def _check_files(spec: Path, where: str, cfg: TrainConfig) -> None:
     is trained (before any run starts)."""
     from datapipe.errors import DatapipeError
     from datapipe.store import open_store
-    from trainer.train import load_teacher, store_dims
+    from trainer.training.train import load_teacher, store_dims
 
     try:
         store = open_store(cfg.shards)
@@ -577,10 +575,10 @@ def _run_planned(exp: Experiment, jobs: int, progress: bool) -> Path:
             f"{len(failed)} run(s) failed: {lines}. Fix the cause and run the same command "
             f"again: finished runs are kept, the others resume"
         )
-    from trainer.report import write_report
+    from trainer.study.report import write_report
 
     write_report(exp.out)
-    print(f"{exp.out}: report in {exp.out / 'report.md'}")
+    print(f"{exp.out}: report in {exp.out / REPORT_MD}")
     return exp.out
 
 
@@ -691,7 +689,7 @@ def _start(run: Run, resume: bool, exp: Experiment) -> subprocess.Popen:
         }
     log = open(run.out / RUN_LOG, "a")  # noqa: SIM115 (closed when the run ends)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "trainer.experiment", json.dumps(job)],
+        [sys.executable, "-m", "trainer.study.experiment", json.dumps(job)],
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -775,11 +773,11 @@ def _child(job: dict[str, Any]) -> None:
     Ctrl-C at the terminal reaches the parent only; it stops the child with SIGTERM."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if job["kind"] == "train":
-        from trainer.train import train
+        from trainer.training.train import train
 
         train(TrainConfig(**job["config"]))
         return
-    from trainer.evaluate import EvalConfig, run_eval
+    from trainer.evaluation.evaluate import EvalConfig, run_eval
 
     cfg = EvalConfig(
         checkpoint=Path(job["checkpoint"]),

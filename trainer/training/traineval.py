@@ -2,10 +2,10 @@
 
 Owns what a run keeps of each evaluation of its student, which the training loop runs at
 step 0 of a new run, every N steps and at the last step: a row in the run's eval logs
-(`trainer.runlog.EvalLog`) and the best-scoring model (`best.pt`, an official new-API file,
+(`trainer.training.runlog.EvalLog`) and the best-scoring model (`best.pt`, an official new-API file,
 with `best.json` saying which step and score it is).
 
-The evaluation itself is `trainer.evaluate.evaluate`, the code of `trainer eval`: every
+The evaluation itself is `trainer.evaluation.evaluate.evaluate`, the code of `trainer eval`: every
 episode of the chosen tasks in this process, one episode per batch as in the official code
 (so `trainer eval` of `best.pt` with the same seed returns exactly the scores logged). The env
 seed is the run's seed, as the official training loop evaluates with `cfg.seed`. Random
@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from trainer.checkpoint import save_official
-from trainer.evaluate import evaluate, resolve_tasks
-from trainer.model import WorldModel
-from trainer.runlog import EvalLog
-from trainer.runstate import write_json
+from trainer.evaluation.evaluate import evaluate, resolve_tasks
+from trainer.model.checkpoint import save_official
+from trainer.model.world import WorldModel
+from trainer.training.runlog import EvalLog
+from trainer.training.runstate import write_json
 
 BEST_FILE = "best.pt"
 BEST_INFO_FILE = "best.json"

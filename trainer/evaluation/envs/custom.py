@@ -17,7 +17,7 @@ from dm_control.rl import control
 from dm_control.suite import ball_in_cup, base, cheetah, hopper, pendulum, reacher, walker
 from dm_control.utils import rewards
 
-from trainer.envs import models
+from trainer.evaluation.envs import models
 
 INF = float("inf")
 CONTROL_STEPS = 1000  # every MT30 task's time limit, in dm_control control steps

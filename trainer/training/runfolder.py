@@ -11,11 +11,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from trainer.config import TrainConfig
 from trainer.errors import ResumeError, TrainConfigError
-from trainer.runlog import RUN_LOG_FILES, TENSORBOARD_DIR, WANDB_DIR
-from trainer.runstate import CHECKPOINT_FILE, read_training_checkpoint
-from trainer.traineval import BEST_FILE, BEST_INFO_FILE
+from trainer.training.config import TrainConfig
+from trainer.training.runlog import RUN_LOG_FILES, TENSORBOARD_DIR, WANDB_DIR
+from trainer.training.runstate import CHECKPOINT_FILE, read_training_checkpoint
+from trainer.training.traineval import BEST_FILE, BEST_INFO_FILE
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.checkpoint import detect_model_size, load_model_state, read_checkpoint
-from trainer.math import RunningScale, soft_ce, two_hot_inv
-from trainer.model import WorldModel
-from trainer.presets import ModelConfig
+from trainer.model.checkpoint import detect_model_size, load_model_state, read_checkpoint
+from trainer.model.math import RunningScale, soft_ce, two_hot_inv
+from trainer.model.presets import ModelConfig
+from trainer.model.world import WorldModel
 
 DistillSteps = Literal["first", "all"]
 
@@ -271,7 +271,7 @@ class TDMPC2Agent:
         self.discount = torch.tensor(cfg.discounts, dtype=torch.float32, device=self.device)
         self.model.eval()
         # Both backward passes start from a call of this module (DDP wraps it, see
-        # trainer.distributed); `self.model` stays the plain world model.
+        # trainer.training.distributed); `self.model` stays the plain world model.
         self.losses: nn.Module = UpdateLosses(self.model)
 
     @classmethod

@@ -5,7 +5,7 @@ Two sources of stderr lines, each handled where it arises:
 - The OpenGL backend. dm_control picks it when first imported: with `MUJOCO_GL` unset it
   tries GLFW first, which without a display prints "GLFWError: X11: The DISPLAY environment
   variable is missing" before falling back to EGL or OSMesa. `choose_gl_backend()` (called
-  by `trainer.envs` before it imports dm_control) names the headless backend dm_control
+  by `trainer.evaluation.envs` before it imports dm_control) names the headless backend dm_control
   would fall back to, so GLFW is never tried: EGL if libEGL is installed, else OSMesa if
   libOSMesa is, else "off" (dm_control's no-renderer: stepping works, rendering raises).
   A `MUJOCO_GL` given by the user is always kept, and so is everything on a machine with a

@@ -1,14 +1,13 @@
 """`trainer report DIR`: the report of an experiment folder written by `trainer experiment`.
 
-This module owns:
-  * reading an experiment folder (DIR/experiment.json and the run folders it names) into
-    each run's final evaluation, curves and compute, and which runs are missing or unfinished;
+The folder is read by `trainer.study.folder` (each run's final evaluation, curves and compute,
+and which runs are missing or unfinished). This module owns:
   * the statistics: per arm the mean, std and t-interval of the final score over seeds, and
     the IQM and mean over tasks x seeds with stratified-bootstrap intervals; every arm against
     the baseline arm (differences with intervals, probability of improvement, a verdict);
   * `reward_errors`: how well world models predict the recorded rewards of held-out episodes;
   * the outputs: DIR/report.json (every number, keyed by arm), DIR/report.md rendered from it
-    (`trainer.reportmd`) and the PNG figures in DIR/figures/ (`trainer.reportfig`).
+    (`trainer.study.markdown`) and the PNG figures in DIR/figures/ (`trainer.study.figures`).
 
 A run's final score is the last row of its evals.jsonl (a reference arm's: its eval.json). Only
 finished runs (summary.json written) count toward an arm's final statistics; unfinished ones
@@ -26,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,127 +37,27 @@ from torch import Tensor
 
 from datapipe.location import atomic_file
 from trainer.errors import ReportError
-from trainer.experiment import EXPERIMENT_FILE, FORMAT, REFERENCE_FILE, VERSION
-from trainer.math import two_hot_inv
-from trainer.model import WorldModel
-from trainer.runfolder import SUMMARY_FILE
-from trainer.runlog import read_evals, read_metrics
-from trainer.runstate import CHECKPOINT_FILE
+from trainer.model.math import two_hot_inv
+from trainer.model.world import WorldModel
+from trainer.study.folder import (
+    FIGURES_DIR,
+    REPORT_JSON,
+    REPORT_MD,
+    Arm,
+    Run,
+    has_teacher,
+    read_experiment,
+    resolve_path,
+)
+from trainer.training.runstate import CHECKPOINT_FILE
 
-REPORT_MD, REPORT_JSON, FIGURES_DIR = "report.md", "report.json", "figures"
 REPORT_FORMAT, REPORT_VERSION = "mt30-experiment-report", 1
 LEVEL = 0.95  # coverage of every interval
 REPS = 2000  # bootstrap resamples
 BOOTSTRAP_SEED = 0
 REWARD_SAMPLE = 8192  # held-out transitions for the reward errors (all of them if fewer)
-AGREEMENT_KEYS = ("reward_mae_teacher", "reward_agreement")  # new and old name, same quantity
 RUN_KEYS = ("name", "seeds", "seed", "out", "resume", "progress")  # not what an arm studies
 TEACHER_KEYS = ("teacher", "teacher_size", "teacher_dtype", "d_coef", "d_schedule", "distill")
-
-
-# -- reading the experiment folder ----------------------------------------------------------------
-
-
-@dataclass
-class Run:
-    """One seed of one arm as found on disk."""
-
-    seed: str
-    rel: str  # run folder as experiment.json names it (relative to DIR)
-    status: str  # finished | unfinished | missing | no-evals
-    evals: list[dict[str, Any]] = field(default_factory=list)
-    metrics: list[dict[str, Any]] = field(default_factory=list)
-    summary: dict[str, Any] | None = None
-    final_step: int | None = None
-    final_score: float | None = None  # recorded normalized score of the final evaluation
-    returns: dict[str, list[float]] | None = None  # per-task episode returns of that evaluation
-    eval_seconds: float = 0.0  # reference arms: wall time of their eval
-
-    @property
-    def counted(self) -> bool:
-        return self.status == "finished"
-
-
-@dataclass
-class Arm:
-    """One arm of experiment.json with its runs."""
-
-    name: str
-    kind: str  # train | distill | reference
-    settings: dict[str, Any]
-    runs: list[Run]
-
-    @property
-    def distill(self) -> bool:
-        return self.kind == "distill" or (self.kind != "reference" and _has_teacher(self))
-
-    def counted(self) -> list[Run]:
-        return [r for r in self.runs if r.counted]
-
-
-def _has_teacher(arm: Arm) -> bool:
-    return bool(arm.settings.get("teacher"))
-
-
-def _read_train_run(root: Path, seed: str, rel: str) -> Run:
-    path = root / rel
-    if not path.is_dir():
-        return Run(seed, rel, "missing")
-    evals, rows = read_evals(path), read_metrics(path)
-    summary_path = path / SUMMARY_FILE
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    status = "unfinished" if summary is None else ("finished" if evals else "no-evals")
-    run = Run(seed, rel, status, evals, rows, summary)
-    if evals:
-        last = evals[-1]
-        run.final_step, run.final_score = last["step"], last.get("normalized_score")
-        run.returns = last["returns"]
-    return run
-
-
-def _read_reference_run(root: Path, seed: str, rel: str) -> Run:
-    path = root / rel / REFERENCE_FILE
-    if not path.is_file():
-        return Run(seed, rel, "missing")
-    result = json.loads(path.read_text())
-    run = Run(seed, rel, "finished", final_score=result["normalized_score"])
-    run.returns = {t["task"]: t["returns"] for t in result["tasks"]}
-    run.eval_seconds = float(result.get("protocol", {}).get("wall_s") or 0.0)
-    return run
-
-
-def read_experiment(exp_dir: str | os.PathLike) -> tuple[dict[str, Any], list[Arm]]:
-    """experiment.json of `exp_dir` and its arms with every run read from disk."""
-    root = Path(exp_dir)
-    path = root / EXPERIMENT_FILE
-    if not path.is_file():
-        raise ReportError(
-            f"{path} does not exist: is {root} a folder written by `trainer experiment`?"
-        )
-    exp = json.loads(path.read_text())
-    if exp.get("format") != FORMAT or exp.get("version") != VERSION:
-        raise ReportError(
-            f"{path}: format {exp.get('format')!r} version {exp.get('version')!r}; this report "
-            f"reads {FORMAT} version {VERSION}"
-        )
-    arms = []
-    for a in exp["arms"]:
-        lacking = [str(s) for s in a["seeds"] if str(s) not in a["runs"]]
-        if lacking:
-            raise ReportError(f"{path}: arm {a['name']} has no run folder for seed(s) {lacking}")
-        read = _read_reference_run if a["kind"] == "reference" else _read_train_run
-        runs = [read(root, str(s), a["runs"][str(s)]) for s in a["seeds"]]
-        arms.append(Arm(a["name"], a["kind"], a.get("settings", {}), runs))
-    return exp, arms
-
-
-def _resolve(root: Path, path: str | None) -> Path | None:
-    """A path from experiment.json or an arm's settings: absolute, relative to DIR, or
-    relative to the working directory (where `trainer experiment` ran)."""
-    if not path:
-        return None
-    p = Path(path)
-    return p if p.is_absolute() or not (root / p).exists() else root / p
 
 
 # -- statistics -----------------------------------------------------------------------------------
@@ -308,13 +206,13 @@ def baseline_arm(exp: dict[str, Any], arms: list[Arm]) -> Arm | None:
         if exp["baseline"] not in names:
             raise ReportError(f"baseline {exp['baseline']!r} is not an arm: {', '.join(names)}")
         return names[exp["baseline"]]
-    return next((a for a in arms if a.kind == "train" and not _has_teacher(a)), None)
+    return next((a for a in arms if a.kind == "train" and not has_teacher(a)), None)
 
 
 def scratch_arm(arms: list[Arm], base: Arm | None) -> Arm | None:
     """The from-scratch arm (train, no teacher, no --init): the baseline if it is one, else
     the first such arm, else None."""
-    plain = [a for a in arms if a.kind == "train" and not _has_teacher(a)]
+    plain = [a for a in arms if a.kind == "train" and not has_teacher(a)]
     plain = [a for a in plain if not a.settings.get("init")]
     return base if base in plain else next(iter(plain), None)
 
@@ -340,7 +238,7 @@ def d_coef_sweeps(arms: list[Arm]) -> list[dict[str, Any]]:
         plain = [
             a
             for a in arms
-            if a.kind == "train" and not _has_teacher(a)
+            if a.kind == "train" and not has_teacher(a)
             and _study_settings(a, TEACHER_KEYS) == same
         ]  # fmt: skip
         sweeps.append(
@@ -405,8 +303,8 @@ def reward_errors(
 
     Every transition when the folder holds at most `n`, else `n` drawn by `seed` (the same
     ones for every model)."""
-    from trainer.checkpoint import load_any
-    from trainer.quantize import heldout_transitions
+    from trainer.evaluation.quantized import heldout_transitions
+    from trainer.model.checkpoint import load_any
 
     heldout = Path(heldout)
     count = None if heldout_size(heldout) <= n else n
@@ -431,7 +329,7 @@ def _reward_models(root: Path, arms: list[Arm]) -> tuple[dict[str, Path], dict[s
     about: dict[str, Any] = {"arms": {}, "teachers": {}, "references": {}, "missing": []}
     for arm in arms:
         if arm.kind == "reference":
-            keys = {arm.name: _resolve(root, arm.settings.get("checkpoint"))}
+            keys = {arm.name: resolve_path(root, arm.settings.get("checkpoint"))}
             about["references"][arm.name] = arm.name
         else:
             keys = {
@@ -441,7 +339,7 @@ def _reward_models(root: Path, arms: list[Arm]) -> tuple[dict[str, Path], dict[s
             teacher = arm.settings.get("teacher")
             if teacher and str(teacher) not in about["teachers"]:
                 about["teachers"][str(teacher)] = f"teacher:{teacher}"
-                keys[f"teacher:{teacher}"] = _resolve(root, str(teacher))
+                keys[f"teacher:{teacher}"] = resolve_path(root, str(teacher))
         for key, path in keys.items():
             if path is not None and path.is_file():
                 files[key] = path
@@ -494,7 +392,7 @@ def _reward_reading(section: dict[str, Any], name: str | None) -> str:
 def reward_section(exp: dict[str, Any], arms: list[Arm], root: Path, scratch: Arm | None) -> dict:
     """report.json's reward_errors (only `heldout` and why it was skipped without held-out
     data); the reading compares each teacher with the from-scratch arm `scratch`."""
-    heldout = _resolve(root, exp.get("heldout"))
+    heldout = resolve_path(root, exp.get("heldout"))
     if heldout is None:
         return {"heldout": None, "skipped": "experiment.json names no held-out folder"}
     if not heldout.is_dir():
@@ -525,7 +423,7 @@ def reward_section(exp: dict[str, Any], arms: list[Arm], root: Path, scratch: Ar
 def _tasks(exp: dict[str, Any]) -> list[str]:
     tasks = exp["eval"]["tasks"]
     if isinstance(tasks, str):
-        from trainer.evaluate import resolve_tasks
+        from trainer.evaluation.evaluate import resolve_tasks
 
         return resolve_tasks(tasks)
     return list(tasks)
@@ -720,8 +618,8 @@ def build_report(exp_dir: str | os.PathLike) -> tuple[dict[str, Any], list[Arm]]
 def write_report(exp_dir: str | os.PathLike) -> dict[str, Any]:
     """Write DIR/report.md, DIR/report.json and DIR/figures/*.png for the experiment folder
     `exp_dir`; returns report.json's content."""
-    from trainer.reportfig import write_figures
-    from trainer.reportmd import render
+    from trainer.study.figures import write_figures
+    from trainer.study.markdown import render
 
     root = Path(exp_dir)
     report, arms = build_report(root)

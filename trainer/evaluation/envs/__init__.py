@@ -10,10 +10,10 @@ user set it or there is a display) before dm_control is imported: dm_control rea
 at import, and would otherwise try GLFW first and print an X11 error (see headless.py).
 """
 
-from trainer.envs.headless import choose_gl_backend
+from trainer.evaluation.envs.headless import choose_gl_backend
 
 choose_gl_backend()
 
-from trainer.envs.suite import ACTION_REPEAT, EPISODE_LENGTH, MT30Env, make_env  # noqa: E402
+from trainer.evaluation.envs.suite import ACTION_REPEAT, EPISODE_LENGTH, MT30Env, make_env  # noqa: E402
 
 __all__ = ["ACTION_REPEAT", "EPISODE_LENGTH", "MT30Env", "make_env"]

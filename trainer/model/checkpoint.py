@@ -8,7 +8,7 @@ The official format is `{"model": state_dict}`. This module owns:
   * the model size and the dataset dims of a state_dict, from its shapes;
   * writing our model in the new-API format, atomically (`datapipe.location.atomic_file`);
   * the world model inside our training checkpoints and our quantized files (which
-    `trainer.runstate` and `trainer.quantize` write);
+    `trainer.training.runstate` and `trainer.model.quantize` write);
   * `load_any`, a runnable model from any of these, and `export` = official file of it.
 """
 
@@ -27,8 +27,8 @@ from torch import Tensor, nn
 
 from datapipe.location import atomic_file, only_writer_of_file
 from trainer.errors import BusyError, TrainError
-from trainer.model import WorldModel
-from trainer.presets import PRESETS, ModelConfig
+from trainer.model.presets import PRESETS, ModelConfig
+from trainer.model.world import WorldModel
 
 # Old API: the Q ensemble is a flat list of 10 tensors; index n -> layer n // 4, field n % 4.
 _OLD_Q_FIELDS = ("weight", "bias", "ln.weight", "ln.bias")
@@ -325,8 +325,10 @@ def _join(problems: list[str]) -> str:
 
 # -- every kind of world-model file: dims, our formats, load_any, export ------------------------
 
-TRAINING_FORMAT = "mt30-trainer-ckpt"  # our training checkpoints (trainer.runstate writes them)
-QUANTIZED_FORMAT = "tdmpc2-ptq"  # our quantized files (trainer.quantize writes them)
+TRAINING_FORMAT = (
+    "mt30-trainer-ckpt"  # our training checkpoints (trainer.training.runstate writes them)
+)
+QUANTIZED_FORMAT = "tdmpc2-ptq"  # our quantized files (trainer.model.quantize writes them)
 QUANTIZED_VERSION = 1
 QUANTIZED_DTYPES: dict[str, torch.dtype] = {
     "fp16": torch.float16,
@@ -428,7 +430,7 @@ def load_any(
     * Official `{"model": state_dict}` files, old or new API, fp32 or fp16, any size: dims
       are read from the shapes (`model_dims`); the model runs in float32,
       as the official loader does.
-    * Our training checkpoints (`trainer.runstate`): the world model they hold, float32.
+    * Our training checkpoints (`trainer.training.runstate`): the world model they hold, float32.
     * Our quantized files: fp16/bf16 run in that dtype where the device supports it
       (`runtime_dtype`), int8 is dequantized into float32.
     * The paper's qint8 files (scale 1.0, docs/distillation.md#quantization) raise

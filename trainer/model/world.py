@@ -1,7 +1,7 @@
 """The TD-MPC2 world model (docs/tdmpc2.md#model): networks, their forward passes and the
 parameter layout.
 
-Losses, optimisers and the update live in `trainer.agent`. The module tree reproduces the
+Losses, optimisers and the update live in `trainer.training.agent`. The module tree reproduces the
 official new-API state_dict (docs/tdmpc2.md#new-api) key for key: the Q ensemble's stacked
 parameters sit under `_Qs.params`, a no-grad view of them under `_detach_Qs_params` and the
 Polyak target under `_target_Qs_params`, each followed by `__batch_size` and `__device`
@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from trainer.math import two_hot_inv
-from trainer.presets import ModelConfig
+from trainer.model.math import two_hot_inv
+from trainer.model.presets import ModelConfig
 
 # ln(sqrt(2 pi)), subtracted per action dim in the Gaussian log-density (docs/tdmpc2.md#policy).
 _LOG_SQRT_2PI = 0.9189385175704956

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 
 from trainer.errors import TrainConfigError
-from trainer.evaluate import resolve_tasks
+from trainer.evaluation.evaluate import resolve_tasks
+from trainer.model.presets import PRESETS
 from trainer.options import DEVICES, resolve_device
-from trainer.presets import PRESETS
-from trainer.runstate import CHECKPOINT_FILE
-from trainer.traineval import EvalProtocol
+from trainer.training.runstate import CHECKPOINT_FILE
+from trainer.training.traineval import EvalProtocol
 
 D_SCHEDULES = ("constant", "linear")
 DISTILL_STEPS = ("first", "all")
@@ -254,7 +254,7 @@ class TrainConfig:
         """Settings a resumed run must share with the original, because they change the
         numbers (the store and the teacher are compared by content, not by path). The number
         of ranks may change: the data streams are then re-derived
-        (`trainer.distributed.rank_stream`)."""
+        (`trainer.training.distributed.rank_stream`)."""
         fields = (
             "batch_size", "horizon", "seed", "model_size", "init", "teacher_size", "d_coef",
             "d_schedule", "distill", "teacher_dtype", "compile", "amp", "cache_gb", "sampler",

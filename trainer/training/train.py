@@ -3,10 +3,10 @@ a frozen teacher whose rewards the student is distilled towards (docs/distillati
 
 Owns `train(cfg)`, read top to bottom: `_Run.setup` (store, student, teacher, loader, resume
 state, logs), `_loop` (the steps, on one screen), `_summary`; and the checks that the store,
-the student and the teacher fit together. The settings are `trainer.config.TrainConfig`;
-whether a run may start or continue in its folder, `trainer.runfolder`; each rank's random
-stream, `trainer.distributed`; the update, `TDMPC2Agent.update`; the checkpoint format,
-`trainer.runstate`; the log files, `trainer.runlog`.
+the student and the teacher fit together. The settings are `trainer.training.config.TrainConfig`;
+whether a run may start or continue in its folder, `trainer.training.runfolder`; each rank's random
+stream, `trainer.training.distributed`; the update, `TDMPC2Agent.update`; the checkpoint format,
+`trainer.training.runstate`; the log files, `trainer.training.runlog`.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from datapipe.loader import SliceLoader
 from datapipe.location import only_writer
 from datapipe.progress import Progress
 from datapipe.store import Store, open_store
-from trainer.agent import TDMPC2Agent, metric_floats, prepare_teacher, stack_metrics
-from trainer.checkpoint import (
+from trainer.errors import DivergedError, IncompatibleDataError, ResumeError, TrainConfigError
+from trainer.model.checkpoint import (
     CheckpointError,
     detect_model_size,
     load_model_state,
@@ -37,18 +37,19 @@ from trainer.checkpoint import (
     official_dims,
     read_checkpoint,
 )
-from trainer.config import TEACHER_DTYPES, TrainConfig
-from trainer.distributed import (
+from trainer.model.presets import ModelConfig
+from trainer.model.world import WorldModel
+from trainer.stop import Interrupted, StopRequest
+from trainer.training.agent import TDMPC2Agent, metric_floats, prepare_teacher, stack_metrics
+from trainer.training.config import TEACHER_DTYPES, TrainConfig
+from trainer.training.distributed import (
     DataParallelUpdate,
     Ranks,
     check_replicas,
     process_group,
     rank_stream,
 )
-from trainer.errors import DivergedError, IncompatibleDataError, ResumeError, TrainConfigError
-from trainer.model import WorldModel
-from trainer.presets import ModelConfig
-from trainer.runfolder import (
+from trainer.training.runfolder import (
     CONFIG_FILE,
     SUMMARY_FILE,
     check_out_beside_store,
@@ -56,7 +57,7 @@ from trainer.runfolder import (
     discard_run,
     previous_run,
 )
-from trainer.runlog import (
+from trainer.training.runlog import (
     DISTILL_METRICS,
     UPDATE_METRICS,
     EvalLog,
@@ -70,7 +71,7 @@ from trainer.runlog import (
     summary_writer_class,
     wandb_module,
 )
-from trainer.runstate import (
+from trainer.training.runstate import (
     rng_state,
     set_rng_state,
     store_identity,
@@ -78,8 +79,7 @@ from trainer.runstate import (
     write_json,
     write_training_checkpoint,
 )
-from trainer.stop import Interrupted, StopRequest
-from trainer.traineval import TrainingEval
+from trainer.training.traineval import TrainingEval
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -92,7 +92,7 @@ def train(cfg: TrainConfig) -> Path:
 
     Started by torchrun (WORLD_SIZE > 1), every rank runs this function: DDP keeps the student
     identical on all ranks, each rank loads the teacher and samples its own batches, and only
-    rank 0 reads and writes OUT (`trainer.distributed`).
+    rank 0 reads and writes OUT (`trainer.training.distributed`).
     """
     cfg = cfg.resolve()
     ranks = Ranks.from_env()
@@ -299,7 +299,7 @@ class _Run:
 
         # Student (seeded alike on every rank), teacher (frozen; its construction leaves the
         # student's random stream alone, so a distillation run with d_coef=0 is plain
-        # training), loader (seeded per rank, see trainer.distributed.rank_stream).
+        # training), loader (seeded per rank, see trainer.training.distributed.rank_stream).
         _seed_all(cfg.seed)
         agent = TDMPC2Agent(model_cfg, device)
         agent.amp = torch.bfloat16 if cfg.amp else None

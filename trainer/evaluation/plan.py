@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from trainer.math import two_hot_inv
-from trainer.model import WorldModel
+from trainer.model.math import two_hot_inv
+from trainer.model.world import WorldModel
 
 
 @dataclass(frozen=True)

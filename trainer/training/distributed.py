@@ -49,10 +49,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.agent import TDMPC2Agent, UpdateLosses
 from trainer.errors import ReplicaMismatchError, TrainConfigError
-from trainer.math import RunningScale
-from trainer.model import WorldModel
+from trainer.model.math import RunningScale
+from trainer.model.world import WorldModel
+from trainer.training.agent import TDMPC2Agent, UpdateLosses
 
 T = TypeVar("T")
 
@@ -366,7 +366,7 @@ def check_replicas(agent: TDMPC2Agent, batch: tuple[Tensor, ...], step: int, ran
         raise ReplicaMismatchError(
             f"--ddp-check: after step {step} the model/optimiser state of rank(s) {differ} "
             f"differs from rank 0's: the replicas diverged. This is a bug in the data-parallel "
-            f"update (trainer/distributed.py); please report it with the command line"
+            f"update (trainer/training/distributed.py); please report it with the command line"
         )
     seen: dict[str, int] = {}
     for r, b in enumerate(batches):
@@ -374,7 +374,7 @@ def check_replicas(agent: TDMPC2Agent, batch: tuple[Tensor, ...], step: int, ran
             raise ReplicaMismatchError(
                 f"--ddp-check: at step {step} ranks {seen[b]} and {r} trained on the same "
                 f"batch: their data streams are not independent (see stream_seed in "
-                f"trainer/distributed.py)"
+                f"trainer/training/distributed.py)"
             )
         seen[b] = r
 

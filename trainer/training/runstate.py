@@ -21,7 +21,7 @@ dict of plain values and tensors, readable with `torch.load(..., weights_only=Tr
     torch_version the torch that wrote it
 
 Every world-model file format, this one's model included (`load_any`, `export`), is read
-by `trainer.checkpoint`; this module writes and reads the rest of a training checkpoint.
+by `trainer.model.checkpoint`; this module writes and reads the rest of a training checkpoint.
 """
 
 from __future__ import annotations
@@ -41,12 +41,12 @@ from datapipe.format import META_FILE
 from datapipe.location import atomic_file
 from datapipe.source import file_sha256
 from datapipe.store import Store
-from trainer.checkpoint import (
+from trainer.errors import ResumeError
+from trainer.model.checkpoint import (
     TRAINING_FORMAT,
     is_training_checkpoint,
     save_atomic,
 )
-from trainer.errors import ResumeError
 
 FORMAT = TRAINING_FORMAT
 FORMAT_VERSION = 1

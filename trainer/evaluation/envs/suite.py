@@ -25,9 +25,9 @@ except ModuleNotFoundError as e:
     ) from e
 
 from datapipe.tasksets import MT30
-from trainer.envs.custom import CUSTOM_TASKS
-from trainer.envs.headless import mujoco_deprecations_silenced
-from trainer.presets import MT30_EPISODE_LENGTH
+from trainer.evaluation.envs.custom import CUSTOM_TASKS
+from trainer.evaluation.envs.headless import mujoco_deprecations_silenced
+from trainer.model.presets import MT30_EPISODE_LENGTH
 
 EPISODE_LENGTH = MT30_EPISODE_LENGTH  # agent steps
 ACTION_REPEAT = 2

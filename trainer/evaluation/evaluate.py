@@ -14,7 +14,7 @@ Batching. By default every episode is its own batch, as in the official code: th
 see the same shapes whatever else is evaluated, so an episode's return depends on the model,
 the seed and the protocol only -- not on `workers`, nor on the other tasks -- and on the CPU
 equals the official code's. `lockstep=True` plans all episodes of all tasks as one batch in
-this process instead (`trainer.plan.Actor` over N environments; the fast path on a GPU).
+this process instead (`trainer.evaluation.plan.Actor` over N environments; the fast path on a GPU).
 float32 GEMM rounding depends on the batch size and the chaotic tasks (walker, cheetah,
 fish, hopper, finger-turn-hard) amplify 1e-6 into tens of points, so lockstep returns depend
 on which tasks and episodes run together: a different protocol, recorded as such.
@@ -60,10 +60,10 @@ from datapipe.options import setting
 from datapipe.progress import Progress, hms
 from datapipe.tasksets import MT30, TaskSet
 from trainer.errors import BusyError, IncompatibleDataError, TrainConfigError
-from trainer.model import WorldModel
+from trainer.evaluation.plan import OFFICIAL_MPPI, Actor, MPPIConfig, describe_protocol
+from trainer.model.presets import ModelConfig
+from trainer.model.world import WorldModel
 from trainer.options import resolve_device
-from trainer.plan import OFFICIAL_MPPI, Actor, MPPIConfig, describe_protocol
-from trainer.presets import ModelConfig
 from trainer.stop import Interrupted
 
 
@@ -206,10 +206,12 @@ class EpisodeSettings:
     max_steps: int | None = None  # cut episodes after this many agent steps (smoke tests)
     planner: MPPIConfig = OFFICIAL_MPPI
     eval_mode: bool = True  # False: MPPI adds std[0] * N(0, 1), as the official evaluate.py
-    compile: bool = False  # plan and policy step through torch.compile (trainer.plan.compiled)
+    compile: bool = (
+        False  # plan and policy step through torch.compile (trainer.evaluation.plan.compiled)
+    )
 
     def steps(self) -> int:
-        from trainer.envs import EPISODE_LENGTH
+        from trainer.evaluation.envs import EPISODE_LENGTH
 
         return min(self.max_steps or EPISODE_LENGTH, EPISODE_LENGTH)
 
@@ -228,7 +230,7 @@ def task_episodes(
 ) -> list[float]:
     """Returns of episodes `episodes` of `task`, one after another on one env, each its own
     batch of one (module docstring); `done(task, k, return, seconds)` is called after each."""
-    from trainer.envs import make_env
+    from trainer.evaluation.envs import make_env
 
     env = make_env(task, run.seed)
     for _ in range(episodes.start):  # the resets of the episodes before (module docstring)
@@ -255,7 +257,7 @@ def lockstep_episodes(
     model: WorldModel, tasks: Sequence[str], episodes: int, run: EpisodeSettings
 ) -> dict[str, list[float]]:
     """Every episode of every task in this process as one batch (`lockstep=True`)."""
-    from trainer.envs import make_env
+    from trainer.evaluation.envs import make_env
 
     torch.manual_seed(run.seed)
     envs = []
@@ -645,7 +647,7 @@ def run_eval(cfg: EvalConfig) -> EvalResult:
 
 def _run_eval(cfg: EvalConfig) -> EvalResult:
     from datapipe.source import file_sha256
-    from trainer.checkpoint import load_any, read_meta
+    from trainer.model.checkpoint import load_any, read_meta
 
     device = resolve_device(cfg.device)
     names = resolve_tasks(cfg.tasks)
