@@ -22,6 +22,7 @@ from trainer.model.presets import ModelConfig
 from trainer.model.world import WorldModel
 from trainer.training.agent import TDMPC2Agent, prepare_teacher
 from trainer.training.config import TrainConfig
+from trainer.training.runlog import read_evals
 from trainer.training.runstate import read_training_checkpoint
 from trainer.training.train import compile_update, train
 
@@ -61,35 +62,50 @@ def test_the_compiled_update_equals_the_eager_one_within_float32_rounding():
 
 
 def test_a_compiled_run_neither_recompiles_nor_breaks_its_resume(store, tmp_path, monkeypatch):  # noqa: F811
-    """After the first step nothing recompiles (log steps, checkpoint saves), and a compiled
-    run stopped at step 3 and resumed ends where the uninterrupted one does, exactly."""
+    """A 30-step compiled run that logs every step, evaluates (compiled policy) and saves every
+    10 steps: after the first step nothing recompiles and no new graph break appears (the
+    update's breaks are PyTorch's own, at each backward() and optimizer.step(): counted at
+    the first log step); and a run stopped at step 10 and resumed ends where the
+    uninterrupted one does, exactly."""
+    from torch._dynamo.utils import counters
+
     import trainer.training.train as train_module
 
-    settled = {"n": 0}
+    settled = {"n": 0, "breaks": None}
     real = train_module.metric_floats
 
     def after_warm_up(info):  # called at log steps; the first is step 1
         settled["n"] += 1
+        if settled["breaks"] is None:
+            settled["breaks"] = dict(counters["graph_break"])
         torch._dynamo.config.error_on_recompile = True
         return real(info)
 
     monkeypatch.setattr(train_module, "metric_floats", after_warm_up)
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", False)
 
     def run(out, steps, resume=False):
         torch._dynamo.config.error_on_recompile = False
         torch._dynamo.reset()  # a new process compiles anew (and no earlier test's graphs count
         # against dynamo's limit of 8 variants per function: past it Adam would run eager)
+        counters.clear()
+        settled["breaks"] = None
         cfg = TrainConfig(shards=store, out=out, steps=steps, batch_size=8, device="cpu",
-                          compile=True, log_every=1, save_every=3, cache_gb=0.05,
-                          progress=False, resume=resume)  # fmt: skip
+                          compile=True, log_every=1, save_every=10, cache_gb=0.05,
+                          eval_every=10, eval_tasks="cartpole-balance", eval_episodes=1,
+                          eval_mpc=False, progress=False, resume=resume)  # fmt: skip
         train(cfg)
+        assert dict(counters["graph_break"]) == settled["breaks"], "a graph break after warm-up"
         return read_training_checkpoint(out / "checkpoint.pt")["agent"]["model"]
 
-    whole = run(tmp_path / "whole", 6)
-    assert settled["n"] >= 6
-    run(tmp_path / "cut", 3)
-    resumed = run(tmp_path / "cut", 6, resume=True)
+    pytest.importorskip("dm_control", reason="evaluation needs the envs extra")
+    # dynamo's own patch, which restores the setting after (monkeypatch.setattr's undo would
+    # hide the entry from dynamo's later reads in this process)
+    with torch._dynamo.config.patch(error_on_recompile=False):
+        whole = run(tmp_path / "whole", 30)
+        assert settled["n"] >= 30
+        assert len(read_evals(tmp_path / "whole")) >= 3
+        run(tmp_path / "cut", 10)
+        resumed = run(tmp_path / "cut", 30, resume=True)
     for name, value in whole.items():
         same = (
             torch.equal(resumed[name], value) if torch.is_tensor(value) else resumed[name] == value
