@@ -145,6 +145,23 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(autouse=True)
+def signals_left_as_found():
+    """A test that leaves SIGINT or SIGTERM handled otherwise than it found them changes every
+    later test in the process (a subprocess inherits an ignored signal, so Ctrl-C tests stop
+    working): restore them and fail that test by name."""
+    import signal
+
+    wanted = (signal.SIGINT, signal.SIGTERM)
+    before = {s: signal.getsignal(s) for s in wanted}
+    yield
+    changed = {s.name: (before[s], signal.getsignal(s)) for s in wanted
+               if signal.getsignal(s) is not before[s]}  # fmt: skip
+    for s in wanted:
+        signal.signal(s, before[s])
+    assert not changed, f"the test left signal handlers changed (before, after): {changed}"
+
+
 @pytest.fixture(scope="session")
 def small_source(tmp_path_factory) -> Path:
     """30 tasks x 10 episodes in 3 chunks: 300 episodes, 2 shards (one partial)."""
