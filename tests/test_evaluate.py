@@ -219,7 +219,7 @@ def _file_size_limit(limit: int):
     return apply
 
 
-@pytest.mark.parametrize("command", ["eval", "export"])
+@pytest.mark.parametrize("command", ["eval", "export", "quantize"])
 def test_a_full_disk_is_a_message_and_leaves_no_partial_file(tiny_checkpoint, tmp_path, command):
     """Every output is written whole or not at all; the user reads what failed and the fix."""
     import subprocess
@@ -231,6 +231,8 @@ def test_a_full_disk_is_a_message_and_leaves_no_partial_file(tiny_checkpoint, tm
                  "--episodes", "1", "--no-mpc", "--max-steps", "2", "--workers", "0",
                  "--no-progress", "--out", str(out)],
         "export": ["export", str(tiny_checkpoint), "--out", str(out / "model.pt")],
+        "quantize": ["quantize", "--checkpoint", str(tiny_checkpoint), "--dtype", "int8",
+                     "--out", str(out / "model-int8.pt")],
     }[command]  # fmt: skip
     out.mkdir()
     run = subprocess.run(
@@ -241,6 +243,8 @@ def test_a_full_disk_is_a_message_and_leaves_no_partial_file(tiny_checkpoint, tm
     )
     assert run.returncode == 1, run.stderr
     assert "Traceback" not in run.stderr and "Free disk space" in run.stderr, run.stderr
+    if command != "eval":
+        assert f"{args[-1]}: writing failed" in run.stderr, run.stderr  # names the file
     left = sorted(p.name for p in out.iterdir())
     assert left == (["eval.csv"] if command == "eval" else []), left  # no temp, no 0-byte file
 
