@@ -165,12 +165,12 @@ def _cell_args(store, tmp_path, modes) -> PartArgs:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["amp", "compile"])
-def test_cell_on_cpu(store, tmp_path, mode):
-    """--amp (bf16 autocast) and --compile (inductor's CPU backend) run the update on CPU:
-    their failures show up here, without a GPU (train() itself allows them on CUDA only)."""
+def test_amp_cell_on_cpu(store, tmp_path):
+    """An --amp cell (bf16 autocast of the forward losses, with a teacher) measures on CPU: its
+    failures show up here, without a GPU. (A compiled cell compiles `compile_update`, whose
+    contract tests/test_compile.py checks; it is not compiled a second time here.)"""
+    mode = "amp"
     args = _cell_args(store, tmp_path, (mode,))
-    teacher = 5 if mode == "amp" else None
-    cell = {"label": mode, "batch": 8, "teacher": teacher, "mode": mode}
+    cell = {"label": mode, "batch": 8, "teacher": 5, "mode": mode}
     row = measure_cell(args, cell, _TeacherCache(args))
     assert row["steps_per_s"] > 0 and math.isfinite(row["last_loss"])
