@@ -7,7 +7,6 @@ config, and last `meta.json`, which marks it complete.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -29,7 +28,7 @@ from datapipe.errors import (
     DestinationError,
     SourceError,
 )
-from datapipe.location import Location, is_storage_error, only_writer
+from datapipe.location import DISK_FULL, Location, is_storage_error, only_writer
 from datapipe.options import setting
 from datapipe.progress import Progress
 from datapipe.source import NOT_PLANNED, Layout, SourceFile, scan_sources
@@ -408,7 +407,7 @@ def _build_locked(cfg, dst: Location, sources, layout: Layout, ts: TaskSet, plan
             path=e.path,
         ) from e
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        if e.errno not in DISK_FULL:
             raise
         raise BuildWriteError(
             f"{dst}: writing the store failed ({e}). Free disk space (or raise the file size "

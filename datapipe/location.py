@@ -17,6 +17,7 @@ visible under a final name either way.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -186,7 +187,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """A local binary file to write that appears at `path` complete or not at all: written
     under a unique temporary name beside `path`, flushed to disk, given the mode `open`
     gives a new file (0666 less the umask; mkstemp's is 0600) and renamed over `path`. An
-    exception (Ctrl-C too) removes the temporary file."""
+    exception (Ctrl-C too) removes the temporary file; a full disk raises its OSError naming
+    `path` (a write to an open file names none)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_SUFFIX}", dir=path.parent)
@@ -197,9 +199,14 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in DISK_FULL and e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
         raise
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a write failed for want of space
 
 
 def _umask() -> int:

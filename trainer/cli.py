@@ -7,7 +7,6 @@ one-line messages.
 
 from __future__ import annotations
 
-import errno
 import functools
 import sys
 from collections.abc import Callable
@@ -18,6 +17,7 @@ import click
 from click.core import ParameterSource
 
 from datapipe.errors import DatapipeError
+from datapipe.location import DISK_FULL
 from datapipe.options import option
 from trainer.errors import TrainError
 from trainer.evaluation.evaluate import EvalConfig
@@ -274,9 +274,6 @@ def _train(kw: dict[str, Any], command: str) -> None:
                 )
         cfg = _run(lambda: TrainConfig(**kw))
     _run(lambda: train(cfg))
-
-
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def _run(fn: Callable[[], Any]) -> Any:

@@ -280,20 +280,15 @@ def save_official(model: WorldModel, path: str | os.PathLike) -> None:
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to `path` through `atomic_file`: a reader finds the old file or the new. A
-    failed write (a full disk) raises its OSError naming `path`: torch's zip writer, closing
-    after the failed write, would otherwise replace it with a RuntimeError of its own."""
-    try:
-        with atomic_file(path) as f:
-            try:
-                torch.save(obj, f)
-            except RuntimeError as e:
-                if not isinstance(e.__context__, OSError):
-                    raise
-                raise e.__context__ from None
-    except OSError as e:  # a write, or the flush as the file closes
-        if e.filename is not None:
-            raise
-        raise OSError(e.errno, e.strerror, str(path)) from e
+    failed write (a full disk) raises its OSError: torch's zip writer, closing after the
+    failed write, would otherwise replace it with a RuntimeError of its own."""
+    with atomic_file(path) as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            if not isinstance(e.__context__, OSError):
+                raise
+            raise e.__context__ from None
 
 
 def _fit_report(state: dict[str, Any], dims: dict[str, Any]) -> dict[int, list[str]]:
