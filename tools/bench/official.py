@@ -134,15 +134,17 @@ def official_config(src: Path, model: ModelConfig, tasks: list[str], batch: int,
     return OfficialConfig(raw)
 
 
-class _Buffer:
-    """What `TDMPC2.update(buffer)` samples from: our loader's batches, in the official
-    return order (with zero terminations where that version's update takes them)."""
+class OfficialBuffer:
+    """What `TDMPC2.update(buffer)` samples from: our batches (obs, action, reward, task; a
+    loader or any iterator of them), in the official return order, with zero terminations
+    where the checkout's `_update` takes them."""
 
-    def __init__(self, loader, with_terminated: bool) -> None:
-        self.loader, self.with_terminated = loader, with_terminated
+    def __init__(self, batches, TDMPC2: Any) -> None:
+        self.batches = batches
+        self.with_terminated = "terminated" in inspect.signature(TDMPC2._update).parameters
 
     def sample(self):
-        obs, action, reward, task = next(self.loader)
+        obs, action, reward, task = next(self.batches)
         if self.with_terminated:
             return obs, action, reward, torch.zeros_like(reward), task
         return obs, action, reward, task
@@ -160,14 +162,13 @@ def official_updates(args, make_loader, accel) -> dict[str, Any]:
     model = dataclasses.replace(
         ModelConfig.for_size(sizes.student, **store_dims(store)), horizon=sizes.horizon
     )
-    with_terminated = "terminated" in inspect.signature(TDMPC2._update).parameters
     batch, rows = sizes.batch_sizes[0], {}
     for mode, compile in (("eager", False), ("compile reduce-overhead", True)):
         cfg = official_config(src, model, list(store.task_names), batch, compile)
         torch._dynamo.reset()  # no graphs or limits carried over from an earlier cell
         agent = official_agent(TDMPC2, cfg, accel.device)
         with make_loader(args, batch, accel.device) as loader:
-            buffer = _Buffer(loader, with_terminated)
+            buffer = OfficialBuffer(loader, TDMPC2)
             t0 = time.perf_counter()
             for _ in range(sizes.warmup_steps):
                 agent.update(buffer)

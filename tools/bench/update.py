@@ -34,6 +34,13 @@ from typing import Any
 
 import torch
 
+from tools.bench.official import (
+    OfficialBuffer,
+    import_official,
+    official_agent,
+    official_config,
+    official_source,
+)
 from trainer.model.presets import ModelConfig
 
 HORIZON = 3  # the official mt30 horizon
@@ -177,7 +184,7 @@ def _update_step(cell: dict, cfg: BenchUpdateConfig, model: ModelConfig) -> Call
     batches = _batches(model, cell["batch"])
     if cell["impl"] == "official":
         agent = _official(cfg, model, cell["batch"], cell["compiled"])
-        buffer = _OfficialBuffer(batches)
+        buffer = OfficialBuffer(batches, type(agent))
         return lambda: agent.update(buffer)
     from trainer.training.agent import TDMPC2Agent
     from trainer.training.train import compile_update
@@ -186,17 +193,6 @@ def _update_step(cell: dict, cfg: BenchUpdateConfig, model: ModelConfig) -> Call
     agent = TDMPC2Agent(model)
     update = compile_update(agent.update, torch.device("cpu")) if cell["compiled"] else agent.update
     return lambda: update(*next(batches), None, 0.0, "first")
-
-
-class _OfficialBuffer:
-    """What the official `update(buffer)` samples: obs, action, reward, terminated, task."""
-
-    def __init__(self, batches: Iterator[tuple[torch.Tensor, ...]]) -> None:
-        self.batches = batches
-
-    def sample(self):
-        obs, action, reward, task = next(self.batches)
-        return obs, action, reward, torch.zeros_like(reward), task
 
 
 def _plan_step(cell: dict, cfg: BenchUpdateConfig, model: ModelConfig) -> Callable[[], None]:
@@ -222,12 +218,6 @@ def _plan_step(cell: dict, cfg: BenchUpdateConfig, model: ModelConfig) -> Callab
 
 def _official(cfg: BenchUpdateConfig, model: ModelConfig, batch: int, compiled: bool, **more):
     from datapipe.tasksets import MT30
-    from tools.bench.official import (
-        import_official,
-        official_agent,
-        official_config,
-        official_source,
-    )
 
     TDMPC2 = import_official(cfg.official)
     raw = official_config(official_source(cfg.official), model, list(MT30.names), batch, compiled)
